@@ -1,0 +1,12 @@
+//! The functions of `functions/`, built for `wasm32-wasip2` by this crate's
+//! build script: the gateway bundles [`ECHO`] for `tidegate serve --dev`,
+//! and tests load the components from their paths.
+
+/// Directory holding the built components (`<name>.wasm`).
+pub const DIR: &str = env!("TIDEGATE_FUNCTIONS_DIR");
+
+/// The echo function: replies with every message, keeping its type.
+pub const ECHO: &[u8] = include_bytes!(concat!(env!("TIDEGATE_FUNCTIONS_DIR"), "/echo.wasm"));
+
+/// Path of the echo component.
+pub const ECHO_PATH: &str = concat!(env!("TIDEGATE_FUNCTIONS_DIR"), "/echo.wasm");

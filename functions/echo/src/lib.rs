@@ -1,0 +1,14 @@
+//! The echo function: every message comes back unchanged, text as text and
+//! binary as binary.
+
+use tidegate_sdk::{Connection, Effect, Function, HandlerError, Payload};
+
+struct Echo;
+
+impl Function for Echo {
+    fn on_message(_conn: Connection, message: Payload) -> Result<Vec<Effect>, HandlerError> {
+        Ok(vec![Effect::Reply(message)])
+    }
+}
+
+tidegate_sdk::export!(Echo);

@@ -1,0 +1,46 @@
+//! The runtime's limits and timeouts, already validated by the gateway.
+
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Limits and timeouts of the function runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Where precompiled artifacts are kept, so an unloaded function can be
+    /// reloaded without compiling it again.
+    pub artifact_dir: PathBuf,
+    /// Most instances one function may have at once; further messages wait
+    /// for an instance to come free.
+    pub max_instances: NonZeroU32,
+    /// Most instances of all functions together: the size of the pooling
+    /// allocator's slabs, reserved (as virtual memory) at start-up.
+    pub max_total_instances: NonZeroU32,
+    /// Most linear memory one instance may grow to, in bytes.
+    pub memory_limit: usize,
+    /// Longest one invocation (one event of one connection) may run.
+    pub timeout: Duration,
+    /// An idle instance is released after this long without work; a function
+    /// with no traffic for this long holds no instances.
+    pub idle_timeout: Duration,
+    /// A function with no instances for this long has its compiled code
+    /// dropped from memory; it is reloaded from its artifact when needed.
+    pub unload_after: Duration,
+    /// Largest log line a function may write; longer lines are cut.
+    pub max_log_line: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            artifact_dir: PathBuf::from("/var/lib/tidegate/artifacts"),
+            max_instances: NonZeroU32::new(64).expect("64 is not zero"),
+            max_total_instances: NonZeroU32::new(1000).expect("1000 is not zero"),
+            memory_limit: 64 << 20,
+            timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            unload_after: Duration::from_secs(600),
+            max_log_line: 4096,
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! The wasmtime engine every function shares, and the epoch ticker that
+//! drives invocation deadlines.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use crate::bindings::Handler;
+use crate::config::RuntimeConfig;
+use crate::error::LoadError;
+use crate::host::HostState;
+
+/// How often the epoch advances. A running function yields to the async
+/// executor at every tick and its deadline is checked, so this is also the
+/// granularity of `runtime.timeout`.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// The engine, the linker with the host's imports, and the epoch ticker.
+pub struct Engine {
+    /// Compiles and runs every function of this node.
+    pub(crate) engine: wasmtime::Engine,
+    /// WASI (with nothing granted) and the `tidegate:gateway` imports.
+    pub(crate) linker: Linker<HostState>,
+    /// Advances the epoch; stopped when the engine is dropped.
+    _ticker: EpochTicker,
+}
+
+impl Engine {
+    /// Build the engine: component model, async calls, epoch interruption,
+    /// and a pooling allocator sized for `max_total_instances` instances
+    /// with copy-on-write memory images.
+    ///
+    /// # Errors
+    /// [`LoadError::Engine`] when wasmtime rejects the configuration (for
+    /// example when the pool's virtual memory cannot be reserved).
+    pub fn new(config: &RuntimeConfig) -> Result<Arc<Self>, LoadError> {
+        let total = config.max_total_instances.get();
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(total)
+            // A Rust component is made of a few core instances (the main
+            // module plus adapter shims), with one memory and a few tables.
+            .total_core_instances(total.saturating_mul(8))
+            .total_memories(total.saturating_mul(2))
+            .total_tables(total.saturating_mul(4))
+            .total_stacks(total)
+            .max_memory_size(config.memory_limit)
+            // Keep the first pages of a released slot resident, so a warm
+            // re-instantiation does not fault them in again.
+            .linear_memory_keep_resident(64 << 10)
+            .table_keep_resident(16 << 10);
+
+        let mut wasm = Config::new();
+        wasm.wasm_component_model(true)
+            .epoch_interruption(true)
+            .memory_init_cow(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+
+        let engine =
+            wasmtime::Engine::new(&wasm).map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::<HostState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| LoadError::Engine(format!("linking WASI: {e:#}")))?;
+        Handler::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)
+            .map_err(|e| LoadError::Engine(format!("linking the gateway imports: {e:#}")))?;
+        let ticker = EpochTicker::start(engine.clone());
+        Ok(Arc::new(Self {
+            engine,
+            linker,
+            _ticker: ticker,
+        }))
+    }
+}
+
+/// A thread that advances the engine's epoch every [`EPOCH_TICK`]. A plain
+/// thread rather than a task: it must keep ticking even when every tokio
+/// worker is busy running guest code.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: wasmtime::Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("tidegate-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .ok();
+        if thread.is_none() {
+            tracing::error!("could not start the epoch thread: function time limits will not fire");
+        }
+        Self { stop, thread }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

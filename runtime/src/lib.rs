@@ -1,0 +1,37 @@
+//! Tidegate's WebAssembly side.
+//!
+//! The gateway hands this crate a connection and a message; it runs the
+//! function for that route in a sandboxed instance and returns the effects
+//! the function asked for. Nothing here knows about sockets or queues.
+//!
+//! - [`config`]: typed limits and timeouts ([`RuntimeConfig`]).
+//! - [`engine`]: the wasmtime engine (pooling allocator, copy-on-write
+//!   memory images, epoch interruption) and its epoch ticker.
+//! - `bindings`: the only `bindgen!` of the `tidegate:gateway` world, and the
+//!   host side of its imports.
+//! - `host`: per-instance host state: WASI with nothing granted, store
+//!   limits, the invocation deadline, guest output into the log.
+//! - [`function`]: one loaded function version: its precompiled artifact,
+//!   its pre-instantiated component and its instance pool.
+//! - [`registry`]: the functions this node serves, by name, and the
+//!   background task that scales idle functions down to zero.
+//! - [`metrics`]: the runtime's Prometheus metrics.
+//! - [`error`]: what can go wrong, typed for the gateway to act on.
+
+#![deny(unsafe_code)]
+
+mod bindings;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod function;
+mod host;
+pub mod metrics;
+pub mod registry;
+
+pub use bindings::types::{ConnectDecision, Connection, Effect, HandlerError, Payload};
+pub use config::RuntimeConfig;
+pub use error::{InvokeError, LoadError};
+pub use function::Function;
+pub use metrics::RuntimeMetrics;
+pub use registry::Registry;
