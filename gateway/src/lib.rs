@@ -1,1 +1,30 @@
+//! Tidegate's gateway: the network side.
+//!
+//! - [`cli`]: `tidegate serve [--config FILE] [--dev]`.
+//! - [`config`]: the file plus `TIDEGATE__*` variables, validated once.
+//! - [`server`]: wiring, signals, drain.
+//! - [`listener`]: accept with a permit, TLS and upgrade under a timeout.
+//! - [`tls`]: rustls (ring) from PEM files; [`dev`]: the `--dev` certificate.
+//! - [`handshake`]: the HTTP upgrade, routing and `on-connect`.
+//! - [`router`]: path to function.
+//! - [`connection`]: one WebSocket: in-order messages, pipelined replies.
+//! - [`publisher`]: the RabbitMQ copy, publisher confirms, the spool.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/v1/`.
+//! - [`metrics`]: the Prometheus metrics.
+//! - [`logging`]: log output.
 
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod connection;
+pub mod dev;
+pub mod handshake;
+pub mod listener;
+pub mod logging;
+pub mod metrics;
+pub mod publisher;
+pub mod router;
+pub mod server;
+pub mod tls;

@@ -1,1 +1,5 @@
-fn main() {}
+//! The `tidegate` binary.
+
+fn main() -> std::process::ExitCode {
+    gateway::cli::main()
+}

@@ -1,0 +1,874 @@
+//! Configuration: a TOML file, then `TIDEGATE__SECTION__KEY` environment
+//! variables over it, read once at start-up and validated into typed
+//! [`Settings`]. No other code reads the environment or the file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Environment variables with this prefix (then `__`) override the file.
+pub const ENV_PREFIX: &str = "TIDEGATE";
+
+/// A configuration error. Every variant names the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or the environment could not be read or parsed.
+    #[error("{0}")]
+    Read(String),
+    /// A key has a value that is not allowed.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The key, as `section.key`.
+        key: String,
+        /// What is wrong with its value.
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The file's shape. Every section and key is optional; defaults are applied
+// during validation, where `--dev` can change them.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    tls: RawTls,
+    #[serde(default)]
+    websocket: RawWebSocket,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    queue: RawQueue,
+    #[serde(default)]
+    runtime: RawRuntime,
+    #[serde(default)]
+    functions: BTreeMap<String, RawFunction>,
+    #[serde(default)]
+    routes: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    node_id: Option<String>,
+    max_connections: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    handshake_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    shutdown_grace_period: Option<Duration>,
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebSocket {
+    max_message_size: Option<usize>,
+    max_frame_size: Option<usize>,
+    read_buffer_size: Option<usize>,
+    write_buffer_size: Option<usize>,
+    send_queue: Option<usize>,
+    max_request_head: Option<usize>,
+    forward_headers: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+    token: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQueue {
+    url: Option<String>,
+    queue: Option<String>,
+    mode: Option<String>,
+    max_in_flight: Option<usize>,
+    spool_dir: Option<PathBuf>,
+    spool_max_bytes: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    connect_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    reconnect_interval: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    artifact_dir: Option<PathBuf>,
+    max_instances: Option<u32>,
+    max_total_instances: Option<u32>,
+    memory_limit: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    unload_after: Option<Duration>,
+    max_log_line: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFunction {
+    wasm: String,
+}
+
+// ---------------------------------------------------------------------------
+// Validated settings.
+// ---------------------------------------------------------------------------
+
+/// Everything the gateway needs, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The WebSocket listener.
+    pub server: ServerSettings,
+    /// Certificate and key; `None` in `--dev` without configured files, in
+    /// which case a self-signed certificate is generated.
+    pub tls: Option<TlsSettings>,
+    /// WebSocket sizes and buffers.
+    pub websocket: WebSocketSettings,
+    /// The admin listener.
+    pub admin: AdminSettings,
+    /// The RabbitMQ copy of every message.
+    pub queue: QueueSettings,
+    /// Function limits.
+    pub runtime: runtime::RuntimeConfig,
+    /// Functions by name.
+    pub functions: BTreeMap<String, FunctionSource>,
+    /// Route path to function name.
+    pub routes: BTreeMap<String, String>,
+    /// Whether `--dev` was given.
+    pub dev: bool,
+}
+
+/// The WebSocket listener.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Address to listen on (`server.listen`).
+    pub listen: SocketAddr,
+    /// This node's id; connection ids and queue headers carry it.
+    pub node_id: String,
+    /// Most open connections (`server.max_connections`); further clients
+    /// wait in the accept backlog.
+    pub max_connections: NonZeroUsize,
+    /// Longest a client may take for the TLS and WebSocket handshakes.
+    pub handshake_timeout: Duration,
+    /// Longest a shutdown may take before remaining connections are cut.
+    pub shutdown_grace_period: Duration,
+    /// Where state (spool, artifacts, dev certificate) lives by default.
+    pub state_dir: PathBuf,
+}
+
+/// Certificate chain and private key, as PEM files.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// WebSocket sizes and buffers.
+#[derive(Debug, Clone)]
+pub struct WebSocketSettings {
+    /// Largest message, in bytes, after reassembly; larger closes with 1009.
+    pub max_message_size: usize,
+    /// Largest single frame, in bytes; larger closes with 1009.
+    pub max_frame_size: usize,
+    /// Read buffer per connection, in bytes.
+    pub read_buffer_size: usize,
+    /// Write buffer per connection, in bytes, before a flush is forced.
+    pub write_buffer_size: usize,
+    /// Outbound messages queued per connection before the reader waits.
+    pub send_queue: NonZeroUsize,
+    /// Largest HTTP upgrade request head, in bytes; larger gets 431.
+    pub max_request_head: usize,
+    /// Request headers passed to functions (lower-case names).
+    pub forward_headers: Vec<String>,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// Address of `/metrics`, `/healthz`, `/readyz` and `/v1/`.
+    pub listen: SocketAddr,
+    /// Bearer token of the management API; without one `/v1/` is off.
+    pub token: Option<String>,
+}
+
+/// When a client gets the reply to a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueMode {
+    /// The reply is sent once the copy is durable (confirmed by RabbitMQ or
+    /// fsync'ed to the spool): an echo is a receipt.
+    Receipt,
+    /// The reply is sent without waiting; the copy is still confirmed or
+    /// spooled, but a crash can lose copies of replied messages.
+    Async,
+}
+
+/// The RabbitMQ copy of every message.
+#[derive(Debug, Clone)]
+pub struct QueueSettings {
+    /// AMQP URL of the broker.
+    pub url: String,
+    /// The durable queue copies go to (default exchange, routing key = name).
+    pub queue: String,
+    /// When replies are sent relative to the copy.
+    pub mode: QueueMode,
+    /// Most copies published and not yet confirmed.
+    pub max_in_flight: NonZeroUsize,
+    /// Where copies go while the broker is unreachable.
+    pub spool_dir: PathBuf,
+    /// Largest spool, in bytes; when full, messages are refused (1013).
+    pub spool_max_bytes: u64,
+    /// Longest a connection attempt to the broker may take.
+    pub connect_timeout: Duration,
+    /// Pause between attempts to reach the broker.
+    pub reconnect_interval: Duration,
+}
+
+/// Where a function's component comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FunctionSource {
+    /// A `.wasm` component file.
+    File(PathBuf),
+    /// A function bundled into the binary (`builtin:echo`).
+    Builtin(String),
+}
+
+/// Functions bundled into the binary.
+pub const BUILTIN_FUNCTIONS: &[&str] = &["echo"];
+
+impl Settings {
+    /// Read `file` (if any) and the environment, and validate.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the key at fault.
+    pub fn load(file: Option<&Path>, dev: bool) -> Result<Self, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars()
+            .filter(|(name, _)| name.starts_with(&format!("{ENV_PREFIX}__")))
+            .collect();
+        Self::from_sources(file, env, dev)
+    }
+
+    /// Like [`Settings::load`], with the environment given explicitly (for
+    /// tests).
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the key at fault.
+    pub fn from_sources(
+        file: Option<&Path>,
+        env: Vec<(String, String)>,
+        dev: bool,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::Read(format!(
+                    "config file {} does not exist",
+                    file.display()
+                )));
+            }
+            builder = builder.add_source(
+                config::File::from(file)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        let env: config::Map<String, String> = env.into_iter().collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("websocket.forward_headers")
+                .source(Some(env)),
+        );
+        let raw: RawConfig = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::Read(format!("configuration: {e}")))?;
+        raw.validate(dev)
+    }
+}
+
+impl RawConfig {
+    fn validate(self, dev: bool) -> Result<Settings, ConfigError> {
+        let server = self.server.validate(dev)?;
+        let tls = match (self.tls.cert, self.tls.key) {
+            (Some(cert), Some(key)) => Some(TlsSettings { cert, key }),
+            (None, None) if dev => None,
+            (None, None) => {
+                return Err(invalid(
+                    "tls.cert",
+                    "a certificate is required: set tls.cert and tls.key (PEM files), \
+                     or run with --dev for a self-signed one",
+                ));
+            }
+            (Some(_), None) => {
+                return Err(invalid("tls.key", "tls.cert is set but tls.key is not"));
+            }
+            (None, Some(_)) => {
+                return Err(invalid("tls.cert", "tls.key is set but tls.cert is not"));
+            }
+        };
+        let websocket = self.websocket.validate()?;
+        let admin = AdminSettings {
+            listen: parse_addr(
+                "admin.listen",
+                self.admin.listen.as_deref().unwrap_or("127.0.0.1:9090"),
+            )?,
+            token: match self.admin.token {
+                Some(token) if token.len() < 16 => {
+                    return Err(invalid(
+                        "admin.token",
+                        "must be at least 16 characters (use a random string)",
+                    ));
+                }
+                token => token,
+            },
+        };
+        let queue = self.queue.validate(&server.state_dir)?;
+        let runtime = self.runtime.validate(&server.state_dir)?;
+
+        let mut functions = BTreeMap::new();
+        for (name, function) in self.functions {
+            let key = format!("functions.{name}.wasm");
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(invalid(
+                    format!("functions.{name}"),
+                    "function names may only use letters, digits, '-' and '_'",
+                ));
+            }
+            let source = match function.wasm.strip_prefix("builtin:") {
+                Some(builtin) if BUILTIN_FUNCTIONS.contains(&builtin) => {
+                    FunctionSource::Builtin(builtin.to_owned())
+                }
+                Some(builtin) => {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "no builtin function {builtin:?}; builtins are {}",
+                            BUILTIN_FUNCTIONS.join(", ")
+                        ),
+                    ));
+                }
+                None => FunctionSource::File(PathBuf::from(function.wasm)),
+            };
+            functions.insert(name, source);
+        }
+        let mut routes = self.routes;
+        if dev && functions.is_empty() && routes.is_empty() {
+            functions.insert("echo".into(), FunctionSource::Builtin("echo".into()));
+            routes.insert("/".into(), "echo".into());
+        }
+        for (path, function) in &routes {
+            let key = format!("routes.\"{path}\"");
+            if !path.starts_with('/') || path.contains(['?', '#']) {
+                return Err(invalid(
+                    key,
+                    "a route is a path starting with '/', without query",
+                ));
+            }
+            if path.len() > 1 && path.ends_with('/') {
+                return Err(invalid(
+                    key,
+                    "a route must not end with '/' (except \"/\" itself)",
+                ));
+            }
+            if !functions.contains_key(function) {
+                return Err(invalid(
+                    key,
+                    format!("function {function:?} is not defined under [functions]"),
+                ));
+            }
+        }
+        if routes.is_empty() {
+            return Err(invalid(
+                "routes",
+                "no routes: map at least one path to a function, e.g. [routes] \"/\" = \"echo\"",
+            ));
+        }
+        Ok(Settings {
+            server,
+            tls,
+            websocket,
+            admin,
+            queue,
+            runtime,
+            functions,
+            routes,
+            dev,
+        })
+    }
+}
+
+/// Default listen address in `--dev`: unprivileged, loopback only.
+pub const DEV_LISTEN: &str = "127.0.0.1:8443";
+
+impl RawServer {
+    fn validate(self, dev: bool) -> Result<ServerSettings, ConfigError> {
+        let default_listen = if dev { DEV_LISTEN } else { "0.0.0.0:443" };
+        let listen = parse_addr(
+            "server.listen",
+            self.listen.as_deref().unwrap_or(default_listen),
+        )?;
+        let node_id = match self.node_id {
+            Some(id) => id,
+            None => hostname::get()
+                .ok()
+                .and_then(|name| name.into_string().ok())
+                .unwrap_or_else(|| "tidegate".into()),
+        };
+        if node_id.is_empty()
+            || !node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(
+                "server.node_id",
+                format!("{node_id:?}: use letters, digits, '-' and '_' only"),
+            ));
+        }
+        let state_dir = match self.state_dir {
+            Some(dir) => dir,
+            None if dev => std::env::temp_dir()
+                .join("tidegate-dev")
+                .join(listen.port().to_string()),
+            None => PathBuf::from("/var/lib/tidegate"),
+        };
+        Ok(ServerSettings {
+            listen,
+            node_id,
+            max_connections: non_zero("server.max_connections", self.max_connections, 10_000)?,
+            handshake_timeout: positive(
+                "server.handshake_timeout",
+                self.handshake_timeout,
+                Duration::from_secs(10),
+            )?,
+            shutdown_grace_period: positive(
+                "server.shutdown_grace_period",
+                self.shutdown_grace_period,
+                Duration::from_secs(30),
+            )?,
+            state_dir,
+        })
+    }
+}
+
+impl RawWebSocket {
+    fn validate(self) -> Result<WebSocketSettings, ConfigError> {
+        let max_message_size = at_least(
+            "websocket.max_message_size",
+            self.max_message_size,
+            128 << 10,
+            16,
+        )?;
+        let max_frame_size = at_least(
+            "websocket.max_frame_size",
+            self.max_frame_size,
+            max_message_size,
+            16,
+        )?;
+        if max_frame_size > max_message_size {
+            return Err(invalid(
+                "websocket.max_frame_size",
+                format!(
+                    "{max_frame_size} is larger than websocket.max_message_size ({max_message_size})"
+                ),
+            ));
+        }
+        let forward_headers = self
+            .forward_headers
+            .unwrap_or_else(|| vec!["origin".into(), "user-agent".into()])
+            .into_iter()
+            .map(|name| name.trim().to_ascii_lowercase())
+            .filter(|name| !name.is_empty())
+            .collect();
+        Ok(WebSocketSettings {
+            max_message_size,
+            max_frame_size,
+            read_buffer_size: at_least(
+                "websocket.read_buffer_size",
+                self.read_buffer_size,
+                8 << 10,
+                1024,
+            )?,
+            write_buffer_size: at_least(
+                "websocket.write_buffer_size",
+                self.write_buffer_size,
+                8 << 10,
+                0,
+            )?,
+            send_queue: non_zero("websocket.send_queue", self.send_queue, 256)?,
+            max_request_head: at_least(
+                "websocket.max_request_head",
+                self.max_request_head,
+                8 << 10,
+                512,
+            )?,
+            forward_headers,
+        })
+    }
+}
+
+impl RawQueue {
+    fn validate(self, state_dir: &Path) -> Result<QueueSettings, ConfigError> {
+        let url = self
+            .url
+            .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            return Err(invalid("queue.url", "must start with amqp:// or amqps://"));
+        }
+        let queue = self.queue.unwrap_or_else(|| "tidegate.messages".into());
+        if queue.is_empty() || queue.len() > 255 || queue.starts_with("amq.") {
+            return Err(invalid(
+                "queue.queue",
+                format!(
+                    "{queue:?}: a queue name is 1 to 255 bytes and may not start with \"amq.\""
+                ),
+            ));
+        }
+        let mode = match self.mode.as_deref().unwrap_or("receipt") {
+            "receipt" => QueueMode::Receipt,
+            "async" => QueueMode::Async,
+            other => {
+                return Err(invalid(
+                    "queue.mode",
+                    format!("{other:?}: expected \"receipt\" or \"async\""),
+                ));
+            }
+        };
+        Ok(QueueSettings {
+            url,
+            queue,
+            mode,
+            max_in_flight: non_zero("queue.max_in_flight", self.max_in_flight, 1024)?,
+            spool_dir: self.spool_dir.unwrap_or_else(|| state_dir.join("spool")),
+            spool_max_bytes: {
+                let bytes = self.spool_max_bytes.unwrap_or(1 << 30);
+                if bytes < 1 << 20 {
+                    return Err(invalid(
+                        "queue.spool_max_bytes",
+                        "must be at least 1048576 (1 MiB)",
+                    ));
+                }
+                bytes
+            },
+            connect_timeout: positive(
+                "queue.connect_timeout",
+                self.connect_timeout,
+                Duration::from_secs(5),
+            )?,
+            reconnect_interval: positive(
+                "queue.reconnect_interval",
+                self.reconnect_interval,
+                Duration::from_secs(1),
+            )?,
+        })
+    }
+}
+
+impl RawRuntime {
+    fn validate(self, state_dir: &Path) -> Result<runtime::RuntimeConfig, ConfigError> {
+        let defaults = runtime::RuntimeConfig::default();
+        let nz = |key: &str, value: Option<u32>, default: NonZeroU32| match value {
+            None => Ok(default),
+            Some(v) => NonZeroU32::new(v).ok_or_else(|| invalid(key, "must be at least 1")),
+        };
+        let max_instances = nz(
+            "runtime.max_instances",
+            self.max_instances,
+            defaults.max_instances,
+        )?;
+        let max_total_instances = nz(
+            "runtime.max_total_instances",
+            self.max_total_instances,
+            defaults.max_total_instances,
+        )?;
+        if max_instances > max_total_instances {
+            return Err(invalid(
+                "runtime.max_instances",
+                format!(
+                    "{max_instances} is more than runtime.max_total_instances ({max_total_instances})"
+                ),
+            ));
+        }
+        let memory_limit = at_least(
+            "runtime.memory_limit",
+            self.memory_limit,
+            defaults.memory_limit,
+            1 << 16,
+        )?;
+        let idle_timeout = positive(
+            "runtime.idle_timeout",
+            self.idle_timeout,
+            defaults.idle_timeout,
+        )?;
+        let unload_after = positive(
+            "runtime.unload_after",
+            self.unload_after,
+            defaults.unload_after,
+        )?;
+        if unload_after < idle_timeout {
+            return Err(invalid(
+                "runtime.unload_after",
+                "must not be shorter than runtime.idle_timeout",
+            ));
+        }
+        Ok(runtime::RuntimeConfig {
+            artifact_dir: self
+                .artifact_dir
+                .unwrap_or_else(|| state_dir.join("artifacts")),
+            max_instances,
+            max_total_instances,
+            memory_limit,
+            timeout: positive("runtime.timeout", self.timeout, defaults.timeout)?,
+            idle_timeout,
+            unload_after,
+            max_log_line: at_least(
+                "runtime.max_log_line",
+                self.max_log_line,
+                defaults.max_log_line,
+                80,
+            )?,
+        })
+    }
+}
+
+fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{value:?} is not an address; expected ip:port, e.g. 0.0.0.0:443 or [::]:443"),
+        )
+    })
+}
+
+fn non_zero(key: &str, value: Option<usize>, default: usize) -> Result<NonZeroUsize, ConfigError> {
+    NonZeroUsize::new(value.unwrap_or(default)).ok_or_else(|| invalid(key, "must be at least 1"))
+}
+
+fn at_least(
+    key: &str,
+    value: Option<usize>,
+    default: usize,
+    min: usize,
+) -> Result<usize, ConfigError> {
+    let value = value.unwrap_or(default);
+    if value < min {
+        return Err(invalid(
+            key,
+            format!("{value} is below the minimum of {min}"),
+        ));
+    }
+    Ok(value)
+}
+
+fn positive(
+    key: &str,
+    value: Option<Duration>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let value = value.unwrap_or(default);
+    if value.is_zero() {
+        return Err(invalid(key, "must be longer than zero"));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        std::fs::write(file.path(), text).unwrap();
+        file
+    }
+
+    const MINIMAL: &str = r#"
+        [tls]
+        cert = "/etc/tidegate/tls.crt"
+        key = "/etc/tidegate/tls.key"
+        [functions.echo]
+        wasm = "builtin:echo"
+        [routes]
+        "/" = "echo"
+    "#;
+
+    #[test]
+    fn defaults_follow_the_documented_values() {
+        let file = write(MINIMAL);
+        let settings = Settings::from_sources(Some(file.path()), vec![], false).unwrap();
+        assert_eq!(settings.server.listen, "0.0.0.0:443".parse().unwrap());
+        assert_eq!(settings.admin.listen, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(settings.queue.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(settings.queue.queue, "tidegate.messages");
+        assert_eq!(settings.queue.mode, QueueMode::Receipt);
+        assert_eq!(settings.websocket.max_message_size, 128 * 1024);
+        assert_eq!(settings.websocket.read_buffer_size, 8 * 1024);
+        assert_eq!(
+            settings.queue.spool_dir,
+            PathBuf::from("/var/lib/tidegate/spool")
+        );
+        assert_eq!(settings.routes.get("/").map(String::as_str), Some("echo"));
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let file = write(MINIMAL);
+        let env = vec![
+            ("TIDEGATE__SERVER__LISTEN".into(), "127.0.0.1:9443".into()),
+            ("TIDEGATE__QUEUE__QUEUE".into(), "other".into()),
+            ("TIDEGATE__QUEUE__MODE".into(), "async".into()),
+            ("TIDEGATE__RUNTIME__IDLE_TIMEOUT".into(), "2s".into()),
+            (
+                "TIDEGATE__WEBSOCKET__MAX_MESSAGE_SIZE".into(),
+                "1024".into(),
+            ),
+            (
+                "TIDEGATE__WEBSOCKET__FORWARD_HEADERS".into(),
+                "X-Tenant,Origin".into(),
+            ),
+        ];
+        let settings = Settings::from_sources(Some(file.path()), env, false).unwrap();
+        assert_eq!(settings.server.listen, "127.0.0.1:9443".parse().unwrap());
+        assert_eq!(settings.queue.queue, "other");
+        assert_eq!(settings.queue.mode, QueueMode::Async);
+        assert_eq!(settings.runtime.idle_timeout, Duration::from_secs(2));
+        assert_eq!(settings.websocket.max_message_size, 1024);
+        assert_eq!(settings.websocket.max_frame_size, 1024);
+        assert_eq!(
+            settings.websocket.forward_headers,
+            vec!["x-tenant", "origin"]
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (
+                "TIDEGATE__SERVER__LISTEN",
+                "not-an-address",
+                "server.listen",
+            ),
+            ("TIDEGATE__QUEUE__MODE", "sometimes", "queue.mode"),
+            ("TIDEGATE__QUEUE__URL", "http://x", "queue.url"),
+            (
+                "TIDEGATE__SERVER__MAX_CONNECTIONS",
+                "0",
+                "server.max_connections",
+            ),
+            ("TIDEGATE__RUNTIME__TIMEOUT", "0s", "runtime.timeout"),
+            (
+                "TIDEGATE__WEBSOCKET__MAX_FRAME_SIZE",
+                "999999999",
+                "websocket.max_frame_size",
+            ),
+            ("TIDEGATE__ADMIN__TOKEN", "short", "admin.token"),
+        ];
+        for (var, value, key) in cases {
+            let file = write(MINIMAL);
+            let error =
+                Settings::from_sources(Some(file.path()), vec![(var.into(), value.into())], false)
+                    .unwrap_err()
+                    .to_string();
+            assert!(
+                error.contains(key),
+                "{var}={value}: {error:?} does not name {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let file = write(&format!("{MINIMAL}\n[server]\nlisn = \"0.0.0.0:1\"\n"));
+        let error = Settings::from_sources(Some(file.path()), vec![], false)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("lisn"), "{error}");
+    }
+
+    #[test]
+    fn routes_must_name_defined_functions() {
+        let file = write(
+            r#"
+            [tls]
+            cert = "a.pem"
+            key = "b.pem"
+            [routes]
+            "/chat" = "chat"
+        "#,
+        );
+        let error = Settings::from_sources(Some(file.path()), vec![], false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("routes.\"/chat\"") && error.contains("chat"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_certificate_is_required_outside_dev_mode() {
+        let file = write("[functions.echo]\nwasm = \"builtin:echo\"\n[routes]\n\"/\" = \"echo\"\n");
+        let error = Settings::from_sources(Some(file.path()), vec![], false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("tls.cert") && error.contains("--dev"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn dev_mode_serves_echo_on_an_unprivileged_port_and_can_be_overridden() {
+        let settings = Settings::from_sources(None, vec![], true).unwrap();
+        assert_eq!(settings.server.listen, DEV_LISTEN.parse().unwrap());
+        assert!(settings.tls.is_none());
+        assert_eq!(settings.routes.get("/").map(String::as_str), Some("echo"));
+        assert_eq!(
+            settings.functions.get("echo"),
+            Some(&FunctionSource::Builtin("echo".into()))
+        );
+        let env = vec![
+            ("TIDEGATE__SERVER__LISTEN".into(), "127.0.0.1:0".into()),
+            ("TIDEGATE__QUEUE__QUEUE".into(), "mine".into()),
+        ];
+        let settings = Settings::from_sources(None, env, true).unwrap();
+        assert_eq!(settings.server.listen.port(), 0);
+        assert_eq!(settings.queue.queue, "mine");
+    }
+}

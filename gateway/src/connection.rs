@@ -1,0 +1,460 @@
+//! One WebSocket connection after the upgrade.
+//!
+//! A reader and a writer run side by side in the connection's task. The
+//! reader takes messages in order: it hands the copy to the publisher,
+//! runs the function, and queues the replies with the copy's receipt. The
+//! writer sends queued replies in order, each only once its copy is durable
+//! (in receipt mode), so replies are pipelined yet never overtake a copy.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use prometheus::IntCounter;
+use runtime::{Connection, Effect, Function, HandlerError, Payload};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::QueueMode;
+use crate::handshake::Accepted;
+use crate::publisher::{QueueMessage, Receipt};
+use crate::server::Shared;
+
+/// How long to wait for the client's answer to our close frame.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Close codes the gateway sends (RFC 6455, section 7.4.1).
+pub mod close_code {
+    /// Normal closure.
+    pub const NORMAL: u16 = 1000;
+    /// The server is going away (shutdown).
+    pub const GOING_AWAY: u16 = 1001;
+    /// The client broke the protocol.
+    pub const PROTOCOL: u16 = 1002;
+    /// No close frame was received (reported to `on-disconnect` only).
+    pub const ABNORMAL: u16 = 1006;
+    /// A text message was not valid UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
+    /// A message or frame was larger than allowed.
+    pub const TOO_BIG: u16 = 1009;
+    /// The function failed on this message.
+    pub const INTERNAL: u16 = 1011;
+    /// The message could not be stored; try again later.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+/// What the reader hands the writer, in order.
+enum Outbound {
+    /// A message to send once `receipt` (if any) resolves.
+    Message {
+        receipt: Option<Receipt>,
+        message: Message,
+    },
+    /// A copy with no reply: wait for it only to notice a failure.
+    Receipt(Receipt),
+    /// Close the connection with this code and reason.
+    Close(u16, String),
+}
+
+/// Per-route counters, resolved once per connection.
+struct Counters {
+    received: IntCounter,
+    received_bytes: IntCounter,
+    sent: IntCounter,
+    sent_bytes: IntCounter,
+}
+
+/// Serve an upgraded connection until it closes.
+pub async fn serve<S>(accepted: Accepted<S>, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let Accepted {
+        ws,
+        conn,
+        function,
+        route,
+        effects,
+    } = accepted;
+    let metrics = &shared.metrics;
+    metrics.connections.with_label_values(&[&route]).inc();
+    let open = metrics.connections_open.with_label_values(&[&route]);
+    open.inc();
+    let counters = Counters {
+        received: metrics.messages_received.with_label_values(&[&route]),
+        received_bytes: metrics.bytes_received.with_label_values(&[&route]),
+        sent: metrics.messages_sent.with_label_values(&[&route]),
+        sent_bytes: metrics.bytes_sent.with_label_values(&[&route]),
+    };
+
+    let (sink, stream) = ws.split();
+    let (outbound, queue) = mpsc::channel(shared.websocket.send_queue.get());
+    // Cancelled by the writer when it can no longer send, so the reader
+    // stops too.
+    let writer_done = CancellationToken::new();
+    let reader = Reader {
+        conn: &conn,
+        function: &function,
+        route: &route,
+        shared: &shared,
+        counters: &counters,
+        outbound,
+    };
+    let (client_close, (sink, sent_close)) = tokio::join!(
+        reader.run(stream, effects, &writer_done),
+        write(sink, queue, &counters, &writer_done, &shared)
+    );
+
+    // Complete the closing handshake: read until the client's close frame
+    // (or give up after a short while).
+    let (code, reason) = match (&client_close, &sent_close) {
+        (ClientClose::Closed(code, reason), _) => (*code, reason.clone()),
+        (_, Some((code, reason))) => (*code, reason.clone()),
+        _ => (close_code::ABNORMAL, String::new()),
+    };
+    if let ClientClose::Open(stream) = client_close {
+        if let Ok(mut ws) = sink.reunite(stream) {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                while let Some(Ok(message)) = ws.next().await {
+                    if message.is_close() {
+                        break;
+                    }
+                }
+            })
+            .await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(None)).await;
+        }
+    }
+    open.dec();
+    if let Err(e) = function.on_disconnect(&conn, code, &reason).await {
+        tracing::debug!(connection = %conn.id, "on-disconnect failed: {e}");
+    }
+}
+
+/// How the reader ended.
+enum ClientClose<T> {
+    /// The client sent a close frame (or the socket ended).
+    Closed(u16, String),
+    /// The gateway is closing; the stream is handed back to read the
+    /// client's answer.
+    Open(T),
+}
+
+struct Reader<'a> {
+    conn: &'a Connection,
+    function: &'a Arc<Function>,
+    route: &'a str,
+    shared: &'a Shared,
+    counters: &'a Counters,
+    outbound: mpsc::Sender<Outbound>,
+}
+
+/// What to do after a message.
+enum Next {
+    Continue,
+    Close(u16, String),
+    Stop,
+}
+
+impl Reader<'_> {
+    async fn run<T>(
+        self,
+        mut stream: T,
+        effects: Vec<Effect>,
+        writer_done: &CancellationToken,
+    ) -> ClientClose<T>
+    where
+        T: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
+    {
+        let mut next = self.apply(effects, None).await;
+        while let Next::Continue = next {
+            let frame = tokio::select! {
+                biased;
+                _ = self.shared.shutdown.cancelled() => {
+                    next = Next::Close(close_code::GOING_AWAY, "server shutting down".into());
+                    break;
+                }
+                _ = writer_done.cancelled() => {
+                    next = Next::Stop;
+                    break;
+                }
+                frame = stream.next() => frame,
+            };
+            next = match frame {
+                None => return ClientClose::Closed(close_code::ABNORMAL, String::new()),
+                Some(Ok(Message::Text(text))) => {
+                    let body = text.as_bytes().to_vec();
+                    self.on_message(Payload::Text(text.as_str().to_owned()), body, true)
+                        .await
+                }
+                Some(Ok(Message::Binary(data))) => {
+                    let body = data.to_vec();
+                    self.on_message(Payload::Binary(body.clone()), body, false)
+                        .await
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let (code, reason) = frame
+                        .map(|f| (u16::from(f.code), f.reason.as_str().to_owned()))
+                        .unwrap_or((close_code::NORMAL, String::new()));
+                    return ClientClose::Closed(code, reason);
+                }
+                Some(Ok(_)) => Next::Continue, // ping, pong: answered by tungstenite
+                Some(Err(error)) => match close_for(&error, &self.shared.websocket) {
+                    Some((code, reason)) => Next::Close(code, reason),
+                    None => return ClientClose::Closed(close_code::ABNORMAL, String::new()),
+                },
+            };
+        }
+        if let Next::Close(code, reason) = next {
+            let _ = self.outbound.send(Outbound::Close(code, reason)).await;
+        }
+        // Dropping the sender lets the writer finish what is queued.
+        drop(self.outbound);
+        ClientClose::Open(stream)
+    }
+
+    async fn on_message(&self, payload: Payload, body: Vec<u8>, text: bool) -> Next {
+        self.counters.received.inc();
+        self.counters.received_bytes.inc_by(body.len() as u64);
+        let mode = self.shared.queue_mode;
+        if mode == QueueMode::Async && !self.shared.publisher.is_ready() {
+            return Next::Close(
+                close_code::TRY_AGAIN_LATER,
+                "message not stored: broker unreachable and spool full".into(),
+            );
+        }
+        let copy = QueueMessage::new(
+            text,
+            body,
+            &self.conn.id,
+            self.route,
+            self.function.name(),
+            self.function.version(),
+            &self.shared.node_id,
+        );
+        let receipt = match self.shared.publisher.publish(copy).await {
+            Ok(receipt) => receipt,
+            Err(_) => return Next::Close(close_code::GOING_AWAY, "server shutting down".into()),
+        };
+        // In async mode the reply does not wait for the copy.
+        let receipt = (mode == QueueMode::Receipt).then_some(receipt);
+        match self.function.on_message(self.conn, &payload).await {
+            Ok(Ok(effects)) => self.apply(effects, receipt).await,
+            Ok(Err(error)) => {
+                let (kind, message) = match error {
+                    HandlerError::BadRequest(m) => ("bad-request", m),
+                    HandlerError::Internal(m) => ("internal", m),
+                };
+                let body = serde_json::json!({ "error": kind, "message": message }).to_string();
+                self.send(Outbound::Message {
+                    receipt,
+                    message: Message::Text(body.into()),
+                })
+                .await
+            }
+            Err(error) => {
+                if let Some(receipt) = receipt {
+                    let _ = self.send(Outbound::Receipt(receipt)).await;
+                }
+                Next::Close(
+                    close_code::INTERNAL,
+                    format!("function error: {}", error.kind()),
+                )
+            }
+        }
+    }
+
+    /// Carry out a function's effects, in order. The copy's receipt goes
+    /// with the first reply (or alone, if there is none).
+    async fn apply(&self, effects: Vec<Effect>, mut receipt: Option<Receipt>) -> Next {
+        let mut next = Next::Continue;
+        for effect in effects {
+            match effect {
+                Effect::Reply(payload) => {
+                    let message = match payload {
+                        Payload::Text(text) => Message::Text(text.into()),
+                        Payload::Binary(data) => Message::Binary(data.into()),
+                    };
+                    if let Next::Stop = self
+                        .send(Outbound::Message {
+                            receipt: receipt.take(),
+                            message,
+                        })
+                        .await
+                    {
+                        return Next::Stop;
+                    }
+                }
+                Effect::Close((code, reason)) => {
+                    let code = if code == close_code::NORMAL || (3000..=4999).contains(&code) {
+                        code
+                    } else {
+                        tracing::warn!(
+                            function = self.function.name(),
+                            code,
+                            "a function may close with 1000 or 3000-4999; using 1000"
+                        );
+                        close_code::NORMAL
+                    };
+                    next = Next::Close(code, reason);
+                    break;
+                }
+                other => {
+                    let name = effect_name(&other);
+                    self.shared
+                        .metrics
+                        .effects_unsupported
+                        .with_label_values(&[name])
+                        .inc();
+                    tracing::debug!(
+                        function = self.function.name(),
+                        effect = name,
+                        "effect not supported on this node yet; ignored"
+                    );
+                }
+            }
+        }
+        if let Some(receipt) = receipt {
+            if let Next::Stop = self.send(Outbound::Receipt(receipt)).await {
+                return Next::Stop;
+            }
+        }
+        next
+    }
+
+    async fn send(&self, outbound: Outbound) -> Next {
+        match self.outbound.send(outbound).await {
+            Ok(()) => Next::Continue,
+            Err(_) => Next::Stop,
+        }
+    }
+}
+
+/// Send queued messages in order, each after its copy is durable. Returns
+/// the sink and the close frame sent, if any.
+async fn write<K>(
+    mut sink: K,
+    mut queue: mpsc::Receiver<Outbound>,
+    counters: &Counters,
+    done: &CancellationToken,
+    shared: &Shared,
+) -> (K, Option<(u16, String)>)
+where
+    K: futures_util::Sink<Message, Error = WsError> + Unpin,
+{
+    let mut sent_close = None;
+    while let Some(outbound) = queue.recv().await {
+        let (receipt, message) = match outbound {
+            Outbound::Message { receipt, message } => (receipt, Some(message)),
+            Outbound::Receipt(receipt) => (Some(receipt), None),
+            Outbound::Close(code, reason) => {
+                sent_close = Some((code, reason));
+                break;
+            }
+        };
+        if let Some(receipt) = receipt {
+            if let Err(error) = receipt.durable().await {
+                let code = match error {
+                    crate::publisher::PublishError::Closed => close_code::GOING_AWAY,
+                    _ => close_code::TRY_AGAIN_LATER,
+                };
+                sent_close = Some((code, format!("message not stored: {error}")));
+                break;
+            }
+        }
+        let Some(message) = message else { continue };
+        let len = message.len() as u64;
+        // A failed send means the socket is closing or gone; what is left
+        // (a pending close answer) is flushed below.
+        if sink.feed(message).await.is_err() {
+            break;
+        }
+        counters.sent.inc();
+        counters.sent_bytes.inc_by(len);
+        if queue.is_empty() && sink.flush().await.is_err() {
+            break;
+        }
+    }
+    if let Some((code, reason)) = &sent_close {
+        shared
+            .metrics
+            .closes
+            .with_label_values(&[&code.to_string()])
+            .inc();
+        let frame = CloseFrame {
+            code: CloseCode::from(*code),
+            reason: clip_reason(reason).into(),
+        };
+        let _ = sink.send(Message::Close(Some(frame))).await;
+    } else {
+        let _ = sink.flush().await;
+    }
+    done.cancel();
+    (sink, sent_close)
+}
+
+/// The close code and reason for a read error, or `None` when the socket
+/// is simply gone.
+fn close_for(error: &WsError, limits: &crate::config::WebSocketSettings) -> Option<(u16, String)> {
+    match error {
+        WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => Some((
+            close_code::TOO_BIG,
+            format!("message of {size} bytes is over the limit of {max_size}"),
+        )),
+        WsError::Capacity(_) => Some((
+            close_code::TOO_BIG,
+            format!("frame over the limit of {} bytes", limits.max_frame_size),
+        )),
+        WsError::Utf8(_) => Some((
+            close_code::INVALID_DATA,
+            "text message is not valid UTF-8".into(),
+        )),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)
+        | WsError::ConnectionClosed
+        | WsError::AlreadyClosed
+        | WsError::Io(_) => None,
+        WsError::Protocol(e) => Some((close_code::PROTOCOL, format!("protocol error: {e}"))),
+        _ => None,
+    }
+}
+
+/// A close reason fits in 123 bytes.
+fn clip_reason(reason: &str) -> String {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_owned()
+}
+
+fn effect_name(effect: &Effect) -> &'static str {
+    match effect {
+        Effect::Reply(_) => "reply",
+        Effect::Send(_) => "send",
+        Effect::Join(_) => "join",
+        Effect::Leave(_) => "leave",
+        Effect::Broadcast(_) => "broadcast",
+        Effect::Publish(_) => "publish",
+        Effect::SetState(_) => "set-state",
+        Effect::Close(_) => "close",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clip_reason;
+
+    #[test]
+    fn close_reasons_fit_the_frame() {
+        assert_eq!(clip_reason("short"), "short");
+        let long = "é".repeat(100);
+        let clipped = clip_reason(&long);
+        assert!(clipped.len() <= 123);
+        assert!(long.starts_with(&clipped));
+    }
+}

@@ -1,0 +1,336 @@
+//! The WebSocket upgrade: read the HTTP request, choose the route, ask the
+//! function's `on-connect`, and answer with `101 Switching Protocols` or
+//! an HTTP error, before any WebSocket frame is exchanged.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use runtime::{Connection, Effect, Function};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::server::create_response;
+use tokio_tungstenite::tungstenite::http;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+use crate::server::Shared;
+
+/// Most request headers parsed.
+const MAX_HEADERS: usize = 64;
+
+/// A connection that completed the upgrade.
+pub struct Accepted<S> {
+    /// The WebSocket, ready for frames.
+    pub ws: WebSocketStream<S>,
+    /// What the function knows about the connection.
+    pub conn: Connection,
+    /// The function version serving this connection.
+    pub function: Arc<Function>,
+    /// The route, as configured.
+    pub route: String,
+    /// Effects `on-connect` asked for, to carry out once open.
+    pub effects: Vec<Effect>,
+}
+
+/// Why an upgrade did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// The client went away before sending a whole request.
+    #[error("the client closed the connection during the handshake")]
+    ClientGone,
+    /// The request was answered with an HTTP error.
+    #[error("HTTP {status}: {message}")]
+    Http {
+        /// The status sent.
+        status: u16,
+        /// Metric label.
+        reason: &'static str,
+        /// The explanation sent in the body.
+        message: String,
+    },
+    /// Reading or writing failed.
+    #[error("handshake I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Refusal {
+    fn http(status: u16, reason: &'static str, message: impl Into<String>) -> Self {
+        Refusal::Http {
+            status,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// A fixed label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::ClientGone => "client_gone",
+            Refusal::Http { reason, .. } => reason,
+            Refusal::Io(_) => "io_error",
+        }
+    }
+}
+
+/// The parsed request head.
+struct RequestHead {
+    request: http::Request<()>,
+    /// Bytes after the head: the first frames, if the client did not wait.
+    leftover: Vec<u8>,
+}
+
+/// Run the upgrade on `stream`. On refusal the HTTP error has already been
+/// written.
+///
+/// # Errors
+/// A [`Refusal`] saying why the connection was not upgraded.
+pub async fn accept<S>(
+    mut stream: S,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Result<Accepted<S>, Refusal>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match prepare(&mut stream, peer, shared).await {
+        Ok((head, conn, function, route, decision)) => {
+            let mut response = match create_response(&head.request) {
+                Ok(response) => response,
+                Err(e) => {
+                    let refusal =
+                        Refusal::http(400, "bad_upgrade", format!("not a WebSocket upgrade: {e}"));
+                    write_refusal(&mut stream, &refusal).await;
+                    return Err(refusal);
+                }
+            };
+            if let Some(protocol) = &conn.subprotocol {
+                if let Ok(value) = http::HeaderValue::from_str(protocol) {
+                    response
+                        .headers_mut()
+                        .insert("sec-websocket-protocol", value);
+                }
+            }
+            let mut bytes = b"HTTP/1.1 101 Switching Protocols\r\n".to_vec();
+            for (name, value) in response.headers() {
+                bytes.extend_from_slice(name.as_str().as_bytes());
+                bytes.extend_from_slice(b": ");
+                bytes.extend_from_slice(value.as_bytes());
+                bytes.extend_from_slice(b"\r\n");
+            }
+            bytes.extend_from_slice(b"\r\n");
+            stream.write_all(&bytes).await?;
+            stream.flush().await?;
+            let ws = WebSocketStream::from_partially_read(
+                stream,
+                head.leftover,
+                Role::Server,
+                Some(shared.ws_config),
+            )
+            .await;
+            Ok(Accepted {
+                ws,
+                conn,
+                function,
+                route,
+                effects: decision.effects,
+            })
+        }
+        Err(refusal) => {
+            write_refusal(&mut stream, &refusal).await;
+            Err(refusal)
+        }
+    }
+}
+
+type Prepared = (
+    RequestHead,
+    Connection,
+    Arc<Function>,
+    String,
+    runtime::ConnectDecision,
+);
+
+async fn prepare<S>(stream: &mut S, peer: SocketAddr, shared: &Shared) -> Result<Prepared, Refusal>
+where
+    S: AsyncRead + Unpin,
+{
+    let head = read_head(stream, shared.websocket.max_request_head).await?;
+    let request = &head.request;
+    if request.method() != http::Method::GET {
+        return Err(Refusal::http(
+            405,
+            "method",
+            "only GET upgrades to a WebSocket",
+        ));
+    }
+    let path = request.uri().path().to_owned();
+    let Some(matched) = shared.router.resolve(&path) else {
+        return Err(Refusal::http(
+            404,
+            "no_route",
+            format!("no route serves {path}"),
+        ));
+    };
+    let route = matched.route.to_owned();
+    let Some(function) = shared.registry.get(matched.function) else {
+        return Err(Refusal::http(
+            503,
+            "function_unavailable",
+            format!("function {} is not loaded", matched.function),
+        ));
+    };
+    let query = request
+        .uri()
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    let headers = shared
+        .websocket
+        .forward_headers
+        .iter()
+        .flat_map(|name| {
+            request
+                .headers()
+                .get_all(name.as_str())
+                .iter()
+                .filter_map(|value| value.to_str().ok())
+                .map(|value| (name.clone(), value.to_owned()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let offered: Vec<String> = request
+        .headers()
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .collect();
+    let mut conn = Connection {
+        id: format!("{}.{}", shared.node_id, uuid::Uuid::now_v7().simple()),
+        route: route.clone(),
+        path,
+        query,
+        headers,
+        subprotocol: None,
+        remote_addr: peer.to_string(),
+        claims: Vec::new(),
+        state: None,
+    };
+    let decision = function.on_connect(&conn).await.map_err(|e| {
+        Refusal::http(
+            500,
+            "function_error",
+            format!("the function failed to accept the connection: {}", e.kind()),
+        )
+    })?;
+    if !decision.accept {
+        let status = if (400..=599).contains(&decision.status) {
+            decision.status
+        } else {
+            403
+        };
+        return Err(Refusal::http(
+            status,
+            "refused_by_function",
+            "connection refused by the function",
+        ));
+    }
+    if let Some(chosen) = &decision.subprotocol {
+        if offered.iter().any(|p| p == chosen) {
+            conn.subprotocol = Some(chosen.clone());
+        } else {
+            tracing::warn!(
+                function = function.name(),
+                subprotocol = %chosen,
+                "on-connect chose a subprotocol the client did not offer; none is agreed"
+            );
+        }
+    }
+    Ok((head, conn, function, route, decision))
+}
+
+/// Read until the end of the request head, at most `max` bytes.
+async fn read_head<S>(stream: &mut S, max: usize) -> Result<RequestHead, Refusal>
+where
+    S: AsyncRead + Unpin,
+{
+    let mut buf = Vec::with_capacity(1024.min(max));
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(Refusal::ClientGone);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut headers);
+        match parsed.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let request = build_request(&parsed)?;
+                let leftover = buf.split_off(len);
+                return Ok(RequestHead { request, leftover });
+            }
+            Ok(httparse::Status::Partial) if buf.len() >= max => {
+                return Err(Refusal::http(
+                    431,
+                    "request_too_large",
+                    format!(
+                        "the request head is larger than {max} bytes (websocket.max_request_head)"
+                    ),
+                ));
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(Refusal::http(
+                    431,
+                    "request_too_large",
+                    format!("more than {MAX_HEADERS} request headers"),
+                ));
+            }
+            Err(e) => {
+                return Err(Refusal::http(
+                    400,
+                    "bad_request",
+                    format!("malformed HTTP request: {e}"),
+                ));
+            }
+        }
+    }
+}
+
+fn build_request(parsed: &httparse::Request<'_, '_>) -> Result<http::Request<()>, Refusal> {
+    let bad = |message: String| Refusal::http(400, "bad_request", message);
+    let mut builder = http::Request::builder()
+        .method(parsed.method.unwrap_or("GET"))
+        .uri(parsed.path.unwrap_or("/"))
+        .version(match parsed.version {
+            Some(0) => http::Version::HTTP_10,
+            _ => http::Version::HTTP_11,
+        });
+    for header in parsed.headers.iter() {
+        builder = builder.header(header.name, header.value);
+    }
+    builder
+        .body(())
+        .map_err(|e| bad(format!("malformed HTTP request: {e}")))
+}
+
+async fn write_refusal<S: AsyncWrite + Unpin>(stream: &mut S, refusal: &Refusal) {
+    let Refusal::Http {
+        status, message, ..
+    } = refusal
+    else {
+        return;
+    };
+    let status = http::StatusCode::from_u16(*status).unwrap_or(http::StatusCode::BAD_REQUEST);
+    let body = format!("{message}\n");
+    let response = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}

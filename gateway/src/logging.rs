@@ -1,0 +1,13 @@
+//! Log output: human-readable lines on stderr, filtered by `RUST_LOG`
+//! (default `info`).
+
+use tracing_subscriber::EnvFilter;
+
+/// Install the global log subscriber.
+pub fn init() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,153 @@
+//! The gateway's Prometheus metrics, registered in one registry that is
+//! passed down (never global). Labels are bounded: routes and functions
+//! come from the configuration, outcomes and reasons from fixed lists.
+
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+/// Confirm latency buckets, in seconds: 50 µs to 5 s.
+const CONFIRM_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0,
+];
+
+/// Every metric of the gateway, plus the runtime's.
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// Open WebSocket connections by route.
+    pub connections_open: IntGaugeVec,
+    /// Accepted WebSocket connections by route.
+    pub connections: IntCounterVec,
+    /// Connections refused before or during the upgrade, by reason.
+    pub connections_rejected: IntCounterVec,
+    /// Connections closed by the gateway, by close code.
+    pub closes: IntCounterVec,
+    /// Messages received from clients, by route.
+    pub messages_received: IntCounterVec,
+    /// Payload bytes received from clients, by route.
+    pub bytes_received: IntCounterVec,
+    /// Messages sent to clients, by route.
+    pub messages_sent: IntCounterVec,
+    /// Payload bytes sent to clients, by route.
+    pub bytes_sent: IntCounterVec,
+    /// Effects a function returned that this node does not carry out yet.
+    pub effects_unsupported: IntCounterVec,
+    /// Queue copies by outcome: confirmed, spooled, replayed, refused.
+    pub queue_publishes: IntCounterVec,
+    /// Time from publishing a copy to the broker's confirm.
+    pub queue_confirm_duration: Histogram,
+    /// 1 while the broker connection is up.
+    pub queue_connected: IntGauge,
+    /// Copies waiting in the spool.
+    pub spool_messages: IntGauge,
+    /// Bytes of copies waiting in the spool.
+    pub spool_bytes: IntGauge,
+    /// The runtime's metrics.
+    pub runtime: runtime::RuntimeMetrics,
+}
+
+impl Metrics {
+    /// Create and register every metric in a new registry.
+    ///
+    /// # Errors
+    /// When two metrics share a name (a programming error).
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
+                let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(metric.clone()))?;
+                Ok(metric)
+            };
+        let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let metric = IntGauge::new(name, help)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let connections_open = IntGaugeVec::new(
+            Opts::new("tidegate_connections_open", "Open WebSocket connections."),
+            &["route"],
+        )?;
+        registry.register(Box::new(connections_open.clone()))?;
+        let queue_confirm_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "tidegate_queue_confirm_duration_seconds",
+                "Time from publishing a message copy to the broker's confirm.",
+            )
+            .buckets(CONFIRM_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(queue_confirm_duration.clone()))?;
+        Ok(Self {
+            connections_open,
+            connections: counter(
+                "tidegate_connections_total",
+                "WebSocket connections accepted.",
+                &["route"],
+            )?,
+            connections_rejected: counter(
+                "tidegate_connections_rejected_total",
+                "Connections refused before or during the WebSocket upgrade.",
+                &["reason"],
+            )?,
+            closes: counter(
+                "tidegate_closes_total",
+                "Connections closed by the gateway, by WebSocket close code.",
+                &["code"],
+            )?,
+            messages_received: counter(
+                "tidegate_messages_received_total",
+                "WebSocket messages received from clients.",
+                &["route"],
+            )?,
+            bytes_received: counter(
+                "tidegate_received_bytes_total",
+                "Payload bytes received from clients.",
+                &["route"],
+            )?,
+            messages_sent: counter(
+                "tidegate_messages_sent_total",
+                "WebSocket messages sent to clients.",
+                &["route"],
+            )?,
+            bytes_sent: counter(
+                "tidegate_sent_bytes_total",
+                "Payload bytes sent to clients.",
+                &["route"],
+            )?,
+            effects_unsupported: counter(
+                "tidegate_effects_unsupported_total",
+                "Effects returned by functions that this node does not carry out.",
+                &["effect"],
+            )?,
+            queue_publishes: counter(
+                "tidegate_queue_publishes_total",
+                "Message copies by outcome: confirmed by the broker, spooled, replayed from the spool, or refused.",
+                &["outcome"],
+            )?,
+            queue_confirm_duration,
+            queue_connected: gauge(
+                "tidegate_queue_connected",
+                "1 while the connection to the broker is up.",
+            )?,
+            spool_messages: gauge(
+                "tidegate_spool_messages",
+                "Message copies waiting in the on-disk spool.",
+            )?,
+            spool_bytes: gauge(
+                "tidegate_spool_bytes",
+                "Bytes of message copies waiting in the on-disk spool.",
+            )?,
+            runtime: runtime::RuntimeMetrics::register(&registry)?,
+            registry,
+        })
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn render(&self) -> String {
+        let encoder = prometheus::TextEncoder::new();
+        encoder
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# encoding metrics failed: {e}\n"))
+    }
+}

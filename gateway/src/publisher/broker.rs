@@ -1,0 +1,155 @@
+//! The link to RabbitMQ: one connection, one channel in confirm mode, and
+//! the durable queue declared on every (re)connect.
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Connection, ConnectionProperties, PublisherConfirm};
+
+use super::message::QueueMessage;
+use crate::config::QueueSettings;
+
+/// AMQP delivery mode 2: the broker writes the message to disk.
+const PERSISTENT: u8 = 2;
+
+/// An open connection and confirm-mode channel.
+pub struct Link {
+    /// The AMQP connection; checked for liveness between publishes.
+    connection: Connection,
+    /// The channel copies are published on, in confirm mode.
+    channel: lapin::Channel,
+    /// The queue's name, also the routing key on the default exchange.
+    queue: ShortString,
+}
+
+impl Link {
+    /// Connect, open a confirm-mode channel and declare the durable queue.
+    ///
+    /// # Errors
+    /// A readable reason when the broker cannot be reached or refuses.
+    pub async fn open(settings: &QueueSettings, node: &str) -> Result<Self, String> {
+        let properties = ConnectionProperties::default()
+            .with_connection_name(LongString::from(format!("tidegate {node}")));
+        let connect = Connection::connect(&settings.url, properties);
+        let connection = tokio::time::timeout(settings.connect_timeout, connect)
+            .await
+            .map_err(|_| {
+                format!(
+                    "no answer from {} within {:?}",
+                    redact(&settings.url),
+                    settings.connect_timeout
+                )
+            })?
+            .map_err(|e| format!("connecting to {}: {e}", redact(&settings.url)))?;
+        let setup = async {
+            let channel = connection.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            channel
+                .queue_declare(
+                    settings.queue.as_str().into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok::<_, lapin::Error>(channel)
+        };
+        let channel = match tokio::time::timeout(settings.connect_timeout, setup).await {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(e)) => {
+                let _ = connection.close(0, "setup failed".into()).await;
+                return Err(format!(
+                    "declaring durable queue {:?}: {e} (if it exists with other \
+                     arguments, delete it or pick another queue.queue)",
+                    settings.queue
+                ));
+            }
+            Err(_) => return Err("the broker did not finish the channel set-up in time".into()),
+        };
+        Ok(Self {
+            connection,
+            channel,
+            queue: settings.queue.as_str().into(),
+        })
+    }
+
+    /// Whether the connection is still up.
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected() && self.channel.status().connected()
+    }
+
+    /// Publish one copy: persistent, mandatory (an unroutable copy comes
+    /// back instead of vanishing), with the contract's properties.
+    ///
+    /// # Errors
+    /// When the channel is closed.
+    pub async fn publish(&self, message: &QueueMessage) -> lapin::Result<PublisherConfirm> {
+        let mut headers = FieldTable::default();
+        for (name, value) in [
+            ("connection-id", &message.connection_id),
+            ("route", &message.route),
+            ("function", &message.function),
+            ("function-version", &message.function_version),
+            ("node", &message.node),
+        ] {
+            headers.insert(name.into(), AMQPValue::LongString(value.as_str().into()));
+        }
+        let properties = BasicProperties::default()
+            .with_delivery_mode(PERSISTENT)
+            .with_message_id(message.message_id.as_str().into())
+            .with_timestamp(message.timestamp)
+            .with_content_type(message.content_type().into())
+            .with_headers(headers);
+        self.channel
+            .basic_publish(
+                ShortString::from(""),
+                self.queue.clone(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &message.body,
+                properties,
+            )
+            .await
+    }
+
+    /// Close the connection politely.
+    pub async fn close(self) {
+        let _ = self
+            .connection
+            .close(200, "tidegate shutting down".into())
+            .await;
+    }
+}
+
+/// The URL without its password, for logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redact_hides_the_password_only() {
+        assert_eq!(
+            redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact("amqp://127.0.0.1:5672"), "amqp://127.0.0.1:5672");
+    }
+}

@@ -1,0 +1,536 @@
+//! The copy path: every inbound message is published to RabbitMQ with
+//! publisher confirms, or, while the broker is unreachable, fsync'ed to the
+//! spool and replayed in order when it returns.
+//!
+//! One task owns the broker link and the spool; connections hand it copies
+//! through a bounded channel and get a [`Receipt`] that resolves once the
+//! copy is durable. Publishes are pipelined (up to `queue.max_in_flight`
+//! unconfirmed), so throughput is not bounded by one round trip, and they
+//! leave in the order they were handed in, which keeps each connection's
+//! copies in order.
+//!
+//! - [`message`]: the copy ([`QueueMessage`]).
+//! - [`broker`]: the AMQP link.
+//! - [`spool`]: the on-disk spool.
+
+pub mod broker;
+pub mod message;
+pub mod spool;
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use lapin::{Confirmation, PublisherConfirm};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+pub use message::QueueMessage;
+pub use spool::{Spool, SpoolError};
+
+use crate::config::QueueSettings;
+use crate::metrics::Metrics;
+use broker::{Link, redact};
+
+/// Most spooled copies written (and fsync'ed) together.
+const SPOOL_BATCH: usize = 512;
+
+/// How a copy became durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// RabbitMQ confirmed it.
+    Confirmed,
+    /// It is fsync'ed in the spool and will be replayed.
+    Spooled,
+}
+
+/// Why a copy could not be made durable. The client must not get a reply.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PublishError {
+    /// The broker is unreachable and the spool is full.
+    #[error("the broker is unreachable and the spool is full")]
+    SpoolFull,
+    /// The spool could not be written.
+    #[error("the spool could not be written: {0}")]
+    SpoolFailed(String),
+    /// The publisher has stopped (the gateway is shutting down).
+    #[error("the gateway is shutting down")]
+    Closed,
+}
+
+/// Resolves once a copy is durable (or could not be made so).
+pub struct Receipt(oneshot::Receiver<Result<Durability, PublishError>>);
+
+impl Receipt {
+    /// Wait for the copy to be confirmed or spooled.
+    ///
+    /// # Errors
+    /// A [`PublishError`] when the copy is not durable.
+    pub async fn durable(self) -> Result<Durability, PublishError> {
+        self.0.await.unwrap_or(Err(PublishError::Closed))
+    }
+}
+
+struct Request {
+    message: QueueMessage,
+    done: oneshot::Sender<Result<Durability, PublishError>>,
+}
+
+/// What the rest of the gateway can read about the copy path.
+#[derive(Default)]
+struct Status {
+    connected: AtomicBool,
+    spool_has_room: AtomicBool,
+}
+
+/// A handle to the copy path. Cheap to clone.
+#[derive(Clone)]
+pub struct Publisher {
+    requests: mpsc::Sender<Request>,
+    status: Arc<Status>,
+}
+
+/// The running publisher task; [`PublisherTask::flush`] ends it.
+pub struct PublisherTask {
+    close: oneshot::Sender<Instant>,
+    handle: JoinHandle<()>,
+}
+
+impl Publisher {
+    /// Open the spool and start the publisher task. The broker is
+    /// connected in the background; until it is, copies go to the spool.
+    ///
+    /// # Errors
+    /// A [`SpoolError`] when the spool cannot be opened.
+    pub fn start(
+        settings: QueueSettings,
+        node: String,
+        metrics: Metrics,
+    ) -> Result<(Self, PublisherTask), SpoolError> {
+        let spool = Spool::open(&settings.spool_dir, settings.spool_max_bytes)?;
+        let status = Arc::new(Status::default());
+        status
+            .spool_has_room
+            .store(spool.has_room(), Ordering::Relaxed);
+        let (requests, receiver) = mpsc::channel(settings.max_in_flight.get());
+        let (close, closing) = oneshot::channel();
+        let worker = Worker {
+            replay_from: (!spool.is_empty()).then(|| spool.head()),
+            settings,
+            node,
+            spool,
+            link: None,
+            in_flight: VecDeque::new(),
+            requests: receiver,
+            status: status.clone(),
+            metrics,
+            next_attempt: Instant::now(),
+            failures: 0,
+        };
+        worker.update_spool_metrics();
+        let handle = tokio::spawn(worker.run(closing));
+        Ok((Self { requests, status }, PublisherTask { close, handle }))
+    }
+
+    /// Hand a copy to the publisher. Waits while the publisher is saturated
+    /// (backpressure); returns a [`Receipt`] for the copy's durability.
+    ///
+    /// # Errors
+    /// [`PublishError::Closed`] when the publisher has stopped.
+    pub async fn publish(&self, message: QueueMessage) -> Result<Receipt, PublishError> {
+        let (done, receipt) = oneshot::channel();
+        self.requests
+            .send(Request { message, done })
+            .await
+            .map_err(|_| PublishError::Closed)?;
+        Ok(Receipt(receipt))
+    }
+
+    /// Whether copies can be made durable now: the broker is connected or
+    /// the spool has room.
+    pub fn is_ready(&self) -> bool {
+        self.status.connected.load(Ordering::Relaxed)
+            || self.status.spool_has_room.load(Ordering::Relaxed)
+    }
+
+    /// Whether the broker is connected.
+    pub fn is_connected(&self) -> bool {
+        self.status.connected.load(Ordering::Relaxed)
+    }
+}
+
+impl PublisherTask {
+    /// Stop taking copies, wait (until `deadline`) for outstanding confirms,
+    /// spool whatever is still unconfirmed, and close the broker link.
+    pub async fn flush(self, deadline: Instant) {
+        let _ = self.close.send(deadline);
+        if let Err(e) = self.handle.await {
+            tracing::error!("the publisher task failed: {e}");
+        }
+    }
+}
+
+/// A copy published and not yet confirmed.
+struct InFlight {
+    confirm: PublisherConfirm,
+    origin: Origin,
+    published: Instant,
+}
+
+enum Origin {
+    /// Handed in by a connection; its receipt is still open.
+    Direct(Request),
+    /// Replayed from the spool, where it stays until confirmed.
+    Replay { next: u64 },
+}
+
+struct Worker {
+    settings: QueueSettings,
+    node: String,
+    spool: Spool,
+    link: Option<Link>,
+    in_flight: VecDeque<InFlight>,
+    /// While replaying: the spool offset of the next record to publish.
+    /// New copies go to the spool while this is set, to keep the order.
+    replay_from: Option<u64>,
+    requests: mpsc::Receiver<Request>,
+    status: Arc<Status>,
+    metrics: Metrics,
+    next_attempt: Instant,
+    /// Consecutive failed connection attempts (for quieter logs).
+    failures: u32,
+}
+
+impl Worker {
+    async fn run(mut self, mut closing: oneshot::Receiver<Instant>) {
+        let mut deadline: Option<Instant> = None;
+        let mut requests_open = true;
+        let mut health = tokio::time::interval(Duration::from_millis(250));
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if deadline.is_none() {
+                self.fill_replay_window().await;
+            }
+            if deadline.is_some() && !requests_open && self.in_flight.is_empty() {
+                break;
+            }
+            let window_open = self.link.is_none()
+                || self.replay_from.is_some()
+                || self.in_flight.len() < self.settings.max_in_flight.get();
+            let wait_for_link = self.link.is_none() && deadline.is_none();
+            tokio::select! {
+                biased;
+                confirmed = front_confirm(&mut self.in_flight), if !self.in_flight.is_empty() => {
+                    self.on_confirm(confirmed).await;
+                }
+                request = self.requests.recv(), if requests_open && window_open => match request {
+                    Some(request) => self.on_request(request).await,
+                    None => {
+                        // Closed and drained: nothing more will come.
+                        requests_open = false;
+                        deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(5));
+                    }
+                },
+                at = &mut closing, if deadline.is_none() => {
+                    deadline = Some(at.unwrap_or_else(|_| Instant::now()));
+                    // Copies already handed in are still received.
+                    self.requests.close();
+                }
+                _ = tokio::time::sleep_until(self.next_attempt.into()), if wait_for_link => {
+                    self.connect().await;
+                }
+                _ = health.tick() => {
+                    self.check_link().await;
+                }
+                _ = sleep_until_opt(deadline) => {
+                    tracing::warn!(
+                        unconfirmed = self.in_flight.len(),
+                        "shutdown grace period over: spooling the copies the broker has not confirmed"
+                    );
+                    break;
+                }
+            }
+        }
+        // Whatever is still unconfirmed goes to the spool, so nothing is
+        // lost; it is replayed on the next start.
+        self.spool_in_flight();
+        self.requests.close();
+        while let Ok(request) = self.requests.try_recv() {
+            self.spool_requests(vec![request]);
+        }
+        if let Some(link) = self.link.take() {
+            link.close().await;
+        }
+        self.status.connected.store(false, Ordering::Relaxed);
+        self.metrics.queue_connected.set(0);
+        tracing::info!(spooled = self.spool.messages(), "copy path flushed");
+    }
+
+    async fn on_request(&mut self, request: Request) {
+        let direct = self.link.is_some() && self.replay_from.is_none() && self.spool.is_empty();
+        if !direct {
+            let mut batch = vec![request];
+            while batch.len() < SPOOL_BATCH {
+                match self.requests.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            self.spool_requests(batch);
+            return;
+        }
+        let Some(link) = &self.link else { return };
+        match link.publish(&request.message).await {
+            Ok(confirm) => self.in_flight.push_back(InFlight {
+                confirm,
+                origin: Origin::Direct(request),
+                published: Instant::now(),
+            }),
+            Err(e) => {
+                self.drop_link(&format!("publishing failed: {e}")).await;
+                self.spool_requests(vec![request]);
+            }
+        }
+    }
+
+    async fn on_confirm(&mut self, confirmed: lapin::Result<Confirmation>) {
+        let failure = match &confirmed {
+            Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => None,
+            Ok(Confirmation::Ack(Some(_))) => Some(format!(
+                "the broker could not route a copy to queue {:?} (was it deleted?)",
+                self.settings.queue
+            )),
+            Ok(Confirmation::Nack(_)) => Some("the broker refused a copy (nack)".to_owned()),
+            Err(e) => Some(format!("waiting for a confirm: {e}")),
+        };
+        if let Some(reason) = failure {
+            // The copy stays at the front; dropping the link spools it.
+            self.drop_link(&reason).await;
+            return;
+        }
+        let Some(entry) = self.in_flight.pop_front() else {
+            return;
+        };
+        self.metrics
+            .queue_confirm_duration
+            .observe(entry.published.elapsed().as_secs_f64());
+        match entry.origin {
+            Origin::Direct(request) => {
+                self.metrics
+                    .queue_publishes
+                    .with_label_values(&["confirmed"])
+                    .inc();
+                let _ = request.done.send(Ok(Durability::Confirmed));
+            }
+            Origin::Replay { next } => {
+                self.metrics
+                    .queue_publishes
+                    .with_label_values(&["replayed"])
+                    .inc();
+                if let Err(e) = self.spool.confirm_until(next, 1) {
+                    tracing::error!("{e}");
+                }
+                self.update_spool_metrics();
+            }
+        }
+    }
+
+    /// While connected and replaying, keep up to `max_in_flight` spooled
+    /// copies published. Once all are confirmed, replay ends.
+    async fn fill_replay_window(&mut self) {
+        let Some(mut offset) = self.replay_from else {
+            return;
+        };
+        if self.link.is_none() {
+            return;
+        }
+        while self.in_flight.len() < self.settings.max_in_flight.get() {
+            let record = match self.spool.read_at(offset) {
+                Ok(record) => record,
+                Err(e) => {
+                    tracing::error!("replaying the spool stopped: {e}");
+                    self.replay_from = Some(offset);
+                    self.drop_link("the spool could not be read").await;
+                    return;
+                }
+            };
+            let Some((message, next)) = record else { break };
+            let Some(link) = &self.link else { return };
+            match link.publish(&message).await {
+                Ok(confirm) => {
+                    self.in_flight.push_back(InFlight {
+                        confirm,
+                        origin: Origin::Replay { next },
+                        published: Instant::now(),
+                    });
+                    offset = next;
+                }
+                Err(e) => {
+                    self.replay_from = Some(offset);
+                    self.drop_link(&format!("replaying: {e}")).await;
+                    return;
+                }
+            }
+        }
+        self.replay_from = Some(offset);
+        if offset >= self.spool.end() && self.in_flight.is_empty() {
+            self.replay_from = None;
+            tracing::info!("spool replayed: every spooled copy is confirmed by the broker");
+        }
+    }
+
+    /// Write requests to the spool in one fsync and answer them.
+    fn spool_requests(&mut self, batch: Vec<Request>) {
+        let mut written = Vec::with_capacity(batch.len());
+        let mut refused = Vec::new();
+        for request in batch {
+            match self.spool.append(&request.message) {
+                Ok(()) => written.push(request),
+                Err(SpoolError::Full { .. }) => refused.push((request, PublishError::SpoolFull)),
+                Err(e) => refused.push((request, PublishError::SpoolFailed(e.to_string()))),
+            }
+        }
+        if !written.is_empty() {
+            match self.spool.sync() {
+                Ok(()) => {
+                    self.metrics
+                        .queue_publishes
+                        .with_label_values(&["spooled"])
+                        .inc_by(written.len() as u64);
+                    for request in written {
+                        let _ = request.done.send(Ok(Durability::Spooled));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("{e}");
+                    let error = PublishError::SpoolFailed(e.to_string());
+                    refused.extend(written.into_iter().map(|r| (r, error.clone())));
+                }
+            }
+        }
+        if !refused.is_empty() {
+            self.metrics
+                .queue_publishes
+                .with_label_values(&["refused"])
+                .inc_by(refused.len() as u64);
+            tracing::warn!(refused = refused.len(), "copies refused: {}", refused[0].1);
+            for (request, error) in refused {
+                let _ = request.done.send(Err(error));
+            }
+        }
+        self.update_spool_metrics();
+    }
+
+    /// The link failed or is being closed: unconfirmed direct copies go to
+    /// the spool (in order, ahead of anything newer), unconfirmed replayed
+    /// copies are still in the spool and will be replayed again.
+    async fn drop_link(&mut self, reason: &str) {
+        self.spool_in_flight();
+        if let Some(link) = self.link.take() {
+            // Closing waits for the broker; do not hold up the copy path.
+            tokio::spawn(link.close());
+            tracing::warn!("lost the broker: {reason}; copies go to the spool until it is back");
+            self.next_attempt = Instant::now() + self.settings.reconnect_interval;
+        }
+        self.status.connected.store(false, Ordering::Relaxed);
+        self.metrics.queue_connected.set(0);
+    }
+
+    /// Move unconfirmed direct copies to the spool (in order, ahead of
+    /// anything newer); unconfirmed replayed copies are still in the spool,
+    /// so replay restarts from its head.
+    fn spool_in_flight(&mut self) {
+        let direct: Vec<Request> = self
+            .in_flight
+            .drain(..)
+            .filter_map(|entry| match entry.origin {
+                Origin::Direct(request) => Some(request),
+                Origin::Replay { .. } => None,
+            })
+            .collect();
+        if !direct.is_empty() {
+            self.spool_requests(direct);
+        }
+        self.replay_from = (!self.spool.is_empty()).then(|| self.spool.head());
+    }
+
+    async fn connect(&mut self) {
+        match Link::open(&self.settings, &self.node).await {
+            Ok(link) => {
+                tracing::info!(
+                    broker = %redact(&self.settings.url),
+                    queue = %self.settings.queue,
+                    "connected to the broker"
+                );
+                self.link = Some(link);
+                self.failures = 0;
+                self.status.connected.store(true, Ordering::Relaxed);
+                self.metrics.queue_connected.set(1);
+                if !self.spool.is_empty() {
+                    self.replay_from = Some(self.spool.head());
+                    tracing::info!(messages = self.spool.messages(), "replaying the spool");
+                }
+            }
+            Err(reason) => {
+                if self.failures == 0 {
+                    tracing::warn!(
+                        "the broker is unreachable ({reason}); message copies go to the spool at {} \
+                         and are replayed in order when it is back",
+                        self.settings.spool_dir.display()
+                    );
+                } else {
+                    tracing::debug!("the broker is still unreachable: {reason}");
+                }
+                self.failures = self.failures.saturating_add(1);
+                self.next_attempt = Instant::now() + self.settings.reconnect_interval;
+            }
+        }
+    }
+
+    /// Notice a dead connection even when no copy is being published, and
+    /// a broker that stops confirming.
+    async fn check_link(&mut self) {
+        let Some(link) = &self.link else { return };
+        if !link.is_connected() {
+            self.drop_link("the connection closed").await;
+            return;
+        }
+        if let Some(front) = self.in_flight.front() {
+            let waited = front.published.elapsed();
+            if waited > self.settings.connect_timeout.max(Duration::from_secs(10)) {
+                self.drop_link(&format!("no confirm for {waited:?}")).await;
+            }
+        }
+    }
+
+    fn update_spool_metrics(&self) {
+        self.metrics
+            .spool_messages
+            .set(self.spool.messages() as i64);
+        self.metrics.spool_bytes.set(self.spool.bytes() as i64);
+        self.status
+            .spool_has_room
+            .store(self.spool.has_room(), Ordering::Relaxed);
+    }
+}
+
+/// The oldest in-flight copy's confirm. Confirms are awaited in publish
+/// order, so a receipt never resolves before those of earlier copies.
+async fn front_confirm(in_flight: &mut VecDeque<InFlight>) -> lapin::Result<Confirmation> {
+    poll_fn(|cx| match in_flight.front_mut() {
+        Some(entry) => Pin::new(&mut entry.confirm).poll(cx),
+        None => Poll::Pending,
+    })
+    .await
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,228 @@
+//! Wiring: build every part from the settings, serve until SIGTERM or
+//! SIGINT, then drain within the grace period.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use runtime::Registry;
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, AdminState};
+use crate::config::{FunctionSource, QueueMode, Settings, WebSocketSettings};
+use crate::metrics::Metrics;
+use crate::publisher::Publisher;
+use crate::router::Router;
+use crate::{dev, listener, tls};
+
+/// What every connection shares.
+pub struct Shared {
+    /// This node's id, carried by connection ids and queue headers.
+    pub node_id: String,
+    /// WebSocket sizes and buffers.
+    pub websocket: WebSocketSettings,
+    /// The same limits, as tungstenite takes them.
+    pub ws_config: WebSocketConfig,
+    /// Longest the TLS and WebSocket handshakes may take together.
+    pub handshake_timeout: Duration,
+    /// Most open connections.
+    pub max_connections: usize,
+    /// Whether replies wait for the copy.
+    pub queue_mode: QueueMode,
+    /// Path to function.
+    pub router: Router,
+    /// The functions.
+    pub registry: Arc<Registry>,
+    /// The copy path.
+    pub publisher: Publisher,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Cancelled once, when the gateway starts shutting down.
+    pub shutdown: CancellationToken,
+}
+
+/// Run the gateway until a termination signal, then drain.
+///
+/// # Errors
+/// When a part cannot be set up (certificate, functions, spool, ports);
+/// the error says which and why.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let metrics = Metrics::new().context("registering metrics")?;
+
+    let tls = match &settings.tls {
+        Some(tls) => tls.clone(),
+        None => {
+            let dir = settings.server.state_dir.join("tls");
+            let cert = dev::generate_certificate(&dir)
+                .context("generating the development certificate")?;
+            println!(
+                "Tidegate --dev: self-signed certificate for localhost, 127.0.0.1 and ::1 written to {} \
+                 (key {}), SHA-256 fingerprint {}",
+                cert.tls.cert.display(),
+                cert.tls.key.display(),
+                cert.fingerprint
+            );
+            cert.tls
+        }
+    };
+    let acceptor = TlsAcceptor::from(tls::server_config(&tls)?);
+
+    let registry = Arc::new(
+        Registry::new(settings.runtime.clone(), metrics.runtime.clone())
+            .context("setting up the function runtime")?,
+    );
+    for (name, source) in &settings.functions {
+        let wasm = match source {
+            FunctionSource::Builtin(builtin) => builtin_function(builtin)?.to_vec(),
+            FunctionSource::File(path) => std::fs::read(path).with_context(|| {
+                format!("functions.{name}.wasm: cannot read {}", path.display())
+            })?,
+        };
+        registry
+            .load(name, wasm)
+            .await
+            .with_context(|| format!("functions.{name}"))?;
+    }
+
+    let (publisher, publisher_task) = Publisher::start(
+        settings.queue.clone(),
+        settings.server.node_id.clone(),
+        metrics.clone(),
+    )?;
+
+    let listener = listener::bind(settings.server.listen).await?;
+    let local = listener.local_addr()?;
+    let admin_listener = tokio::net::TcpListener::bind(settings.admin.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "admin.listen: cannot listen on {} (set admin.listen or TIDEGATE__ADMIN__LISTEN to a free address)",
+                settings.admin.listen
+            )
+        })?;
+    let admin_local = admin_listener.local_addr()?;
+
+    let shutdown = CancellationToken::new();
+    let shared = Arc::new(Shared {
+        node_id: settings.server.node_id.clone(),
+        ws_config: ws_config(&settings.websocket),
+        websocket: settings.websocket.clone(),
+        handshake_timeout: settings.server.handshake_timeout,
+        max_connections: settings.server.max_connections.get(),
+        queue_mode: settings.queue.mode,
+        router: Router::new(&settings.routes),
+        registry: registry.clone(),
+        publisher: publisher.clone(),
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+    });
+
+    let accepting = Arc::new(AtomicBool::new(false));
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        AdminState {
+            metrics: metrics.clone(),
+            publisher: publisher.clone(),
+            registry: registry.clone(),
+            accepting: accepting.clone(),
+            token: settings.admin.token.as_deref().map(Arc::from),
+        },
+        admin_stop.clone(),
+    ));
+    let scaler = tokio::spawn(scale_down_loop(registry.clone(), shutdown.clone()));
+
+    let tracker = TaskTracker::new();
+    let accept_loop = tokio::spawn(listener::serve(
+        listener,
+        acceptor,
+        shared.clone(),
+        tracker.clone(),
+    ));
+    accepting.store(true, Ordering::Relaxed);
+    if settings.queue.mode == QueueMode::Async {
+        tracing::warn!(
+            "queue.mode = \"async\": replies do not wait for the copy to be stored; a crash can lose copies of replied messages"
+        );
+    }
+    println!("Tidegate listening on wss://{local}/ (admin http://{admin_local}/metrics)");
+    tracing::info!(wss = %local, admin = %admin_local, node = %shared.node_id, "tidegate is ready");
+
+    let signal = wait_for_signal().await;
+    let started = Instant::now();
+    let grace = settings.server.shutdown_grace_period;
+    tracing::info!(signal, grace = ?grace, "shutting down: no new connections, finishing in-flight messages");
+    accepting.store(false, Ordering::Relaxed);
+    shutdown.cancel();
+    let _ = accept_loop.await;
+    tracker.close();
+    // Connections get most of the grace period; the copy path keeps the
+    // rest to flush.
+    let connections_deadline = started + grace.mul_f64(0.8);
+    if tokio::time::timeout_at(connections_deadline.into(), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = tracker.len(),
+            "grace period: connections still open are cut"
+        );
+    }
+    publisher_task.flush(started + grace).await;
+    scaler.abort();
+    registry.release_all_idle();
+    admin_stop.cancel();
+    let _ = admin_task.await;
+    tracing::info!(took = ?started.elapsed(), "shutdown complete");
+    Ok(())
+}
+
+fn builtin_function(name: &str) -> anyhow::Result<&'static [u8]> {
+    match name {
+        "echo" => Ok(tidegate_functions::ECHO),
+        other => anyhow::bail!("no builtin function {other:?}"),
+    }
+}
+
+fn ws_config(settings: &WebSocketSettings) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(settings.read_buffer_size)
+        .write_buffer_size(settings.write_buffer_size)
+        // Outgoing messages are at most a reply of max_message_size plus
+        // the frames already buffered.
+        .max_write_buffer_size(settings.write_buffer_size + settings.max_message_size + (64 << 10))
+        .max_message_size(Some(settings.max_message_size))
+        .max_frame_size(Some(settings.max_frame_size))
+}
+
+async fn scale_down_loop(registry: Arc<Registry>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(registry.scale_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => registry.scale_down(),
+        }
+    }
+}
+
+/// Wait for SIGTERM or SIGINT; returns its name.
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::error!("cannot listen for SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    }
+}
