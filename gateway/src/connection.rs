@@ -117,18 +117,18 @@ where
         (_, Some((code, reason))) => (*code, reason.clone()),
         _ => (close_code::ABNORMAL, String::new()),
     };
-    if let ClientClose::Open(stream) = client_close {
-        if let Ok(mut ws) = sink.reunite(stream) {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-                while let Some(Ok(message)) = ws.next().await {
-                    if message.is_close() {
-                        break;
-                    }
+    if let ClientClose::Open(stream) = client_close
+        && let Ok(mut ws) = sink.reunite(stream)
+    {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            while let Some(Ok(message)) = ws.next().await {
+                if message.is_close() {
+                    break;
                 }
-            })
-            .await;
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(None)).await;
-        }
+            }
+        })
+        .await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(None)).await;
     }
     open.dec();
     if let Err(e) = function.on_disconnect(&conn, code, &reason).await {
@@ -319,10 +319,10 @@ impl Reader<'_> {
                 }
             }
         }
-        if let Some(receipt) = receipt {
-            if let Next::Stop = self.send(Outbound::Receipt(receipt)).await {
-                return Next::Stop;
-            }
+        if let Some(receipt) = receipt
+            && let Next::Stop = self.send(Outbound::Receipt(receipt)).await
+        {
+            return Next::Stop;
         }
         next
     }
@@ -357,15 +357,15 @@ where
                 break;
             }
         };
-        if let Some(receipt) = receipt {
-            if let Err(error) = receipt.durable().await {
-                let code = match error {
-                    crate::publisher::PublishError::Closed => close_code::GOING_AWAY,
-                    _ => close_code::TRY_AGAIN_LATER,
-                };
-                sent_close = Some((code, format!("message not stored: {error}")));
-                break;
-            }
+        if let Some(receipt) = receipt
+            && let Err(error) = receipt.durable().await
+        {
+            let code = match error {
+                crate::publisher::PublishError::Closed => close_code::GOING_AWAY,
+                _ => close_code::TRY_AGAIN_LATER,
+            };
+            sent_close = Some((code, format!("message not stored: {error}")));
+            break;
         }
         let Some(message) = message else { continue };
         let len = message.len() as u64;

@@ -102,12 +102,12 @@ where
                     return Err(refusal);
                 }
             };
-            if let Some(protocol) = &conn.subprotocol {
-                if let Ok(value) = http::HeaderValue::from_str(protocol) {
-                    response
-                        .headers_mut()
-                        .insert("sec-websocket-protocol", value);
-                }
+            if let Some(protocol) = &conn.subprotocol
+                && let Ok(value) = http::HeaderValue::from_str(protocol)
+            {
+                response
+                    .headers_mut()
+                    .insert("sec-websocket-protocol", value);
             }
             let mut bytes = b"HTTP/1.1 101 Switching Protocols\r\n".to_vec();
             for (name, value) in response.headers() {

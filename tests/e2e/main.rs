@@ -1,1 +1,11 @@
+//! End-to-end tests: the real `tidegate` binary, real TLS WebSockets, the
+//! real RabbitMQ on 127.0.0.1:5672. Every test uses its own ports, state
+//! directory and queue, and deletes the queue when done.
 
+mod harness;
+mod proxy;
+
+mod admin;
+mod echo;
+mod lifecycle;
+mod queue;

@@ -67,6 +67,9 @@ pub struct Spool {
     messages: u64,
     /// Most bytes the log may hold.
     max_bytes: u64,
+    /// Whether the last append was refused for lack of room (cleared by a
+    /// successful append or a truncation).
+    refused: bool,
 }
 
 impl Spool {
@@ -118,6 +121,7 @@ impl Spool {
             head: 0,
             messages: 0,
             max_bytes,
+            refused: false,
         };
         spool.head = spool.read_head().min(len);
         spool.recover()?;
@@ -140,9 +144,10 @@ impl Spool {
         self.messages == 0
     }
 
-    /// Whether a message of `body_len` bytes would probably fit.
+    /// Whether the spool takes copies: it is under its limit and did not
+    /// just refuse one.
     pub fn has_room(&self) -> bool {
-        self.len < self.max_bytes
+        self.len < self.max_bytes && !self.refused
     }
 
     /// Offset of the first unconfirmed record.
@@ -164,6 +169,7 @@ impl Spool {
         let body = postcard::to_stdvec(message).map_err(|e| self.io_error(io::Error::other(e)))?;
         let record_len = HEADER + body.len() as u64;
         if self.len + record_len > self.max_bytes {
+            self.refused = true;
             return Err(SpoolError::Full {
                 max_bytes: self.max_bytes,
             });
@@ -178,6 +184,7 @@ impl Spool {
         write.map_err(|e| self.io_error(e))?;
         self.len += record_len;
         self.messages += 1;
+        self.refused = false;
         Ok(())
     }
 
@@ -235,6 +242,7 @@ impl Spool {
             self.len = 0;
             self.head = 0;
             self.messages = 0;
+            self.refused = false;
         }
         self.write_head()
     }
@@ -371,7 +379,7 @@ mod tests {
 
     fn message(n: u32) -> QueueMessage {
         QueueMessage::new(
-            n % 2 == 0,
+            n.is_multiple_of(2),
             format!("message {n}").into_bytes(),
             "node.conn",
             "/",
@@ -445,8 +453,10 @@ mod tests {
         for _ in 0..3 {
             spool.append(&big).unwrap();
         }
+        assert!(spool.has_room());
         assert!(matches!(spool.append(&big), Err(SpoolError::Full { .. })));
         assert_eq!(spool.messages(), 3);
+        assert!(!spool.has_room());
     }
 
     #[test]

@@ -1,0 +1,420 @@
+//! Test harness: start the real `tidegate` binary, talk TLS WebSockets to
+//! it, read its metrics, and read the real RabbitMQ queue.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use lapin::options::{BasicGetOptions, QueueDeleteOptions};
+use lapin::types::AMQPValue;
+use lapin::{Connection, ConnectionProperties};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// The broker every test uses.
+pub const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A WebSocket client connection.
+pub type Client = WebSocketStream<TlsStream<TcpStream>>;
+
+/// A running gateway, killed on drop; its queue is deleted on drop too.
+pub struct Gateway {
+    child: Option<Child>,
+    /// The WebSocket listener.
+    pub wss: SocketAddr,
+    /// The admin listener.
+    pub admin: SocketAddr,
+    /// The queue copies go to.
+    pub queue: String,
+    /// The state directory (spool, artifacts, certificate).
+    pub state: tempfile::TempDir,
+    /// Everything the gateway wrote to stderr, for failure messages.
+    log: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// How to start a gateway.
+#[derive(Default, Clone)]
+pub struct Options {
+    /// Extra `TIDEGATE__*` variables.
+    pub env: Vec<(String, String)>,
+    /// Use this state directory instead of a fresh one (for restarts).
+    pub state: Option<PathBuf>,
+    /// Use this queue name instead of a fresh one.
+    pub queue: Option<String>,
+    /// A configuration file's contents, passed with `--config`.
+    pub config: Option<String>,
+}
+
+impl Options {
+    /// Use this configuration file's contents.
+    pub fn config(mut self, toml: &str) -> Self {
+        self.config = Some(toml.to_owned());
+        self
+    }
+
+    /// Add a `TIDEGATE__*` variable.
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.push((key.to_owned(), value.into()));
+        self
+    }
+}
+
+/// A fresh queue name, unique to this test run.
+pub fn unique_queue() -> String {
+    format!("tidegate.test.{}", uuid::Uuid::now_v7().simple())
+}
+
+impl Gateway {
+    /// Start `tidegate serve --dev` on ephemeral ports with a fresh queue
+    /// and state directory, and wait until it is listening.
+    pub fn start(options: Options) -> Self {
+        let state = tempfile::tempdir().expect("temp dir");
+        let state_path = options
+            .state
+            .clone()
+            .unwrap_or_else(|| state.path().to_path_buf());
+        let queue = options.queue.clone().unwrap_or_else(unique_queue);
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tidegate"));
+        command
+            .args(["serve", "--dev"])
+            .env("RUST_LOG", "info,gateway=debug")
+            .env("TIDEGATE__SERVER__LISTEN", "127.0.0.1:0")
+            .env("TIDEGATE__ADMIN__LISTEN", "127.0.0.1:0")
+            .env("TIDEGATE__SERVER__STATE_DIR", &state_path)
+            .env("TIDEGATE__QUEUE__QUEUE", &queue)
+            .env("TIDEGATE__QUEUE__URL", BROKER)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(toml) = &options.config {
+            let path = state.path().join("tidegate.toml");
+            std::fs::write(&path, toml).expect("write config");
+            command.arg("--config").arg(path);
+        }
+        for (key, value) in &options.env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("start tidegate");
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("Tidegate listening on wss://") {
+                    let _ = tx.send(rest.to_owned());
+                }
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "tidegate did not start; its log:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
+            }
+        };
+        // "127.0.0.1:PORT/ (admin http://127.0.0.1:PORT/metrics)"
+        let (wss, rest) = line.split_once("/ (admin http://").expect("listening line");
+        let admin = rest.trim_end_matches("/metrics)");
+        Self {
+            child: Some(child),
+            wss: wss.parse().expect("wss address"),
+            admin: admin.parse().expect("admin address"),
+            queue,
+            state,
+            log,
+        }
+    }
+
+    /// The dev certificate the gateway generated.
+    pub fn certificate(&self, state: Option<&Path>) -> PathBuf {
+        state
+            .unwrap_or(self.state.path())
+            .join("tls")
+            .join("dev-cert.pem")
+    }
+
+    /// The gateway's log so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Connect a client to `path` over TLS, trusting the dev certificate.
+    pub async fn connect(&self, path: &str) -> Client {
+        self.try_connect(path, None).await.expect("connect")
+    }
+
+    /// Connect a client, optionally with a custom state dir's certificate.
+    pub async fn try_connect(
+        &self,
+        path: &str,
+        state: Option<&Path>,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let connector = tls_connector(&self.certificate(state));
+        let tcp = TcpStream::connect(self.wss).await?;
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = connector.connect(name, tcp).await?;
+        let request = format!("wss://localhost:{}{path}", self.wss.port())
+            .into_client_request()
+            .unwrap();
+        let (ws, _) = tokio_tungstenite::client_async(request, tls).await?;
+        Ok(ws)
+    }
+
+    /// `GET path` on the admin listener: status and body.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin, path, &[]).await
+    }
+
+    /// `GET path` on the admin listener with extra headers.
+    pub async fn admin_get_with(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+        http_get(self.admin, path, headers).await
+    }
+
+    /// Current metric values, by `name{labels}` as rendered.
+    pub async fn metrics(&self) -> HashMap<String, f64> {
+        let (status, body) = self.admin_get("/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        parse_metrics(&body)
+    }
+
+    /// One metric's value, 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        self.metrics().await.get(series).copied().unwrap_or(0.0)
+    }
+
+    /// Send SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tidegate did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let queue = self.queue.clone();
+        // Runs on its own thread: Drop may be called inside a runtime.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(delete_queue(&queue));
+        })
+        .join();
+    }
+}
+
+/// Delete a test queue.
+pub async fn delete_queue(queue: &str) {
+    if let Ok(connection) = Connection::connect(BROKER, ConnectionProperties::default()).await {
+        if let Ok(channel) = connection.create_channel().await {
+            let _ = channel
+                .queue_delete(queue.into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = connection.close(200, "bye".into()).await;
+    }
+}
+
+fn tls_connector(cert: &Path) -> TlsConnector {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(cert).expect("dev certificate") {
+        roots.add(cert.expect("certificate")).expect("add root");
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    TlsConnector::from(Arc::new(config))
+}
+
+/// A minimal HTTP/1.1 GET: status and body.
+pub async fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("admin connect");
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_owned())
+}
+
+fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Poll `condition` until it holds, or panic after `timeout`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A message read back from the queue.
+#[derive(Debug)]
+pub struct Copy {
+    /// The body.
+    pub body: Vec<u8>,
+    /// `content_type`.
+    pub content_type: String,
+    /// `message_id`.
+    pub message_id: String,
+    /// Whether `delivery_mode` is 2 (persistent).
+    pub persistent: bool,
+    /// `timestamp`.
+    pub timestamp: u64,
+    /// The string headers.
+    pub headers: HashMap<String, String>,
+}
+
+/// Read (and acknowledge) every message now in `queue`, waiting up to
+/// `timeout` for at least `expected` to arrive.
+pub async fn drain_queue(queue: &str, expected: usize, timeout: Duration) -> Vec<Copy> {
+    let connection = Connection::connect(BROKER, ConnectionProperties::default())
+        .await
+        .expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    let deadline = Instant::now() + timeout;
+    let mut copies = Vec::new();
+    loop {
+        let got = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get");
+        match got {
+            Some(message) => {
+                let properties = &message.delivery.properties;
+                let headers = properties
+                    .headers()
+                    .as_ref()
+                    .map(|table| {
+                        table
+                            .inner()
+                            .iter()
+                            .filter_map(|(key, value)| match value {
+                                AMQPValue::LongString(s) => Some((key.to_string(), s.to_string())),
+                                _ => None,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                copies.push(Copy {
+                    body: message.delivery.data.clone(),
+                    content_type: properties
+                        .content_type()
+                        .as_ref()
+                        .map(|s| s.to_string())
+                        .unwrap_or_default(),
+                    message_id: properties
+                        .message_id()
+                        .as_ref()
+                        .map(|s| s.to_string())
+                        .unwrap_or_default(),
+                    persistent: *properties.delivery_mode() == Some(2),
+                    timestamp: properties.timestamp().unwrap_or_default(),
+                    headers,
+                });
+            }
+            None if copies.len() >= expected || Instant::now() > deadline => break,
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let _ = connection.close(200, "bye".into()).await;
+    copies
+}
+
+/// Send a text message and read the reply.
+pub async fn round_trip(client: &mut Client, message: Message) -> Message {
+    client.send(message).await.expect("send");
+    next_data(client).await
+}
+
+/// The next text or binary message (pings and pongs skipped).
+pub async fn next_data(client: &mut Client) -> Message {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), client.next())
+            .await
+            .expect("a reply within 30 s")
+            .expect("the connection is open")
+            .expect("a valid frame");
+        if message.is_text() || message.is_binary() || message.is_close() {
+            return message;
+        }
+    }
+}
+
+/// Read until the close frame; its code.
+pub async fn close_code(client: &mut Client) -> Option<u16> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(30), client.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| u16::from(f.code)),
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(_))) | Ok(None) | Err(_) => return None,
+        }
+    }
+    None
+}

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Set up and run Tidegate's whole test suite: format and lint checks, unit
+# tests, runtime tests against real components, and end-to-end tests against
+# the real binary, real TLS WebSockets and a real RabbitMQ on 127.0.0.1:5672.
+#
+# Installs what is missing (the wasm32-wasip2 target, RabbitMQ, promtool)
+# and starts RabbitMQ when it is down. Needs Rust (rustup) and, for the
+# installs, apt-get (run as root or with sudo).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n== %s\n' "$*"; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+apt_install() {
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" \
+    || { as_root apt-get update -q && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"; }
+}
+
+say "toolchain"
+rustup target add wasm32-wasip2
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+say "RabbitMQ"
+if ! command -v rabbitmq-server >/dev/null 2>&1; then
+  apt_install rabbitmq-server
+fi
+if ! as_root rabbitmqctl -q status >/dev/null 2>&1; then
+  echo "RabbitMQ is not running: starting it"
+  as_root rabbitmq-server -detached
+fi
+for _ in $(seq 1 90); do
+  if as_root rabbitmqctl -q await_startup >/dev/null 2>&1; then break; fi
+  sleep 1
+done
+as_root rabbitmqctl -q await_startup
+
+say "promtool (checks /metrics in the tests)"
+command -v promtool >/dev/null 2>&1 || apt_install prometheus
+
+say "format"
+cargo fmt --all --check
+(cd functions && cargo fmt --all --check)
+
+say "lint"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+(cd functions && cargo clippy --workspace --all-targets --locked -- -D warnings)
+
+say "tests"
+cargo test --workspace --locked
