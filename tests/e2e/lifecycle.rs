@@ -147,3 +147,59 @@ fn without_a_certificate_outside_dev_mode_start_up_says_what_to_set() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("tls.cert"), "{stderr}");
 }
+
+#[test]
+fn binding_a_privileged_port_without_permission_says_how_to_fix_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let unprivileged_from: u16 =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1024);
+    if unprivileged_from <= 443 {
+        eprintln!(
+            "net.ipv4.ip_unprivileged_port_start is {unprivileged_from}: anyone may bind 443 here"
+        );
+        return;
+    }
+    let is_root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|line| line.starts_with("Uid:") && line.split_whitespace().nth(1) == Some("0"));
+    // A copy of the binary and a state directory an unprivileged user can use.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let binary = dir.path().join("tidegate");
+    std::fs::copy(env!("CARGO_BIN_EXE_tidegate"), &binary).unwrap();
+    let mut command = if is_root {
+        let mut command = std::process::Command::new("setpriv");
+        command
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+            ])
+            .args(["--bounding-set=-all", "--"])
+            .arg(&binary);
+        command
+    } else {
+        std::process::Command::new(&binary)
+    };
+    let output = command
+        .args(["serve", "--dev"])
+        .env("TIDEGATE__SERVER__LISTEN", "127.0.0.1:443")
+        .env("TIDEGATE__ADMIN__LISTEN", "127.0.0.1:0")
+        .env("TIDEGATE__SERVER__STATE_DIR", dir.path().join("state"))
+        .env("TIDEGATE__QUEUE__URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+        .output()
+        .expect("run tidegate");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("permission denied")
+            && stderr.contains("CAP_NET_BIND_SERVICE")
+            && stderr.contains("server.listen"),
+        "{stderr}"
+    );
+}
