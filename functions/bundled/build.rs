@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const TARGET: &str = "wasm32-wasip2";
-const COMPONENTS: &[&str] = &["echo"];
+const COMPONENTS: &[&str] = &["echo", "faulty"];
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
@@ -16,7 +16,7 @@ fn main() {
         .parent()
         .expect("functions/bundled has a parent")
         .to_path_buf();
-    for watched in ["Cargo.toml", "Cargo.lock", "wit", "sdk", "echo"] {
+    for watched in ["Cargo.toml", "Cargo.lock", "wit", "sdk", "echo", "faulty"] {
         println!(
             "cargo:rerun-if-changed={}",
             functions.join(watched).display()
@@ -49,8 +49,8 @@ fn main() {
         .unwrap_or_else(|e| panic!("could not run cargo to build functions/: {e}"));
     if !status.success() {
         panic!(
-            "building the guest functions in {} failed; is the {TARGET} target installed? \
-             (`rustup target add {TARGET}`)",
+            "building the guest functions in {} failed (cargo's output is above); if the \
+             {TARGET} target is missing, add it with `rustup target add {TARGET}`",
             functions.display()
         );
     }

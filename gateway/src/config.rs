@@ -114,6 +114,8 @@ struct RawQueue {
     connect_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     reconnect_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    confirm_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -251,6 +253,9 @@ pub struct QueueSettings {
     pub connect_timeout: Duration,
     /// Pause between attempts to reach the broker.
     pub reconnect_interval: Duration,
+    /// Longest to wait for the broker to confirm a copy before the link is
+    /// considered broken and unconfirmed copies are spooled.
+    pub confirm_timeout: Duration,
 }
 
 /// Where a function's component comes from.
@@ -595,6 +600,11 @@ impl RawQueue {
                 "queue.reconnect_interval",
                 self.reconnect_interval,
                 Duration::from_secs(1),
+            )?,
+            confirm_timeout: positive(
+                "queue.confirm_timeout",
+                self.confirm_timeout,
+                Duration::from_secs(10),
             )?,
         })
     }

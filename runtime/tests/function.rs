@@ -194,3 +194,118 @@ async fn bytes_that_are_not_a_component_are_refused_with_the_function_name() {
     );
     assert!(registry.get("broken").is_none());
 }
+
+async fn faulty(config: RuntimeConfig) -> (Registry, Arc<runtime::Function>, tempfile::TempDir) {
+    let (registry, _metrics, dir) = registry(config);
+    let wasm = std::fs::read(tidegate_functions::FAULTY_PATH).expect("faulty.wasm");
+    let function = registry.load("faulty", wasm).await.expect("faulty loads");
+    (registry, function, dir)
+}
+
+async fn send(
+    function: &runtime::Function,
+    text: &str,
+) -> Result<Result<Vec<Effect>, runtime::HandlerError>, runtime::InvokeError> {
+    function
+        .on_message(&connection(), &Payload::Text(text.into()))
+        .await
+}
+
+fn is_echo(
+    result: Result<Result<Vec<Effect>, runtime::HandlerError>, runtime::InvokeError>,
+    text: &str,
+) -> bool {
+    matches!(result, Ok(Ok(effects)) if matches!(effects.as_slice(), [Effect::Reply(Payload::Text(t))] if t == text))
+}
+
+#[tokio::test]
+async fn a_function_that_loops_is_stopped_at_its_time_limit_and_the_pool_recovers() {
+    let (_registry, function, _dir) = faulty(RuntimeConfig {
+        timeout: Duration::from_millis(200),
+        ..RuntimeConfig::default()
+    })
+    .await;
+    let started = Instant::now();
+    let error = send(&function, "loop").await.expect_err("stopped");
+    assert!(
+        matches!(error, runtime::InvokeError::Timeout { .. }),
+        "{error}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    // The instance that looped was discarded; a fresh one serves the next message.
+    assert_eq!(function.live_instances(), 0);
+    assert!(is_echo(send(&function, "after").await, "after"));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_looping_function_yields_so_other_messages_still_run_on_the_same_thread() {
+    let (_registry, function, _dir) = faulty(RuntimeConfig {
+        timeout: Duration::from_secs(3),
+        ..RuntimeConfig::default()
+    })
+    .await;
+    let looping = tokio::spawn({
+        let function = function.clone();
+        async move { send(&function, "loop").await.err() }
+    });
+    tokio::task::yield_now().await;
+    let started = Instant::now();
+    assert!(is_echo(send(&function, "meanwhile").await, "meanwhile"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a well-behaved message waited {:?} behind a loop",
+        started.elapsed()
+    );
+    assert!(
+        !looping.is_finished(),
+        "the loop is still running when the other message is done"
+    );
+    assert!(matches!(
+        looping.await.unwrap(),
+        Some(runtime::InvokeError::Timeout { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_memory_bomb_hits_the_memory_limit() {
+    let (_registry, function, _dir) = faulty(RuntimeConfig {
+        memory_limit: 8 << 20,
+        ..RuntimeConfig::default()
+    })
+    .await;
+    let error = send(&function, "alloc").await.expect_err("stopped");
+    assert!(
+        matches!(error, runtime::InvokeError::MemoryLimit { limit_bytes, .. } if limit_bytes == 8 << 20),
+        "{error}"
+    );
+    assert!(is_echo(send(&function, "after").await, "after"));
+}
+
+#[tokio::test]
+async fn panics_and_stack_overflows_trap_only_their_own_message() {
+    let (_registry, function, _dir) = faulty(RuntimeConfig::default()).await;
+    for command in ["panic", "recurse"] {
+        let error = send(&function, command).await.expect_err("trapped");
+        assert!(
+            matches!(error, runtime::InvokeError::Trap { .. }),
+            "{command}: {error}"
+        );
+        assert!(
+            is_echo(send(&function, "fine").await, "fine"),
+            "after {command}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_handler_error_is_the_function_answer_not_a_fault() {
+    let (_registry, function, _dir) = faulty(RuntimeConfig::default()).await;
+    let result = send(&function, "bad").await.expect("ran");
+    assert!(matches!(result, Err(runtime::HandlerError::BadRequest(m)) if m == "asked to refuse"));
+    assert_eq!(function.live_instances(), 1, "the instance is kept");
+    assert!(is_echo(send(&function, "log").await, "log"));
+}

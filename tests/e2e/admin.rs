@@ -3,7 +3,9 @@
 
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{Gateway, Options, round_trip};
+use std::time::Duration;
+
+use crate::harness::{Gateway, Options, eventually, round_trip};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_and_name_the_essentials() {
@@ -108,10 +110,13 @@ async fn an_unknown_route_is_refused_with_404_before_upgrading() {
         }
         other => panic!("expected HTTP 404, got {other}"),
     }
-    assert_eq!(
+    // Counted once the refusal is written, so possibly just after the
+    // client read it.
+    eventually("the refusal is counted", Duration::from_secs(5), || async {
         gateway
             .metric("tidegate_connections_rejected_total{reason=\"no_route\"}")
-            .await,
-        1.0
-    );
+            .await
+            == 1.0
+    })
+    .await;
 }

@@ -386,7 +386,19 @@ pub async fn drain_queue(queue: &str, expected: usize, timeout: Duration) -> Vec
     copies
 }
 
-/// Send a text message and read the reply.
+/// Sending shorthands.
+pub trait SendText {
+    /// Send a text message.
+    async fn send_text(&mut self, text: &str);
+}
+
+impl SendText for Client {
+    async fn send_text(&mut self, text: &str) {
+        self.send(Message::Text(text.into())).await.expect("send");
+    }
+}
+
+/// Send a message and read the reply.
 pub async fn round_trip(client: &mut Client, message: Message) -> Message {
     client.send(message).await.expect("send");
     next_data(client).await

@@ -7,5 +7,6 @@ mod proxy;
 
 mod admin;
 mod echo;
+mod faults;
 mod lifecycle;
 mod queue;

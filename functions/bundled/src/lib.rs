@@ -10,3 +10,7 @@ pub const ECHO: &[u8] = include_bytes!(concat!(env!("TIDEGATE_FUNCTIONS_DIR"), "
 
 /// Path of the echo component.
 pub const ECHO_PATH: &str = concat!(env!("TIDEGATE_FUNCTIONS_DIR"), "/echo.wasm");
+
+/// Path of the `faulty` test function, which traps, loops or exhausts its
+/// memory on request (see `functions/faulty`).
+pub const FAULTY_PATH: &str = concat!(env!("TIDEGATE_FUNCTIONS_DIR"), "/faulty.wasm");

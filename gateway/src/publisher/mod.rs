@@ -263,7 +263,7 @@ impl Worker {
             self.spool_requests(vec![request]);
         }
         if let Some(link) = self.link.take() {
-            link.close().await;
+            let _ = tokio::time::timeout(self.settings.connect_timeout, link.close()).await;
         }
         self.status.connected.store(false, Ordering::Relaxed);
         self.metrics.queue_connected.set(0);
@@ -431,8 +431,12 @@ impl Worker {
     async fn drop_link(&mut self, reason: &str) {
         self.spool_in_flight();
         if let Some(link) = self.link.take() {
-            // Closing waits for the broker; do not hold up the copy path.
-            tokio::spawn(link.close());
+            // Closing waits for the broker; do not hold up the copy path,
+            // and do not wait forever for a broker that no longer answers.
+            let timeout = self.settings.connect_timeout;
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(timeout, link.close()).await;
+            });
             tracing::warn!("lost the broker: {reason}; copies go to the spool until it is back");
             self.next_attempt = Instant::now() + self.settings.reconnect_interval;
         }
@@ -501,8 +505,11 @@ impl Worker {
         }
         if let Some(front) = self.in_flight.front() {
             let waited = front.published.elapsed();
-            if waited > self.settings.connect_timeout.max(Duration::from_secs(10)) {
-                self.drop_link(&format!("no confirm for {waited:?}")).await;
+            if waited > self.settings.confirm_timeout {
+                self.drop_link(&format!(
+                    "no confirm for {waited:?} (queue.confirm_timeout)"
+                ))
+                .await;
             }
         }
     }

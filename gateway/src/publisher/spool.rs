@@ -389,6 +389,17 @@ mod tests {
         )
     }
 
+    /// A spool directory holding `count` synced records.
+    fn spooled(count: u32) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        for n in 0..count {
+            spool.append(&message(n)).unwrap();
+        }
+        spool.sync().unwrap();
+        dir
+    }
+
     fn replay(spool: &mut Spool) -> Vec<QueueMessage> {
         let mut offset = spool.head();
         let mut out = Vec::new();
@@ -461,14 +472,7 @@ mod tests {
 
     #[test]
     fn a_torn_tail_is_cut_and_the_good_records_are_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
-            for n in 0..5 {
-                spool.append(&message(n)).unwrap();
-            }
-            spool.sync().unwrap();
-        }
+        let dir = spooled(5);
         let log = dir.path().join("spool.log");
         let len = std::fs::metadata(&log).unwrap().len();
         OpenOptions::new()
@@ -484,22 +488,11 @@ mod tests {
 
     #[test]
     fn a_corrupt_record_is_moved_aside_not_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
-            for n in 0..5 {
-                spool.append(&message(n)).unwrap();
-            }
-            spool.sync().unwrap();
-        }
+        let dir = spooled(5);
         let log = dir.path().join("spool.log");
         let mut bytes = std::fs::read(&log).unwrap();
-        let (_, second) = {
-            let mut spool = Spool::open(tempfile::tempdir().unwrap().path(), 1 << 20).unwrap();
-            spool.append(&message(0)).unwrap();
-            spool.sync().unwrap();
-            ((), spool.end())
-        };
+        // Every test record has the same size.
+        let second = Spool::open(spooled(1).path(), 1 << 20).unwrap().end();
         // Flip a byte in the body of the third record.
         let third = (second * 2) as usize;
         bytes[third + HEADER as usize + 2] ^= 0xff;

@@ -1,0 +1,66 @@
+//! A function that misbehaves when asked to, for testing that a fault
+//! affects only the message that caused it. Text messages are commands:
+//!
+//! - `loop`: spin forever (the time limit must stop it);
+//! - `alloc`: allocate until memory runs out (the memory limit must stop it);
+//! - `panic`: panic (a trap);
+//! - `recurse`: recurse without end (stack overflow, a trap);
+//! - `bad`: return a `bad-request` handler error;
+//! - `log`: print a line to stdout and log one through the logging import;
+//! - anything else (and every binary message) is echoed.
+
+use tidegate_sdk::{Connection, Effect, Function, HandlerError, Level, Payload, log};
+
+struct Faulty;
+
+impl Function for Faulty {
+    fn on_message(_conn: Connection, message: Payload) -> Result<Vec<Effect>, HandlerError> {
+        if let Payload::Text(command) = &message {
+            match command.as_str() {
+                "loop" => spin(),
+                "alloc" => hoard(),
+                "panic" => panic!("asked to panic"),
+                "recurse" => {
+                    recurse(1);
+                }
+                "bad" => return Err(HandlerError::BadRequest("asked to refuse".into())),
+                "log" => {
+                    println!("a line on stdout");
+                    log(Level::Warn, "a line through the logging import");
+                }
+                _ => {}
+            }
+        }
+        Ok(vec![Effect::Reply(message)])
+    }
+}
+
+#[inline(never)]
+fn spin() -> ! {
+    let mut n: u64 = 0;
+    loop {
+        n = std::hint::black_box(n.wrapping_add(1));
+    }
+}
+
+#[inline(never)]
+fn hoard() -> ! {
+    let mut kept: Vec<Vec<u8>> = Vec::new();
+    loop {
+        kept.push(vec![1u8; 1 << 20]);
+        std::hint::black_box(&kept);
+    }
+}
+
+#[inline(never)]
+fn recurse(depth: u64) -> u64 {
+    let frame = std::hint::black_box([depth; 64]);
+    // Never true (the stack runs out long before), but it keeps the
+    // compiler from calling this a function that cannot return.
+    if std::hint::black_box(depth) == u64::MAX {
+        return depth;
+    }
+    recurse(depth + 1).wrapping_add(frame[depth as usize % 64])
+}
+
+tidegate_sdk::export!(Faulty);
