@@ -121,10 +121,19 @@ where
         && let Ok(mut ws) = sink.reunite(stream)
     {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            while let Some(Ok(message)) = ws.next().await {
-                if message.is_close() {
-                    break;
+            let answered = loop {
+                match ws.next().await {
+                    Some(Ok(message)) if message.is_close() => break true,
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break false,
                 }
+            };
+            // Without the client's close frame the stream may be unusable
+            // (for example mid-way through a message over the limit):
+            // discard what the client still sends, so closing the socket
+            // does not reset it before the client has read our close frame.
+            if !answered {
+                linger(ws.get_mut()).await;
             }
         })
         .await;
@@ -134,6 +143,15 @@ where
     if let Err(e) = function.on_disconnect(&conn, code, &reason).await {
         tracing::debug!(connection = %conn.id, "on-disconnect failed: {e}");
     }
+}
+
+/// Most bytes read and discarded while lingering before closing.
+const MAX_LINGER_BYTES: u64 = 1 << 20;
+
+/// Read and discard until the client closes (or sends too much).
+async fn linger<S: AsyncRead + Unpin>(stream: &mut S) {
+    use tokio::io::AsyncReadExt;
+    let _ = tokio::io::copy(&mut stream.take(MAX_LINGER_BYTES), &mut tokio::io::sink()).await;
 }
 
 /// How the reader ended.

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::harness::{Gateway, Options, close_code, round_trip};
 
@@ -171,4 +173,46 @@ async fn message_size_limit_is_configurable() {
         .await
         .unwrap();
     assert_eq!(close_code(&mut client).await, Some(1009));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_close_is_answered_and_the_function_sees_connect_and_disconnect() {
+    let gateway = Gateway::start(Options::default());
+    let mut client = gateway.connect("/").await;
+    round_trip(&mut client, Message::Text("hi".into())).await;
+    client
+        .send(Message::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "done".into(),
+        })))
+        .await
+        .unwrap();
+    // The gateway answers with a close frame of its own, then the stream ends.
+    let answer = tokio::time::timeout(Duration::from_secs(10), client.next())
+        .await
+        .expect("an answer in time");
+    assert!(
+        matches!(&answer, Some(Ok(Message::Close(Some(frame)))) if frame.code == CloseCode::Normal),
+        "{answer:?}"
+    );
+    let end = tokio::time::timeout(Duration::from_secs(10), client.next())
+        .await
+        .expect("the end in time");
+    assert!(end.is_none() || matches!(end, Some(Err(_))), "{end:?}");
+
+    crate::harness::eventually("on-disconnect has run", Duration::from_secs(10), || async {
+        gateway
+            .metric(
+                "tidegate_invocations_total{event=\"disconnect\",function=\"echo\",outcome=\"ok\"}",
+            )
+            .await
+            == 1.0
+    })
+    .await;
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metrics["tidegate_invocations_total{event=\"connect\",function=\"echo\",outcome=\"ok\"}"],
+        1.0
+    );
+    assert_eq!(metrics["tidegate_connections_open{route=\"/\"}"], 0.0);
 }

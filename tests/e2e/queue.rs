@@ -160,3 +160,27 @@ async fn a_full_spool_refuses_messages_with_1013_instead_of_dropping_them() {
     let (status, body) = gateway.admin_get("/readyz").await;
     assert_eq!(status, 503, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_async_mode_replies_do_not_wait_but_every_copy_still_arrives_in_order() {
+    let gateway = Gateway::start(Options::default().env("TIDEGATE__QUEUE__MODE", "async"));
+    let client = gateway.connect("/").await;
+    let (mut sink, mut stream) = client.split();
+    for i in 0..300 {
+        sink.feed(Message::Text(format!("async {i}").into()))
+            .await
+            .unwrap();
+    }
+    sink.flush().await.unwrap();
+    for i in 0..300 {
+        let reply = stream.next().await.unwrap().unwrap();
+        assert_eq!(reply, Message::Text(format!("async {i}").into()));
+    }
+    let copies = drain_queue(&gateway.queue, 300, Duration::from_secs(10)).await;
+    let bodies: Vec<String> = copies
+        .iter()
+        .map(|c| String::from_utf8(c.body.clone()).unwrap())
+        .collect();
+    let expected: Vec<String> = (0..300).map(|i| format!("async {i}")).collect();
+    assert_eq!(bodies, expected);
+}
