@@ -22,8 +22,8 @@ use crate::publisher::Publisher;
 pub struct AdminState {
     /// Rendered by `/metrics`.
     pub metrics: Metrics,
-    /// Its readiness feeds `/readyz`.
-    pub publisher: Publisher,
+    /// Its readiness feeds `/readyz`; `None` when copies are off.
+    pub publisher: Option<Publisher>,
     /// Listed by `/v1/functions`.
     pub registry: Arc<Registry>,
     /// True once the WebSocket listener accepts, false again on shutdown.
@@ -67,17 +67,17 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         )
             .into_response();
     }
-    if !state.publisher.is_ready() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "message copies cannot be stored: the broker is unreachable and the spool is full\n",
-        )
-            .into_response();
-    }
-    let copies = if state.publisher.is_connected() {
-        "broker connected"
-    } else {
-        "broker unreachable, spooling"
+    let copies = match &state.publisher {
+        None => "message copies off",
+        Some(publisher) if !publisher.is_ready() => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "message copies cannot be stored: the broker is unreachable and the spool is full\n",
+            )
+                .into_response();
+        }
+        Some(publisher) if publisher.is_connected() => "broker connected",
+        Some(_) => "broker unreachable, spooling",
     };
     (StatusCode::OK, format!("ready ({copies})\n")).into_response()
 }

@@ -232,6 +232,10 @@ pub enum QueueMode {
     /// The reply is sent without waiting; the copy is still confirmed or
     /// spooled, but a crash can lose copies of replied messages.
     Async,
+    /// No copies at all: messages only go through the function. For
+    /// deployments that do not need the queue, and for measuring the
+    /// function path alone.
+    Off,
 }
 
 /// The RabbitMQ copy of every message.
@@ -568,10 +572,11 @@ impl RawQueue {
         let mode = match self.mode.as_deref().unwrap_or("receipt") {
             "receipt" => QueueMode::Receipt,
             "async" => QueueMode::Async,
+            "off" => QueueMode::Off,
             other => {
                 return Err(invalid(
                     "queue.mode",
-                    format!("{other:?}: expected \"receipt\" or \"async\""),
+                    format!("{other:?}: expected \"receipt\", \"async\" or \"off\""),
                 ));
             }
         };

@@ -239,28 +239,10 @@ impl Reader<'_> {
     async fn on_message(&self, payload: Payload, body: Vec<u8>, text: bool) -> Next {
         self.counters.received.inc();
         self.counters.received_bytes.inc_by(body.len() as u64);
-        let mode = self.shared.queue_mode;
-        if mode == QueueMode::Async && !self.shared.publisher.is_ready() {
-            return Next::Close(
-                close_code::TRY_AGAIN_LATER,
-                "message not stored: broker unreachable and spool full".into(),
-            );
-        }
-        let copy = QueueMessage::new(
-            text,
-            body,
-            &self.conn.id,
-            self.route,
-            self.function.name(),
-            self.function.version(),
-            &self.shared.node_id,
-        );
-        let receipt = match self.shared.publisher.publish(copy).await {
+        let receipt = match self.copy(body, text).await {
             Ok(receipt) => receipt,
-            Err(_) => return Next::Close(close_code::GOING_AWAY, "server shutting down".into()),
+            Err(next) => return next,
         };
-        // In async mode the reply does not wait for the copy.
-        let receipt = (mode == QueueMode::Receipt).then_some(receipt);
         match self.function.on_message(self.conn, &payload).await {
             Ok(Ok(effects)) => self.apply(effects, receipt).await,
             Ok(Err(error)) => {
@@ -284,6 +266,38 @@ impl Reader<'_> {
                     format!("function error: {}", error.kind()),
                 )
             }
+        }
+    }
+
+    /// Hand the message's copy to the publisher. Returns the receipt the
+    /// reply must wait for (in receipt mode only).
+    async fn copy(&self, body: Vec<u8>, text: bool) -> Result<Option<Receipt>, Next> {
+        let mode = self.shared.queue_mode;
+        let Some(publisher) = &self.shared.publisher else {
+            return Ok(None);
+        };
+        if mode == QueueMode::Async && !publisher.is_ready() {
+            return Err(Next::Close(
+                close_code::TRY_AGAIN_LATER,
+                "message not stored: broker unreachable and spool full".into(),
+            ));
+        }
+        let copy = QueueMessage::new(
+            text,
+            body,
+            &self.conn.id,
+            self.route,
+            self.function.name(),
+            self.function.version(),
+            &self.shared.node_id,
+        );
+        match publisher.publish(copy).await {
+            // In async mode the reply does not wait for the copy.
+            Ok(receipt) => Ok((mode == QueueMode::Receipt).then_some(receipt)),
+            Err(_) => Err(Next::Close(
+                close_code::GOING_AWAY,
+                "server shutting down".into(),
+            )),
         }
     }
 

@@ -37,8 +37,8 @@ pub struct Shared {
     pub router: Router,
     /// The functions.
     pub registry: Arc<Registry>,
-    /// The copy path.
-    pub publisher: Publisher,
+    /// The copy path; `None` when `queue.mode = "off"`.
+    pub publisher: Option<Publisher>,
     /// Metrics.
     pub metrics: Metrics,
     /// Cancelled once, when the gateway starts shutting down.
@@ -52,6 +52,7 @@ pub struct Shared {
 /// the error says which and why.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let metrics = Metrics::new().context("registering metrics")?;
+    raise_file_limit(settings.server.max_connections.get());
 
     let tls = match &settings.tls {
         Some(tls) => tls.clone(),
@@ -88,11 +89,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             .with_context(|| format!("functions.{name}"))?;
     }
 
-    let (publisher, publisher_task) = Publisher::start(
-        settings.queue.clone(),
-        settings.server.node_id.clone(),
-        metrics.clone(),
-    )?;
+    let (publisher, publisher_task) = if settings.queue.mode == QueueMode::Off {
+        tracing::warn!("queue.mode = \"off\": messages are not copied to the queue");
+        (None, None)
+    } else {
+        let (publisher, task) = Publisher::start(
+            settings.queue.clone(),
+            settings.server.node_id.clone(),
+            metrics.clone(),
+        )?;
+        (Some(publisher), Some(task))
+    };
 
     let listener = listener::bind(settings.server.listen).await?;
     let local = listener.local_addr()?;
@@ -172,13 +179,29 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             "grace period: connections still open are cut"
         );
     }
-    publisher_task.flush(started + grace).await;
+    if let Some(task) = publisher_task {
+        task.flush(started + grace).await;
+    }
     scaler.abort();
     registry.release_all_idle();
     admin_stop.cancel();
     let _ = admin_task.await;
     tracing::info!(took = ?started.elapsed(), "shutdown complete");
     Ok(())
+}
+
+/// Every connection is a file descriptor: raise the soft limit to the hard
+/// one, and say so when even that is below `server.max_connections`.
+fn raise_file_limit(max_connections: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < max_connections as u64 + 64 => tracing::warn!(
+            limit,
+            max_connections,
+            "the open-file limit is below server.max_connections: raise it (ulimit -n, LimitNOFILE=)"
+        ),
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
 }
 
 fn builtin_function(name: &str) -> anyhow::Result<&'static [u8]> {

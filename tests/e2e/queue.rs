@@ -184,3 +184,23 @@ async fn in_async_mode_replies_do_not_wait_but_every_copy_still_arrives_in_order
     let expected: Vec<String> = (0..300).map(|i| format!("async {i}")).collect();
     assert_eq!(bodies, expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_copies_off_messages_only_go_through_the_function() {
+    let gateway = Gateway::start(Options::default().env("TIDEGATE__QUEUE__MODE", "off"));
+    let mut client = gateway.connect("/").await;
+    assert_eq!(
+        round_trip(&mut client, Message::Text("no copy".into())).await,
+        Message::Text("no copy".into())
+    );
+    let (status, body) = gateway.admin_get("/readyz").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("copies off"), "{body}");
+    let metrics = gateway.metrics().await;
+    assert!(
+        !metrics
+            .keys()
+            .any(|series| series.starts_with("tidegate_queue_publishes_total{")),
+        "nothing is published"
+    );
+}

@@ -1,0 +1,349 @@
+//! The standard matrix: the broker's ceiling, the raw echo baselines and
+//! Tidegate in its modes, measured one server at a time in the same run,
+//! then a report with the ratios and a chart.
+//!
+//! Servers run as child processes. When `taskset` exists, servers are
+//! pinned to CPU 1 and this load generator to CPU 0, so on a two-core
+//! machine each side has one core.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::client::Target;
+use crate::figures::Figures;
+use crate::report;
+use crate::scenario;
+
+/// The fixed parameters of a run.
+struct Plan {
+    duration: Duration,
+    warmup: Duration,
+    idle_connections: usize,
+    rounds: usize,
+}
+
+/// A server under test, killed on drop.
+struct Server {
+    child: Child,
+    url: String,
+    admin: Option<SocketAddr>,
+    /// Tidegate's queue, deleted when the server stops.
+    queue: Option<String>,
+    _state: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(queue) = self.queue.take() {
+            // Drop may run inside the async runtime: delete on a thread.
+            let _ = std::thread::spawn(move || delete_queue(&queue)).join();
+        }
+    }
+}
+
+/// Delete a queue the benchmark created.
+fn delete_queue(queue: &str) {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    runtime.block_on(async {
+        let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
+        if let Ok(connection) =
+            lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await
+        {
+            if let Ok(channel) = connection.create_channel().await {
+                let _ = channel
+                    .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
+                    .await;
+            }
+            let _ = connection.close(200, "done".into()).await;
+        }
+    });
+}
+
+/// Run the matrix and write the report into `out`.
+///
+/// # Errors
+/// When a server cannot be started or a scenario fails.
+pub async fn run(out: &Path, tidegate: Option<PathBuf>, quick: bool) -> anyhow::Result<()> {
+    let plan = if quick {
+        Plan {
+            duration: Duration::from_secs(2),
+            warmup: Duration::from_millis(500),
+            idle_connections: 1000,
+            rounds: 5,
+        }
+    } else {
+        Plan {
+            duration: Duration::from_secs(10),
+            warmup: Duration::from_secs(2),
+            idle_connections: 10_000,
+            rounds: 20,
+        }
+    };
+    let tidegate = match tidegate {
+        Some(path) => path,
+        None => std::env::current_exe()?
+            .parent()
+            .context("the benchmark binary has no directory")?
+            .join("tidegate"),
+    };
+    anyhow::ensure!(
+        tidegate.exists(),
+        "{} not found: build it first (cargo build --release --bin tidegate) or pass --tidegate",
+        tidegate.display()
+    );
+    std::fs::create_dir_all(out)?;
+    let pinned = pin_self();
+    let mut results: Vec<Figures> = Vec::new();
+    let mut keep = |figures: Figures| {
+        figures.print();
+        results.push(figures);
+    };
+
+    keep(scenario::instantiate::run(if quick { 200 } else { 2000 }).await?);
+    keep(
+        scenario::publish::run(&scenario::publish::Options {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            size: 64,
+            in_flight: 1024,
+            duration: plan.duration,
+            warmup: plan.warmup,
+        })
+        .await
+        .context("measuring the broker's ceiling (is RabbitMQ running on 127.0.0.1:5672?)")?,
+    );
+
+    let echo = |pid| scenario::echo::Options {
+        connections: 64,
+        size: 64,
+        window: 16,
+        duration: plan.duration,
+        warmup: plan.warmup,
+        server_pid: Some(pid),
+    };
+
+    // Raw echo over TCP and over rustls.
+    for (name, tls) in [("baseline ws", false), ("baseline wss", true)] {
+        let server = start_baseline(tls, pinned)?;
+        let target = Target::parse(&server.url)?;
+        keep(scenario::echo::run(&target, name, &echo(server.pid())).await?);
+    }
+
+    // Tidegate, copies off: the function path alone.
+    {
+        let server = start_tidegate(&tidegate, "off", &[], pinned)?;
+        let target = Target::parse(&server.url)?;
+        keep(scenario::echo::run(&target, "tidegate (copies off)", &echo(server.pid())).await?);
+    }
+
+    // Tidegate, receipt mode: the default.
+    let receipt_rate = {
+        let server = start_tidegate(&tidegate, "receipt", &[], pinned)?;
+        let target = Target::parse(&server.url)?;
+        let figures =
+            scenario::echo::run(&target, "tidegate (receipt)", &echo(server.pid())).await?;
+        let rate = figures.get("msgs_per_s").unwrap_or(1000.0);
+        keep(figures);
+        rate
+    };
+
+    // Latency at half of the receipt mode's throughput, for both.
+    let latency = scenario::latency::Options {
+        connections: 16,
+        rate: (receipt_rate / 2.0).max(100.0),
+        size: 64,
+        duration: plan.duration,
+        warmup: plan.warmup,
+    };
+    {
+        let server = start_baseline(true, pinned)?;
+        let target = Target::parse(&server.url)?;
+        keep(scenario::latency::run(&target, "baseline wss", &latency).await?);
+    }
+    {
+        let server = start_tidegate(&tidegate, "receipt", &[], pinned)?;
+        let target = Target::parse(&server.url)?;
+        keep(scenario::latency::run(&target, "tidegate (receipt)", &latency).await?);
+    }
+
+    // Connection rate and memory per idle connection.
+    let connect = |pid| scenario::connect::Options {
+        concurrency: 8,
+        duration: plan.duration.min(Duration::from_secs(5)),
+        server_pid: Some(pid),
+    };
+    let idle = |pid| scenario::idle::Options {
+        connections: plan.idle_connections,
+        concurrency: 64,
+        server_pid: pid,
+        settle: Duration::from_secs(2),
+    };
+    {
+        let server = start_baseline(true, pinned)?;
+        let target = Target::parse(&server.url)?;
+        keep(scenario::connect::run(&target, "baseline wss", &connect(server.pid())).await?);
+        keep(scenario::idle::run(&target, "baseline wss", &idle(server.pid())).await?);
+    }
+    {
+        let server = start_tidegate(&tidegate, "receipt", &[], pinned)?;
+        let target = Target::parse(&server.url)?;
+        keep(scenario::connect::run(&target, "tidegate (receipt)", &connect(server.pid())).await?);
+        keep(scenario::idle::run(&target, "tidegate (receipt)", &idle(server.pid())).await?);
+    }
+
+    // Cold start end to end, with a gateway that scales down at once.
+    {
+        let server = start_tidegate(
+            &tidegate,
+            "receipt",
+            &[
+                ("TIDEGATE__RUNTIME__IDLE_TIMEOUT", "50ms"),
+                ("TIDEGATE__RUNTIME__UNLOAD_AFTER", "100ms"),
+            ],
+            pinned,
+        )?;
+        let target = Target::parse(&server.url)?;
+        let options = scenario::cold::Options {
+            admin: server.admin.context("tidegate's admin address")?,
+            function: "echo".into(),
+            rounds: plan.rounds,
+        };
+        keep(scenario::cold::run(&target, "tidegate (receipt)", &options).await?);
+    }
+
+    report::write(out, &results, quick)?;
+    println!("report written to {}", out.join("report.md").display());
+    Ok(())
+}
+
+/// Pin this process to CPU 0 when `taskset` exists; returns whether the
+/// servers should be pinned to CPU 1.
+fn pin_self() -> bool {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    if cpus < 2 {
+        return false;
+    }
+    Command::new("taskset")
+        .args(["-cp", "0", &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+fn command(program: &Path, pinned: bool) -> Command {
+    if pinned {
+        let mut command = Command::new("taskset");
+        command.arg("-c").arg("1").arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+fn start_baseline(tls: bool, pinned: bool) -> anyhow::Result<Server> {
+    let mut command = command(&std::env::current_exe()?, pinned);
+    command.args(["baseline", "--listen", "127.0.0.1:0"]);
+    if tls {
+        command.arg("--tls");
+    }
+    let (child, line) = spawn(command, "listening on ")?;
+    Ok(Server {
+        child,
+        url: line,
+        admin: None,
+        queue: None,
+        _state: None,
+    })
+}
+
+fn start_tidegate(
+    binary: &Path,
+    mode: &str,
+    env: &[(&str, &str)],
+    pinned: bool,
+) -> anyhow::Result<Server> {
+    let state = tempfile::tempdir()?;
+    let queue = format!("tidegate.bench.{}", uuid::Uuid::now_v7().simple());
+    let mut command = command(binary, pinned);
+    command
+        .args(["serve", "--dev"])
+        .env("RUST_LOG", "warn")
+        .env("TIDEGATE__SERVER__LISTEN", "127.0.0.1:0")
+        .env("TIDEGATE__ADMIN__LISTEN", "127.0.0.1:0")
+        .env("TIDEGATE__SERVER__STATE_DIR", state.path())
+        .env("TIDEGATE__SERVER__MAX_CONNECTIONS", "20000")
+        .env("TIDEGATE__QUEUE__QUEUE", &queue)
+        .env("TIDEGATE__QUEUE__MODE", mode);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let (child, line) = spawn(command, "Tidegate listening on wss://")?;
+    // "ADDR/ (admin http://ADDR/metrics)"
+    let (wss, rest) = line
+        .split_once("/ (admin http://")
+        .context("tidegate's listening line")?;
+    let admin = rest.trim_end_matches("/metrics)").parse()?;
+    Ok(Server {
+        child,
+        url: format!("wss://{wss}/"),
+        admin: Some(admin),
+        queue: Some(queue),
+        _state: Some(state),
+    })
+}
+
+/// Start `command` and wait (up to a minute) for the stdout line starting
+/// with `prefix`; returns the rest of that line.
+fn spawn(mut command: Command, prefix: &str) -> anyhow::Result<(Child, String)> {
+    command.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {command:?}"))?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let prefix = prefix.to_owned();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix(&prefix) {
+                let _ = tx.send(rest.to_owned());
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(line) => Ok((child, line)),
+        Err(_) => {
+            let _ = child.kill();
+            bail!("{command:?} did not start listening within a minute")
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! The matrix's report: `results.jsonl` (every figure), `report.md` (the
+//! table, ratios and targets) and `chart.png` (throughput and latency,
+//! Tidegate against the baseline).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use plotters::prelude::*;
+
+use crate::figures::Figures;
+
+/// Fonts tried for the chart's text, in order.
+const FONTS: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+];
+
+/// Write the three files.
+///
+/// # Errors
+/// When a file cannot be written, or no font is found for the chart.
+pub fn write(out: &Path, results: &[Figures], quick: bool) -> anyhow::Result<()> {
+    let mut lines = String::new();
+    for figures in results {
+        lines.push_str(&serde_json::to_string(figures)?);
+        lines.push('\n');
+    }
+    std::fs::write(out.join("results.jsonl"), lines)?;
+    std::fs::write(out.join("report.md"), markdown(results, quick))?;
+    chart(&out.join("chart.png"), results)
+}
+
+fn find<'a>(results: &'a [Figures], scenario: &str, server: &str) -> Option<&'a Figures> {
+    results
+        .iter()
+        .find(|f| f.scenario == scenario && f.server == server)
+}
+
+fn value(results: &[Figures], scenario: &str, server: &str, name: &str) -> Option<f64> {
+    find(results, scenario, server)?.get(name)
+}
+
+/// One line of the targets table.
+struct Check {
+    what: &'static str,
+    measured: Option<f64>,
+    unit: &'static str,
+    reference: String,
+    ratio: Option<f64>,
+    target: &'static str,
+    met: Option<bool>,
+}
+
+fn checks(results: &[Figures]) -> Vec<Check> {
+    let ceiling = value(
+        results,
+        "publish",
+        "RabbitMQ (lapin, confirms)",
+        "msgs_per_s",
+    );
+    let receipt = value(results, "echo", "tidegate (receipt)", "msgs_per_s");
+    let off = value(results, "echo", "tidegate (copies off)", "msgs_per_s");
+    let wss = value(results, "echo", "baseline wss", "msgs_per_s");
+    let off_cpu = value(
+        results,
+        "echo",
+        "tidegate (copies off)",
+        "server_cpu_us_per_msg",
+    );
+    let p99 = value(results, "latency", "tidegate (receipt)", "p99_us");
+    let base_p99 = value(results, "latency", "baseline wss", "p99_us");
+    let cold = value(results, "instantiate", "runtime (echo)", "from_zero_p99_us");
+    let fresh = value(
+        results,
+        "instantiate",
+        "runtime (echo)",
+        "new_instance_p50_us",
+    );
+    let idle = value(
+        results,
+        "idle",
+        "tidegate (receipt)",
+        "bytes_per_connection",
+    );
+    let base_idle = value(results, "idle", "baseline wss", "bytes_per_connection");
+    let connects = value(results, "connect", "tidegate (receipt)", "connects_per_s");
+    let base_connects = value(results, "connect", "baseline wss", "connects_per_s");
+    let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
+    let show = |v: Option<f64>, unit: &str| v.map_or("n/a".into(), |v| format!("{v:.0} {unit}"));
+    vec![
+        Check {
+            what: "receipt-mode echo vs the broker's confirmed publish ceiling",
+            measured: receipt,
+            unit: "msgs/s",
+            reference: show(ceiling, "msgs/s"),
+            ratio: ratio(receipt, ceiling),
+            target: ">= 0.9x",
+            met: ratio(receipt, ceiling).map(|r| r >= 0.9),
+        },
+        Check {
+            what: "receipt-mode p99 at half that rate",
+            measured: p99,
+            unit: "us",
+            reference: format!("baseline wss {}", show(base_p99, "us")),
+            ratio: None,
+            target: "< 5000 us",
+            met: p99.map(|v| v < 5000.0),
+        },
+        Check {
+            what: "function path (copies off) vs raw TLS echo",
+            measured: off,
+            unit: "msgs/s",
+            reference: show(wss, "msgs/s"),
+            ratio: ratio(off, wss),
+            target: ">= 0.5x",
+            met: ratio(off, wss).map(|r| r >= 0.5),
+        },
+        Check {
+            what: "gateway CPU per 64-byte message (copies off)",
+            measured: off_cpu,
+            unit: "us",
+            reference: String::new(),
+            ratio: None,
+            target: "< 3 us",
+            met: off_cpu.map(|v| v < 3.0),
+        },
+        Check {
+            what: "cold start from zero, p99 (runtime)",
+            measured: cold,
+            unit: "us",
+            reference: String::new(),
+            ratio: None,
+            target: "< 1000 us",
+            met: cold.map(|v| v < 1000.0),
+        },
+        Check {
+            what: "new instance and call, p50 (runtime)",
+            measured: fresh,
+            unit: "us",
+            reference: String::new(),
+            ratio: None,
+            target: "< 10 us",
+            met: fresh.map(|v| v < 10.0),
+        },
+        Check {
+            what: "memory per idle TLS connection",
+            measured: idle,
+            unit: "bytes",
+            reference: format!("baseline wss {}", show(base_idle, "bytes")),
+            ratio: ratio(idle, base_idle),
+            target: "< 16384 bytes",
+            met: idle.map(|v| v < 16384.0),
+        },
+        Check {
+            what: "TLS connections per second vs raw rustls acceptor",
+            measured: connects,
+            unit: "/s",
+            reference: show(base_connects, "/s"),
+            ratio: ratio(connects, base_connects),
+            target: ">= 0.8x",
+            met: ratio(connects, base_connects).map(|r| r >= 0.8),
+        },
+    ]
+}
+
+fn markdown(results: &[Figures], quick: bool) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# Tidegate benchmark report\n");
+    if quick {
+        let _ = writeln!(
+            md,
+            "**Quick run** (short durations, 1,000 idle connections): a set-up check, not figures to quote.\n"
+        );
+    }
+    let _ = writeln!(
+        md,
+        "Every figure was measured in the same run on the same machine; the load generator runs on one \
+         thread (pinned to CPU 0 when `taskset` exists) and each server on the other core.\n"
+    );
+    let _ = writeln!(md, "## Targets\n");
+    let _ = writeln!(
+        md,
+        "| check | measured | reference | ratio | target | met |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    for check in checks(results) {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} |",
+            check.what,
+            check
+                .measured
+                .map_or("n/a".into(), |v| format!("{v:.1} {}", check.unit)),
+            check.reference,
+            check.ratio.map_or(String::new(), |r| format!("{r:.2}x")),
+            check.target,
+            match check.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "n/a",
+            }
+        );
+    }
+    let _ = writeln!(md, "\n## All figures\n");
+    let _ = writeln!(md, "| scenario | server | parameters | figure | value |");
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    for figures in results {
+        for (name, value) in &figures.values {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {:.2} |",
+                figures.scenario, figures.server, figures.parameters, name, value
+            );
+        }
+    }
+    let _ = writeln!(md, "\n![throughput and latency](chart.png)");
+    md
+}
+
+fn register_font() -> anyhow::Result<()> {
+    let bytes = FONTS
+        .iter()
+        .find_map(|path| std::fs::read(path).ok())
+        .context("no DejaVu Sans font found for the chart (apt-get install fonts-dejavu-core)")?;
+    // The font lives as long as the process: plotters keeps a reference.
+    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+        .map_err(|_| anyhow::anyhow!("the chart font could not be loaded"))
+}
+
+fn chart(path: &Path, results: &[Figures]) -> anyhow::Result<()> {
+    register_font()?;
+    let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(700);
+
+    // Throughput.
+    let bars: Vec<(&str, f64)> = [
+        (
+            "raw ws",
+            value(results, "echo", "baseline ws", "msgs_per_s"),
+        ),
+        (
+            "raw wss",
+            value(results, "echo", "baseline wss", "msgs_per_s"),
+        ),
+        (
+            "tidegate off",
+            value(results, "echo", "tidegate (copies off)", "msgs_per_s"),
+        ),
+        (
+            "tidegate receipt",
+            value(results, "echo", "tidegate (receipt)", "msgs_per_s"),
+        ),
+        (
+            "broker ceiling",
+            value(
+                results,
+                "publish",
+                "RabbitMQ (lapin, confirms)",
+                "msgs_per_s",
+            ),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(name, v)| Some((name, v?)))
+    .collect();
+    let top = bars.iter().map(|(_, v)| *v).fold(1.0, f64::max) * 1.15;
+    let mut throughput = ChartBuilder::on(&left)
+        .caption(
+            "Echo throughput, 64 B, C=64, W=16 (msgs/s)",
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d((0..bars.len()).into_segmented(), 0.0..top)?;
+    throughput
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_label_formatter(&|x| match x {
+            SegmentValue::CenterOf(i) => bars.get(*i).map_or(String::new(), |b| b.0.to_owned()),
+            _ => String::new(),
+        })
+        .y_label_formatter(&|v| format!("{:.0}k", v / 1000.0))
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    throughput.draw_series(bars.iter().enumerate().map(|(i, (name, v))| {
+        let color = if name.starts_with("tidegate") {
+            BLUE.mix(0.7)
+        } else {
+            BLACK.mix(0.4)
+        };
+        Rectangle::new(
+            [
+                (SegmentValue::Exact(i), 0.0),
+                (SegmentValue::Exact(i + 1), *v),
+            ],
+            color.filled(),
+        )
+    }))?;
+
+    // Latency percentiles at the same offered rate.
+    let series: Vec<(&str, RGBAColor, Vec<f64>)> = [
+        ("raw wss", BLACK.mix(0.6)),
+        ("tidegate receipt", BLUE.mix(0.8)),
+    ]
+    .into_iter()
+    .filter_map(|(name, color)| {
+        let server = if name == "raw wss" {
+            "baseline wss"
+        } else {
+            "tidegate (receipt)"
+        };
+        let f = find(results, "latency", server)?;
+        Some((
+            name,
+            color,
+            vec![f.get("p50_us")?, f.get("p99_us")?, f.get("p99_9_us")?],
+        ))
+    })
+    .collect();
+    let top = series
+        .iter()
+        .flat_map(|s| s.2.iter().copied())
+        .fold(1.0, f64::max)
+        * 1.2;
+    let mut latency = ChartBuilder::on(&right)
+        .caption(
+            "Latency at half the receipt-mode rate (us)",
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0usize..2usize, 0.0..top)?;
+    let quantiles = ["p50", "p99", "p99.9"];
+    latency
+        .configure_mesh()
+        .x_labels(3)
+        .x_label_formatter(&|x| quantiles.get(*x).copied().unwrap_or("").to_owned())
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    for (name, color, values) in &series {
+        let color = *color;
+        latency
+            .draw_series(LineSeries::new(
+                values.iter().enumerate().map(|(i, v)| (i, *v)),
+                color.stroke_width(3),
+            ))?
+            .label(*name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            });
+        latency.draw_series(
+            values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| Circle::new((i, *v), 4, color.filled())),
+        )?;
+    }
+    latency
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.9))
+        .label_font(("sans-serif", 14))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! The broker's own ceiling: a lapin publisher with publisher confirms,
+//! persistent messages to a durable queue (the gateway's settings),
+//! keeping N unconfirmed, as fast as the broker confirms.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+
+use super::rate;
+use crate::figures::Figures;
+use crate::process;
+
+/// Parameters of the publish scenario.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// AMQP URL of the broker.
+    pub url: String,
+    /// Message size in bytes.
+    pub size: usize,
+    /// Unconfirmed messages kept in flight.
+    pub in_flight: usize,
+    /// Measured time.
+    pub duration: Duration,
+    /// Unmeasured time before it.
+    pub warmup: Duration,
+}
+
+/// Run the scenario against a fresh durable queue, deleted afterwards.
+///
+/// # Errors
+/// When the broker is unreachable or refuses a message.
+pub async fn run(options: &Options) -> anyhow::Result<Figures> {
+    let connection = Connection::connect(&options.url, ConnectionProperties::default())
+        .await
+        .with_context(|| format!("connecting to {}", options.url))?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let queue = format!("tidegate.bench.{}", uuid::Uuid::now_v7().simple());
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let body = vec![b'p'; options.size];
+    let start = Instant::now() + options.warmup;
+    let end = start + options.duration;
+    let mut in_flight = VecDeque::with_capacity(options.in_flight);
+    let mut confirmed = 0u64;
+    let mut cpu_start = None;
+    let outcome = async {
+        loop {
+            while in_flight.len() < options.in_flight {
+                let properties = BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/octet-stream".into());
+                let confirm = channel
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            immediate: false,
+                        },
+                        &body,
+                        properties,
+                    )
+                    .await?;
+                in_flight.push_back(confirm);
+            }
+            let Some(confirm) = in_flight.pop_front() else {
+                break;
+            };
+            match confirm.await? {
+                Confirmation::Ack(None) | Confirmation::NotRequested => {}
+                other => bail!("the broker did not take a message: {other:?}"),
+            }
+            let now = Instant::now();
+            if now >= end {
+                break;
+            }
+            if now >= start {
+                if cpu_start.is_none() {
+                    cpu_start = Some(process::own_cpu_seconds()?);
+                }
+                confirmed += 1;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    let cpu = process::own_cpu_seconds()? - cpu_start.unwrap_or_default();
+    let _ = channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "done".into()).await;
+    outcome?;
+    let mut figures = Figures::new(
+        "publish",
+        "RabbitMQ (lapin, confirms)",
+        format!(
+            "size={} in_flight={} duration={:?}",
+            options.size, options.in_flight, options.duration
+        ),
+    );
+    figures
+        .set("msgs_per_s", rate(confirmed, options.duration))
+        .set("client_cpu_us_per_msg", cpu * 1e6 / confirmed.max(1) as f64);
+    Ok(figures)
+}
