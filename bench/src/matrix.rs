@@ -301,7 +301,7 @@ fn start_tidegate(
         .env("TIDEGATE__SERVER__LISTEN", "127.0.0.1:0")
         .env("TIDEGATE__ADMIN__LISTEN", "127.0.0.1:0")
         .env("TIDEGATE__SERVER__STATE_DIR", state.path())
-        .env("TIDEGATE__SERVER__MAX_CONNECTIONS", "20000")
+        .env("TIDEGATE__SERVER__MAX_CONNECTIONS", "15000")
         .env("TIDEGATE__QUEUE__QUEUE", &queue)
         .env("TIDEGATE__QUEUE__MODE", mode);
     for (key, value) in env {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use prometheus::IntCounter;
-use runtime::{Connection, Effect, Function, HandlerError, Payload};
+use runtime::{Context, Effect, Function, HandlerError, Payload};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
@@ -81,6 +81,13 @@ where
         route,
         effects,
     } = accepted;
+    // What every later call is told about the connection.
+    let ctx = Context {
+        id: conn.id,
+        route: conn.route,
+        claims: conn.claims,
+        state: conn.state,
+    };
     let metrics = &shared.metrics;
     metrics.connections.with_label_values(&[&route]).inc();
     let open = metrics.connections_open.with_label_values(&[&route]);
@@ -98,7 +105,7 @@ where
     // stops too.
     let writer_done = CancellationToken::new();
     let reader = Reader {
-        conn: &conn,
+        ctx: &ctx,
         function: &function,
         route: &route,
         shared: &shared,
@@ -140,8 +147,8 @@ where
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(None)).await;
     }
     open.dec();
-    if let Err(e) = function.on_disconnect(&conn, code, &reason).await {
-        tracing::debug!(connection = %conn.id, "on-disconnect failed: {e}");
+    if let Err(e) = function.on_disconnect(&ctx, code, &reason).await {
+        tracing::debug!(connection = %ctx.id, "on-disconnect failed: {e}");
     }
 }
 
@@ -164,7 +171,7 @@ enum ClientClose<T> {
 }
 
 struct Reader<'a> {
-    conn: &'a Connection,
+    ctx: &'a Context,
     function: &'a Arc<Function>,
     route: &'a str,
     shared: &'a Shared,
@@ -190,14 +197,18 @@ impl Reader<'_> {
         T: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
     {
         let mut next = self.apply(effects, None).await;
+        // Created once: registering a waiter per message costs.
+        let shutdown = self.shared.shutdown.cancelled();
+        let writer_gone = writer_done.cancelled();
+        tokio::pin!(shutdown, writer_gone);
         while let Next::Continue = next {
             let frame = tokio::select! {
                 biased;
-                _ = self.shared.shutdown.cancelled() => {
+                _ = &mut shutdown => {
                     next = Next::Close(close_code::GOING_AWAY, "server shutting down".into());
                     break;
                 }
-                _ = writer_done.cancelled() => {
+                _ = &mut writer_gone => {
                     next = Next::Stop;
                     break;
                 }
@@ -206,14 +217,18 @@ impl Reader<'_> {
             next = match frame {
                 None => return ClientClose::Closed(close_code::ABNORMAL, String::new()),
                 Some(Ok(Message::Text(text))) => {
-                    let body = text.as_bytes().to_vec();
-                    self.on_message(Payload::Text(text.as_str().to_owned()), body, true)
-                        .await
+                    // Without a copy when the frame's buffer is not shared.
+                    let bytes = Vec::from(bytes::Bytes::from(text));
+                    match String::from_utf8(bytes) {
+                        Ok(text) => self.on_message(Payload::Text(text)).await,
+                        Err(_) => Next::Close(
+                            close_code::INVALID_DATA,
+                            "text message is not valid UTF-8".into(),
+                        ),
+                    }
                 }
                 Some(Ok(Message::Binary(data))) => {
-                    let body = data.to_vec();
-                    self.on_message(Payload::Binary(body.clone()), body, false)
-                        .await
+                    self.on_message(Payload::Binary(Vec::from(data))).await
                 }
                 Some(Ok(Message::Close(frame))) => {
                     let (code, reason) = frame
@@ -236,14 +251,18 @@ impl Reader<'_> {
         ClientClose::Open(stream)
     }
 
-    async fn on_message(&self, payload: Payload, body: Vec<u8>, text: bool) -> Next {
+    async fn on_message(&self, payload: Payload) -> Next {
+        let len = match &payload {
+            Payload::Text(text) => text.len(),
+            Payload::Binary(data) => data.len(),
+        };
         self.counters.received.inc();
-        self.counters.received_bytes.inc_by(body.len() as u64);
-        let receipt = match self.copy(body, text).await {
+        self.counters.received_bytes.inc_by(len as u64);
+        let receipt = match self.copy(&payload).await {
             Ok(receipt) => receipt,
             Err(next) => return next,
         };
-        match self.function.on_message(self.conn, &payload).await {
+        match self.function.on_message(self.ctx, &payload).await {
             Ok(Ok(effects)) => self.apply(effects, receipt).await,
             Ok(Err(error)) => {
                 let (kind, message) = match error {
@@ -271,10 +290,14 @@ impl Reader<'_> {
 
     /// Hand the message's copy to the publisher. Returns the receipt the
     /// reply must wait for (in receipt mode only).
-    async fn copy(&self, body: Vec<u8>, text: bool) -> Result<Option<Receipt>, Next> {
+    async fn copy(&self, payload: &Payload) -> Result<Option<Receipt>, Next> {
         let mode = self.shared.queue_mode;
         let Some(publisher) = &self.shared.publisher else {
             return Ok(None);
+        };
+        let (body, text) = match payload {
+            Payload::Text(text) => (text.as_bytes().to_vec(), true),
+            Payload::Binary(data) => (data.clone(), false),
         };
         if mode == QueueMode::Async && !publisher.is_ready() {
             return Err(Next::Close(
@@ -285,7 +308,7 @@ impl Reader<'_> {
         let copy = QueueMessage::new(
             text,
             body,
-            &self.conn.id,
+            &self.ctx.id,
             self.route,
             self.function.name(),
             self.function.version(),

@@ -2,7 +2,7 @@
 //! drives invocation deadlines.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ pub struct Engine {
     /// WASI (with nothing granted) and the `tidegate:gateway` imports.
     pub(crate) linker: Linker<HostState>,
     /// Advances the epoch; stopped when the engine is dropped.
-    _ticker: EpochTicker,
+    ticker: EpochTicker,
 }
 
 impl Engine {
@@ -70,9 +70,21 @@ impl Engine {
         Ok(Arc::new(Self {
             engine,
             linker,
-            _ticker: ticker,
+            ticker,
         }))
     }
+
+    /// Ticks since the engine started: a coarse clock (one tick is
+    /// [`EPOCH_TICK`]) that costs an atomic load instead of a system call.
+    pub fn now_ticks(&self) -> u64 {
+        self.ticker.ticks.load(Ordering::Relaxed)
+    }
+}
+
+/// Whole ticks in `duration` (rounded down: a limit fires within one tick
+/// of its configured value).
+pub fn ticks(duration: Duration) -> u64 {
+    (duration.as_nanos() / EPOCH_TICK.as_nanos()) as u64
 }
 
 /// A thread that advances the engine's epoch every [`EPOCH_TICK`]. A plain
@@ -80,18 +92,22 @@ impl Engine {
 /// worker is busy running guest code.
 struct EpochTicker {
     stop: Arc<AtomicBool>,
+    /// Ticks so far, for the coarse clock.
+    ticks: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl EpochTicker {
     fn start(engine: wasmtime::Engine) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let ticks = Arc::new(AtomicU64::new(0));
+        let (flag, counter) = (stop.clone(), ticks.clone());
         let thread = std::thread::Builder::new()
             .name("tidegate-epoch".into())
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
                     std::thread::sleep(EPOCH_TICK);
+                    counter.fetch_add(1, Ordering::Relaxed);
                     engine.increment_epoch();
                 }
             })
@@ -99,7 +115,11 @@ impl EpochTicker {
         if thread.is_none() {
             tracing::error!("could not start the epoch thread: function time limits will not fire");
         }
-        Self { stop, thread }
+        Self {
+            stop,
+            ticks,
+            thread,
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use prometheus::{Histogram, IntCounter, IntGauge};
 use sha2::{Digest, Sha256};
@@ -11,10 +11,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::Store;
 use wasmtime::component::Component;
 
-use crate::bindings::types::{ConnectDecision, Connection, Effect, HandlerError, Payload};
+use crate::bindings::types::{ConnectDecision, Connection, Context, Effect, HandlerError, Payload};
 use crate::bindings::{Handler, HandlerPre};
 use crate::config::RuntimeConfig;
-use crate::engine::Engine;
+use crate::engine::{Engine, ticks};
 use crate::error::{InvokeError, LoadError};
 use crate::host::{DeadlineExceeded, HostState, MemoryLimitExceeded};
 use crate::metrics::RuntimeMetrics;
@@ -49,13 +49,15 @@ struct Pool {
     idle: Vec<IdleInstance>,
     /// Instances alive: idle plus leased.
     live: u32,
-    /// When an instance was last released (or the function was loaded).
-    last_active: Instant,
+    /// When an instance was last released (or the function was loaded), in
+    /// engine ticks.
+    last_active: u64,
 }
 
 struct IdleInstance {
     instance: Instance,
-    since: Instant,
+    /// Engine tick of its release.
+    since: u64,
 }
 
 /// One instance: a store and the bindings of the handler in it.
@@ -144,6 +146,7 @@ impl Function {
         let metrics = FunctionMetrics::new(metrics, name);
         metrics.code_loaded.set(1);
         metrics.instances.set(0);
+        let loaded_at = engine.now_ticks();
         Ok(Self {
             name: name.into(),
             version,
@@ -155,7 +158,7 @@ impl Function {
                 pre: Some(pre),
                 idle: Vec::new(),
                 live: 0,
-                last_active: Instant::now(),
+                last_active: loaded_at,
             }),
             metrics,
         })
@@ -199,11 +202,11 @@ impl Function {
     /// An [`InvokeError`] when the function could not run to completion.
     pub async fn on_message(
         &self,
-        conn: &Connection,
+        ctx: &Context,
         message: &Payload,
     ) -> Result<Result<Vec<Effect>, HandlerError>, InvokeError> {
         self.invoke(Event::Message, async |handler, store| {
-            handler.call_on_message(store, conn, message).await
+            handler.call_on_message(store, ctx, message).await
         })
         .await
     }
@@ -214,12 +217,12 @@ impl Function {
     /// An [`InvokeError`] when the function could not run to completion.
     pub async fn on_disconnect(
         &self,
-        conn: &Connection,
+        ctx: &Context,
         code: u16,
         reason: &str,
     ) -> Result<Vec<Effect>, InvokeError> {
         self.invoke(Event::Disconnect, async |handler, store| {
-            handler.call_on_disconnect(store, conn, code, reason).await
+            handler.call_on_disconnect(store, ctx, code, reason).await
         })
         .await
     }
@@ -235,7 +238,7 @@ impl Function {
         let outcome = async {
             let mut lease = self.checkout().await?;
             let instance = lease.instance_mut();
-            instance.store.data_mut().deadline = Instant::now() + self.config.timeout;
+            instance.store.data_mut().ticks_left = ticks(self.config.timeout);
             instance.store.set_epoch_deadline(1);
             let Instance { store, handler } = instance;
             match call(handler, store).await {
@@ -305,15 +308,17 @@ impl Function {
     /// Take an idle instance, or create one (loading the code first if it
     /// was unloaded). Waits while `max_instances` instances are busy.
     async fn checkout(&self) -> Result<Lease<'_>, InvokeError> {
-        let permit =
-            self.permits
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| InvokeError::Instantiate {
+        // Fast path without creating a future; wait only when every
+        // instance is busy.
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => self.permits.clone().acquire_owned().await.map_err(|_| {
+                InvokeError::Instantiate {
                     function: self.name.to_string(),
                     reason: "the function is shutting down".into(),
-                })?;
+                }
+            })?,
+        };
         let pre = {
             let mut pool = self.lock();
             if let Some(idle) = pool.idle.pop() {
@@ -380,8 +385,8 @@ impl Function {
         );
         let mut store = Store::new(&self.engine.engine, state);
         store.limiter(|state| state);
-        store.epoch_deadline_callback(|ctx| ctx.data().on_epoch());
-        store.data_mut().deadline = Instant::now() + self.config.timeout;
+        store.epoch_deadline_callback(|mut ctx| ctx.data_mut().on_epoch());
+        store.data_mut().ticks_left = ticks(self.config.timeout);
         store.set_epoch_deadline(1);
         match pre.instantiate_async(&mut store).await {
             Ok(handler) => Ok(Instance { store, handler }),
@@ -402,7 +407,7 @@ impl Function {
     }
 
     fn give_back(&self, instance: Instance) {
-        let now = Instant::now();
+        let now = self.engine.now_ticks();
         let mut pool = self.lock();
         pool.idle.push(IdleInstance {
             instance,
@@ -414,19 +419,20 @@ impl Function {
     /// Release instances idle for longer than `runtime.idle_timeout`, and
     /// unload the code once the function has had no instance for
     /// `runtime.unload_after`. Called periodically by the registry.
-    pub(crate) fn scale_down(&self, now: Instant) {
+    pub(crate) fn scale_down(&self) {
+        let now = self.engine.now_ticks();
         let released: Vec<IdleInstance> = {
             let mut pool = self.lock();
-            let idle_timeout = self.config.idle_timeout;
+            let idle_timeout = ticks(self.config.idle_timeout);
             let keep_from = pool
                 .idle
                 .iter()
-                .position(|idle| now.saturating_duration_since(idle.since) < idle_timeout)
+                .position(|idle| now.saturating_sub(idle.since) < idle_timeout)
                 .unwrap_or(pool.idle.len());
             let released: Vec<IdleInstance> = pool.idle.drain(..keep_from).collect();
             pool.live = pool.live.saturating_sub(released.len() as u32);
             self.metrics.instances.set(i64::from(pool.live));
-            let unload_at = pool.last_active + self.config.unload_after;
+            let unload_at = pool.last_active + ticks(self.config.unload_after);
             if pool.live == 0 && pool.pre.is_some() && now >= unload_at {
                 pool.pre = None;
                 self.metrics.code_loaded.set(0);
@@ -461,11 +467,6 @@ impl Function {
         self.pool
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// How long the function has had no traffic.
-    pub fn idle_for(&self) -> Duration {
-        self.lock().last_active.elapsed()
     }
 }
 

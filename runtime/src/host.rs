@@ -5,7 +5,6 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use tokio::io::AsyncWrite;
 use wasmtime::component::ResourceTable;
@@ -38,8 +37,9 @@ pub(crate) struct HostState {
     table: ResourceTable,
     /// The function's name, for log lines.
     function: Arc<str>,
-    /// When the current invocation must stop; checked at every epoch tick.
-    pub deadline: Instant,
+    /// Epoch ticks the current invocation may still run; counted down at
+    /// every tick, it traps at zero.
+    pub ticks_left: u64,
     /// Most bytes of linear memory the instance may have.
     memory_limit: usize,
     /// Longest log line kept.
@@ -59,7 +59,7 @@ impl HostState {
             wasi,
             table: ResourceTable::new(),
             function,
-            deadline: Instant::now(),
+            ticks_left: 0,
             memory_limit,
             max_log_line,
         }
@@ -75,13 +75,13 @@ impl HostState {
     }
 
     /// The epoch callback: yield to the executor at every tick, and trap
-    /// once the deadline has passed.
-    pub fn on_epoch(&self) -> wasmtime::Result<UpdateDeadline> {
-        if Instant::now() >= self.deadline {
-            Err(wasmtime::Error::new(DeadlineExceeded))
-        } else {
-            Ok(UpdateDeadline::Yield(1))
+    /// once the invocation's ticks are used up.
+    pub fn on_epoch(&mut self) -> wasmtime::Result<UpdateDeadline> {
+        if self.ticks_left == 0 {
+            return Err(wasmtime::Error::new(DeadlineExceeded));
         }
+        self.ticks_left -= 1;
+        Ok(UpdateDeadline::Yield(1))
     }
 }
 

@@ -29,7 +29,7 @@ mod host;
 pub mod metrics;
 pub mod registry;
 
-pub use bindings::types::{ConnectDecision, Connection, Effect, HandlerError, Payload};
+pub use bindings::types::{ConnectDecision, Connection, Context, Effect, HandlerError, Payload};
 pub use config::RuntimeConfig;
 pub use error::{InvokeError, LoadError};
 pub use function::Function;

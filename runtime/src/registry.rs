@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::config::RuntimeConfig;
 use crate::engine::Engine;
@@ -90,9 +90,8 @@ impl Registry {
 
     /// Release idle instances and unload idle code, once.
     pub fn scale_down(&self) {
-        let now = Instant::now();
         for function in self.all() {
-            function.scale_down(now);
+            function.scale_down();
         }
     }
 

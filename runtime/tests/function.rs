@@ -4,7 +4,9 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use runtime::{Connection, Effect, LoadError, Payload, Registry, RuntimeConfig, RuntimeMetrics};
+use runtime::{
+    Connection, Context, Effect, LoadError, Payload, Registry, RuntimeConfig, RuntimeMetrics,
+};
 
 fn registry(config: RuntimeConfig) -> (Registry, prometheus::Registry, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -20,6 +22,15 @@ fn registry(config: RuntimeConfig) -> (Registry, prometheus::Registry, tempfile:
         prometheus,
         dir,
     )
+}
+
+fn context() -> Context {
+    Context {
+        id: "node-1.conn-1".into(),
+        route: "/".into(),
+        claims: vec![],
+        state: None,
+    }
 }
 
 fn connection() -> Connection {
@@ -71,6 +82,7 @@ async fn echo_replies_with_text_and_binary_unchanged() {
     let conn = connection();
 
     let decision = echo.on_connect(&conn).await.expect("on-connect runs");
+    let ctx = context();
     assert!(decision.accept);
 
     for message in [
@@ -79,7 +91,7 @@ async fn echo_replies_with_text_and_binary_unchanged() {
         Payload::Text(String::new()),
     ] {
         let effects = echo
-            .on_message(&conn, &message)
+            .on_message(&ctx, &message)
             .await
             .expect("runs")
             .expect("no handler error");
@@ -91,7 +103,7 @@ async fn echo_replies_with_text_and_binary_unchanged() {
             (other, _) => panic!("unexpected effects {other:?} for {message:?}"),
         }
     }
-    let effects = echo.on_disconnect(&conn, 1000, "bye").await.expect("runs");
+    let effects = echo.on_disconnect(&ctx, 1000, "bye").await.expect("runs");
     assert!(effects.is_empty());
     // One instance served all of it.
     assert_eq!(echo.live_instances(), 1);
@@ -108,7 +120,7 @@ async fn idle_function_scales_to_zero_and_unloads_then_cold_starts() {
         .load("echo", tidegate_functions::ECHO.to_vec())
         .await
         .expect("echo loads");
-    let conn = connection();
+    let conn = context();
     let message = Payload::Text("ping".into());
     echo.on_message(&conn, &message).await.unwrap().unwrap();
     assert_eq!(echo.live_instances(), 1);
@@ -160,7 +172,7 @@ async fn concurrent_invocations_are_bounded_by_max_instances() {
         .load("echo", tidegate_functions::ECHO.to_vec())
         .await
         .expect("echo loads");
-    let conn = Arc::new(connection());
+    let conn = Arc::new(context());
     let mut tasks = Vec::new();
     for i in 0..40 {
         let echo = echo.clone();
@@ -207,7 +219,7 @@ async fn send(
     text: &str,
 ) -> Result<Result<Vec<Effect>, runtime::HandlerError>, runtime::InvokeError> {
     function
-        .on_message(&connection(), &Payload::Text(text.into()))
+        .on_message(&context(), &Payload::Text(text.into()))
         .await
 }
 

@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{payload, rate};
+use super::{matches, payload, rate};
 use crate::client::{Target, spread_source};
 use crate::figures::Figures;
 use crate::process;
@@ -62,20 +62,33 @@ pub async fn run(target: &Target, server: &str, options: &Options) -> anyhow::Re
                     sent += 1;
                 }
                 sink.flush().await?;
-                let reply = stream
-                    .next()
-                    .await
-                    .context("the server closed the connection")??;
-                if reply.into_data() != payload(received, size) {
-                    bail!("reply {received} differs from its message");
+                // Wait for one reply, then take every reply already here,
+                // so the window is refilled (and flushed) in batches.
+                let mut replies = 0;
+                let mut next = Some(
+                    stream
+                        .next()
+                        .await
+                        .context("the server closed the connection")??,
+                );
+                while let Some(reply) = next {
+                    if !matches(&reply.into_data(), received, size) {
+                        bail!("reply {received} differs from its message");
+                    }
+                    received += 1;
+                    replies += 1;
+                    next = match stream.next().now_or_never() {
+                        Some(Some(reply)) => Some(reply?),
+                        Some(None) => bail!("the server closed the connection"),
+                        None => None,
+                    };
                 }
-                received += 1;
                 let now = Instant::now();
                 if now >= end {
                     break;
                 }
                 if now >= start {
-                    counted.fetch_add(1, Ordering::Relaxed);
+                    counted.fetch_add(replies, Ordering::Relaxed);
                 }
             }
             let _ = sink.close().await;

@@ -6,7 +6,7 @@ use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use runtime::{Connection, Payload, Registry, RuntimeConfig, RuntimeMetrics};
+use runtime::{Context, Payload, Registry, RuntimeConfig, RuntimeMetrics};
 
 use crate::figures::Figures;
 
@@ -58,14 +58,9 @@ async fn time_calls(
     let echo = registry
         .load("echo", tidegate_functions::ECHO.to_vec())
         .await?;
-    let conn = Connection {
+    let conn = Context {
         id: "bench.1".into(),
         route: "/".into(),
-        path: "/".into(),
-        query: vec![],
-        headers: vec![],
-        subprotocol: None,
-        remote_addr: "127.0.0.1:1".into(),
         claims: vec![],
         state: None,
     };

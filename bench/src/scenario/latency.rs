@@ -50,6 +50,9 @@ pub async fn run(target: &Target, server: &str, options: &Options) -> anyhow::Re
         let size = options.size.max(8);
         tasks.push(tokio::spawn(async move {
             let (mut sink, mut stream) = ws.split();
+            // The sender says how many it sent once it is done; the
+            // receiver stops when it has that many replies.
+            let (done, mut sent_total) = tokio::sync::watch::channel(None::<u64>);
             let sender = async move {
                 let mut tick = tokio::time::interval(period);
                 tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
@@ -63,38 +66,45 @@ pub async fn run(target: &Target, server: &str, options: &Options) -> anyhow::Re
                     sink.send(Message::Binary(bytes.into())).await?;
                     sent += 1;
                 }
-                let _ = sink.flush().await;
+                let _ = done.send(Some(sent));
                 Ok::<_, anyhow::Error>((sink, sent))
             };
             let receiver = async move {
                 let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
                 let mut received = 0u64;
-                while let Some(message) = stream.next().await {
-                    let message = message?;
-                    let Some(sent_at) = sequence(&message.into_data()) else {
-                        continue;
-                    };
-                    let now = epoch.elapsed().as_nanos() as u64;
-                    received += 1;
-                    if sent_at >= measure_from {
-                        histogram.record(now.saturating_sub(sent_at).max(1))?;
-                    }
-                    if Instant::now() >= end + Duration::from_secs(2) {
+                let mut sender_gone = false;
+                loop {
+                    if let Some(total) = *sent_total.borrow()
+                        && received >= total
+                    {
                         break;
+                    }
+                    tokio::select! {
+                        message = stream.next() => {
+                            let message = message.context("the server closed the connection")??;
+                            let Some(sent_at) = sequence(&message.into_data()) else { continue };
+                            let now = epoch.elapsed().as_nanos() as u64;
+                            received += 1;
+                            if sent_at >= measure_from {
+                                histogram.record(now.saturating_sub(sent_at).max(1))?;
+                            }
+                        }
+                        changed = sent_total.changed(), if !sender_gone => {
+                            // Once the sender is gone its count is final.
+                            sender_gone = changed.is_err();
+                        }
                     }
                 }
                 Ok::<_, anyhow::Error>((histogram, received))
             };
-            // The receiver stops once the sender is done and its replies
-            // are in (or two seconds later).
-            let (sent, received) = tokio::join!(sender, async {
-                tokio::time::timeout(end - Instant::now() + Duration::from_secs(2), receiver).await
-            });
+            let late = end + Duration::from_secs(5);
+            let (sent, received) =
+                tokio::join!(sender, tokio::time::timeout_at(late.into(), receiver));
             let (mut sink, sent) = sent?;
             let _ = sink.close().await;
             let (histogram, received) = match received {
                 Ok(result) => result?,
-                Err(_) => anyhow::bail!("replies were still missing two seconds after the run"),
+                Err(_) => anyhow::bail!("replies were still missing five seconds after the run"),
             };
             Ok((histogram, sent, received))
         }));

@@ -32,6 +32,17 @@ pub fn payload(seq: u64, size: usize) -> Vec<u8> {
     bytes
 }
 
+/// Whether `bytes` is exactly `payload(seq, size)`, checked in place.
+pub fn matches(bytes: &[u8], seq: u64, size: usize) -> bool {
+    bytes.len() == size.max(8)
+        && sequence(bytes) == Some(seq)
+        && bytes
+            .iter()
+            .enumerate()
+            .skip(8)
+            .all(|(i, byte)| *byte == (seq as usize).wrapping_add(i) as u8)
+}
+
 /// The sequence number at the start of a payload.
 pub fn sequence(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
@@ -53,5 +64,10 @@ mod tests {
         assert_eq!(sequence(&a), Some(7));
         assert_ne!(payload(8, 64)[8..], a[8..]);
         assert_eq!(payload(7, 64), a);
+        assert!(matches(&a, 7, 64));
+        assert!(!matches(&a, 8, 64));
+        let mut b = a.clone();
+        b[40] ^= 1;
+        assert!(!matches(&b, 7, 64));
     }
 }

@@ -9,12 +9,12 @@
 //! - `log`: print a line to stdout and log one through the logging import;
 //! - anything else (and every binary message) is echoed.
 
-use tidegate_sdk::{Connection, Effect, Function, HandlerError, Level, Payload, log};
+use tidegate_sdk::{Context, Effect, Function, HandlerError, Level, Payload, log};
 
 struct Faulty;
 
 impl Function for Faulty {
-    fn on_message(_conn: Connection, message: Payload) -> Result<Vec<Effect>, HandlerError> {
+    fn on_message(_conn: Context, message: Payload) -> Result<Vec<Effect>, HandlerError> {
         if let Payload::Text(command) = &message {
             match command.as_str() {
                 "loop" => spin(),

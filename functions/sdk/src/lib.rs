@@ -6,12 +6,12 @@
 //! nothing.
 //!
 //! ```ignore
-//! use tidegate_sdk::{Connection, Effect, Function, HandlerError, Payload};
+//! use tidegate_sdk::{Context, Effect, Function, HandlerError, Payload};
 //!
 //! struct Echo;
 //!
 //! impl Function for Echo {
-//!     fn on_message(_conn: Connection, message: Payload) -> Result<Vec<Effect>, HandlerError> {
+//!     fn on_message(_ctx: Context, message: Payload) -> Result<Vec<Effect>, HandlerError> {
 //!         Ok(vec![Effect::Reply(message)])
 //!     }
 //! }
@@ -32,7 +32,7 @@ pub mod bindings {
 
 pub use bindings::tidegate::gateway::logging::{Level, log};
 pub use bindings::tidegate::gateway::types::{
-    ConnectDecision, Connection, Effect, HandlerError, Payload,
+    ConnectDecision, Connection, Context, Effect, HandlerError, Payload,
 };
 
 /// A Tidegate function: the three events of a WebSocket connection's life.
@@ -50,14 +50,14 @@ pub trait Function {
     /// # Errors
     /// [`HandlerError::BadRequest`] tells the client its message was malformed;
     /// [`HandlerError::Internal`] reports a failure of the function.
-    fn on_message(conn: Connection, message: Payload) -> Result<Vec<Effect>, HandlerError> {
-        let _ = (conn, message);
+    fn on_message(ctx: Context, message: Payload) -> Result<Vec<Effect>, HandlerError> {
+        let _ = (ctx, message);
         Ok(Vec::new())
     }
 
     /// The connection closed with this WebSocket close code and reason.
-    fn on_disconnect(conn: Connection, code: u16, reason: String) -> Vec<Effect> {
-        let _ = (conn, code, reason);
+    fn on_disconnect(ctx: Context, code: u16, reason: String) -> Vec<Effect> {
+        let _ = (ctx, code, reason);
         Vec::new()
     }
 }
@@ -89,12 +89,12 @@ impl<T: Function> bindings::Guest for T {
         <T as Function>::on_connect(conn)
     }
 
-    fn on_message(conn: Connection, message: Payload) -> Result<Vec<Effect>, HandlerError> {
-        <T as Function>::on_message(conn, message)
+    fn on_message(ctx: Context, message: Payload) -> Result<Vec<Effect>, HandlerError> {
+        <T as Function>::on_message(ctx, message)
     }
 
-    fn on_disconnect(conn: Connection, code: u16, reason: String) -> Vec<Effect> {
-        <T as Function>::on_disconnect(conn, code, reason)
+    fn on_disconnect(ctx: Context, code: u16, reason: String) -> Vec<Effect> {
+        <T as Function>::on_disconnect(ctx, code, reason)
     }
 }
 
