@@ -3,6 +3,10 @@
 //! keeping N unconfirmed, as fast as the broker confirms.
 
 use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -10,11 +14,19 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, PublisherConfirm};
 
 use super::rate;
 use crate::figures::Figures;
 use crate::process;
+
+type Sending = Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send>>;
+
+/// A message on its way: frames being written, or waiting for its confirm.
+enum Stage {
+    Sending(Sending),
+    Confirming(PublisherConfirm),
+}
 
 /// Parameters of the publish scenario.
 #[derive(Debug, Clone)]
@@ -54,34 +66,48 @@ pub async fn run(options: &Options) -> anyhow::Result<Figures> {
             FieldTable::default(),
         )
         .await?;
-    let body = vec![b'p'; options.size];
+    let body = Arc::new(vec![b'p'; options.size]);
     let start = Instant::now() + options.warmup;
     let end = start + options.duration;
-    let mut in_flight = VecDeque::with_capacity(options.in_flight);
+    // As the gateway does: each publish is polled once to hand its frames
+    // to lapin, then confirms are awaited in order, so many messages are
+    // on their way at once.
+    let mut in_flight: VecDeque<Stage> = VecDeque::with_capacity(options.in_flight);
     let mut confirmed = 0u64;
     let mut cpu_start = None;
     let outcome = async {
         loop {
             while in_flight.len() < options.in_flight {
-                let properties = BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_content_type("application/octet-stream".into());
-                let confirm = channel
-                    .basic_publish(
-                        "".into(),
-                        queue.as_str().into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            immediate: false,
-                        },
-                        &body,
-                        properties,
-                    )
-                    .await?;
-                in_flight.push_back(confirm);
+                let (channel, queue, body) = (channel.clone(), queue.clone(), body.clone());
+                let mut sending: Sending = Box::pin(async move {
+                    let properties = BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_content_type("application/octet-stream".into());
+                    channel
+                        .basic_publish(
+                            "".into(),
+                            queue.as_str().into(),
+                            BasicPublishOptions {
+                                mandatory: true,
+                                immediate: false,
+                            },
+                            &body,
+                            properties,
+                        )
+                        .await
+                });
+                let first = poll_fn(|cx| Poll::Ready(sending.as_mut().poll(cx))).await;
+                in_flight.push_back(match first {
+                    Poll::Ready(confirm) => Stage::Confirming(confirm?),
+                    Poll::Pending => Stage::Sending(sending),
+                });
             }
-            let Some(confirm) = in_flight.pop_front() else {
+            let Some(stage) = in_flight.pop_front() else {
                 break;
+            };
+            let confirm = match stage {
+                Stage::Sending(sending) => sending.await?,
+                Stage::Confirming(confirm) => confirm,
             };
             match confirm.await? {
                 Confirmation::Ack(None) | Confirmation::NotRequested => {}

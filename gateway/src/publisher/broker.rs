@@ -1,6 +1,8 @@
 //! The link to RabbitMQ: one connection, one channel in confirm mode, and
 //! the durable queue declared on every (re)connect.
 
+use std::sync::Arc;
+
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties, PublisherConfirm};
@@ -84,9 +86,14 @@ impl Link {
     /// Publish one copy: persistent, mandatory (an unroutable copy comes
     /// back instead of vanishing), with the contract's properties.
     ///
-    /// # Errors
-    /// When the channel is closed.
-    pub async fn publish(&self, message: &QueueMessage) -> lapin::Result<PublisherConfirm> {
+    /// The returned future owns what it needs. Its first poll hands the
+    /// frames to lapin's I/O loop (so copies leave in the order their
+    /// futures are first polled); it completes once they are written, with
+    /// the confirm to wait for.
+    pub fn publish(
+        &self,
+        message: Arc<QueueMessage>,
+    ) -> impl Future<Output = lapin::Result<PublisherConfirm>> + Send + 'static {
         let mut headers = FieldTable::default();
         for (name, value) in [
             ("connection-id", &message.connection_id),
@@ -103,18 +110,22 @@ impl Link {
             .with_timestamp(message.timestamp)
             .with_content_type(message.content_type().into())
             .with_headers(headers);
-        self.channel
-            .basic_publish(
-                ShortString::from(""),
-                self.queue.clone(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                &message.body,
-                properties,
-            )
-            .await
+        let channel = self.channel.clone();
+        let queue = self.queue.clone();
+        async move {
+            channel
+                .basic_publish(
+                    ShortString::from(""),
+                    queue,
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    &message.body,
+                    properties,
+                )
+                .await
+        }
     }
 
     /// Close the connection politely.

@@ -76,7 +76,7 @@ impl Receipt {
 }
 
 struct Request {
-    message: QueueMessage,
+    message: Arc<QueueMessage>,
     done: oneshot::Sender<Result<Durability, PublishError>>,
 }
 
@@ -144,7 +144,10 @@ impl Publisher {
     pub async fn publish(&self, message: QueueMessage) -> Result<Receipt, PublishError> {
         let (done, receipt) = oneshot::channel();
         self.requests
-            .send(Request { message, done })
+            .send(Request {
+                message: Arc::new(message),
+                done,
+            })
             .await
             .map_err(|_| PublishError::Closed)?;
         Ok(Receipt(receipt))
@@ -176,9 +179,16 @@ impl PublisherTask {
 
 /// A copy published and not yet confirmed.
 struct InFlight {
-    confirm: PublisherConfirm,
+    stage: Stage,
     origin: Origin,
     published: Instant,
+}
+
+/// Where a published copy is: still being written by lapin's I/O loop, or
+/// waiting for the broker's confirm.
+enum Stage {
+    Sending(Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send>>),
+    Confirming(PublisherConfirm),
 }
 
 enum Origin {
@@ -283,18 +293,39 @@ impl Worker {
             self.spool_requests(batch);
             return;
         }
-        let Some(link) = &self.link else { return };
-        match link.publish(&request.message).await {
-            Ok(confirm) => self.in_flight.push_back(InFlight {
-                confirm,
-                origin: Origin::Direct(request),
-                published: Instant::now(),
-            }),
-            Err(e) => {
-                self.drop_link(&format!("publishing failed: {e}")).await;
-                self.spool_requests(vec![request]);
-            }
+        let message = request.message.clone();
+        if let Err(e) = self.start_publish(message, Origin::Direct(request)).await {
+            // The copy went to the spool with the rest of the in-flight ones.
+            self.drop_link(&format!("publishing failed: {e}")).await;
         }
+    }
+
+    /// Hand a copy to lapin and keep it in flight. It is not awaited here:
+    /// one poll puts its frames in lapin's queue (keeping the order), so
+    /// many copies can be on their way at once.
+    async fn start_publish(
+        &mut self,
+        message: Arc<QueueMessage>,
+        origin: Origin,
+    ) -> lapin::Result<()> {
+        let Some(link) = &self.link else {
+            return Err(
+                lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed).into(),
+            );
+        };
+        let mut sending: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(link.publish(message));
+        let first = poll_fn(|cx| Poll::Ready(sending.as_mut().poll(cx))).await;
+        let (stage, result) = match first {
+            Poll::Ready(Ok(confirm)) => (Stage::Confirming(confirm), Ok(())),
+            Poll::Ready(Err(e)) => (Stage::Sending(Box::pin(std::future::pending())), Err(e)),
+            Poll::Pending => (Stage::Sending(sending), Ok(())),
+        };
+        self.in_flight.push_back(InFlight {
+            stage,
+            origin,
+            published: Instant::now(),
+        });
+        result
     }
 
     async fn on_confirm(&mut self, confirmed: lapin::Result<Confirmation>) {
@@ -359,22 +390,14 @@ impl Worker {
                 }
             };
             let Some((message, next)) = record else { break };
-            let Some(link) = &self.link else { return };
-            match link.publish(&message).await {
-                Ok(confirm) => {
-                    self.in_flight.push_back(InFlight {
-                        confirm,
-                        origin: Origin::Replay { next },
-                        published: Instant::now(),
-                    });
-                    offset = next;
-                }
-                Err(e) => {
-                    self.replay_from = Some(offset);
-                    self.drop_link(&format!("replaying: {e}")).await;
-                    return;
-                }
+            if let Err(e) = self
+                .start_publish(Arc::new(message), Origin::Replay { next })
+                .await
+            {
+                self.drop_link(&format!("replaying: {e}")).await;
+                return;
             }
+            offset = next;
         }
         self.replay_from = Some(offset);
         if offset >= self.spool.end() && self.in_flight.is_empty() {
@@ -528,9 +551,20 @@ impl Worker {
 /// The oldest in-flight copy's confirm. Confirms are awaited in publish
 /// order, so a receipt never resolves before those of earlier copies.
 async fn front_confirm(in_flight: &mut VecDeque<InFlight>) -> lapin::Result<Confirmation> {
-    poll_fn(|cx| match in_flight.front_mut() {
-        Some(entry) => Pin::new(&mut entry.confirm).poll(cx),
-        None => Poll::Pending,
+    poll_fn(|cx| {
+        let Some(entry) = in_flight.front_mut() else {
+            return Poll::Pending;
+        };
+        loop {
+            match &mut entry.stage {
+                Stage::Sending(sending) => match sending.as_mut().poll(cx) {
+                    Poll::Ready(Ok(confirm)) => entry.stage = Stage::Confirming(confirm),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                },
+                Stage::Confirming(confirm) => return Pin::new(confirm).poll(cx),
+            }
+        }
     })
     .await
 }
