@@ -103,6 +103,9 @@ enum Command {
         in_flight: usize,
         #[arg(short = 'd', long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: Duration,
+        /// Publish at this fixed rate and report confirm latency instead.
+        #[arg(long)]
+        rate: Option<f64>,
     },
     /// The runtime alone: reload, instantiate and call the echo function.
     Instantiate {
@@ -228,6 +231,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             size,
             in_flight,
             duration,
+            rate,
         } => {
             let options = scenario::publish::Options {
                 url,
@@ -236,7 +240,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 duration,
                 warmup: Duration::from_secs(2),
             };
-            scenario::publish::run(&options).await?
+            match rate {
+                Some(rate) => scenario::publish::latency(&options, rate).await?,
+                None => scenario::publish::run(&options).await?,
+            }
         }
         Command::Instantiate { rounds } => scenario::instantiate::run(rounds).await?,
         Command::Matrix {

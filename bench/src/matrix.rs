@@ -187,6 +187,21 @@ pub async fn run(out: &Path, tidegate: Option<PathBuf>, quick: bool) -> anyhow::
         let target = Target::parse(&server.url)?;
         keep(scenario::latency::run(&target, "baseline wss", &latency).await?);
     }
+    // The broker's own confirm latency at that rate: the floor for a reply
+    // that waits for its copy.
+    keep(
+        scenario::publish::latency(
+            &scenario::publish::Options {
+                url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+                size: 64,
+                in_flight: 1024,
+                duration: plan.duration,
+                warmup: plan.warmup,
+            },
+            latency.rate,
+        )
+        .await?,
+    );
     {
         let server = start_tidegate(&tidegate, "receipt", &[], pinned)?;
         let target = Target::parse(&server.url)?;

@@ -146,3 +146,124 @@ pub async fn run(options: &Options) -> anyhow::Result<Figures> {
         .set("client_cpu_us_per_msg", cpu * 1e6 / confirmed.max(1) as f64);
     Ok(figures)
 }
+
+/// Confirm latency at a fixed offered rate: what a reply that waits for
+/// its copy cannot beat.
+///
+/// # Errors
+/// When the broker is unreachable or refuses a message.
+pub async fn latency(options: &Options, rate: f64) -> anyhow::Result<Figures> {
+    use hdrhistogram::Histogram;
+    use tokio::time::MissedTickBehavior;
+
+    let connection = Connection::connect(&options.url, ConnectionProperties::default())
+        .await
+        .with_context(|| format!("connecting to {}", options.url))?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let queue = format!("tidegate.bench.{}", uuid::Uuid::now_v7().simple());
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let body = Arc::new(vec![b'p'; options.size]);
+    let start = Instant::now() + options.warmup;
+    let end = start + options.duration;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1.0)));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
+    let mut in_flight: VecDeque<(Instant, Stage)> = VecDeque::new();
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let outcome = async {
+        loop {
+            let sending = Instant::now() < end;
+            if !sending && in_flight.is_empty() {
+                break;
+            }
+            tokio::select! {
+                _ = tick.tick(), if sending => {
+                    let (channel, queue, body) = (channel.clone(), queue.clone(), body.clone());
+                    let mut publish: Sending = Box::pin(async move {
+                        let properties = BasicProperties::default().with_delivery_mode(2);
+                        channel
+                            .basic_publish(
+                                "".into(),
+                                queue.as_str().into(),
+                                BasicPublishOptions { mandatory: true, immediate: false },
+                                &body,
+                                properties,
+                            )
+                            .await
+                    });
+                    let at = Instant::now();
+                    let first = poll_fn(|cx| Poll::Ready(publish.as_mut().poll(cx))).await;
+                    in_flight.push_back((at, match first {
+                        Poll::Ready(confirm) => Stage::Confirming(confirm?),
+                        Poll::Pending => Stage::Sending(publish),
+                    }));
+                }
+                confirmed = front(&mut in_flight), if !in_flight.is_empty() => {
+                    match confirmed? {
+                        Confirmation::Ack(None) | Confirmation::NotRequested => {}
+                        other => bail!("the broker did not take a message: {other:?}"),
+                    }
+                    if let Some((at, _)) = in_flight.pop_front() {
+                        if at >= start {
+                            histogram.record(at.elapsed().as_nanos().max(1) as u64)?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    let _ = channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "done".into()).await;
+    outcome?;
+    let mut figures = Figures::new(
+        "publish-latency",
+        "RabbitMQ (lapin, confirms)",
+        format!(
+            "size={} rate={rate:.0}/s duration={:?}",
+            options.size, options.duration
+        ),
+    );
+    let us = |q: f64| histogram.value_at_quantile(q) as f64 / 1e3;
+    figures
+        .set("offered_msgs_per_s", rate)
+        .set("p50_us", us(0.5))
+        .set("p99_us", us(0.99))
+        .set("p99_9_us", us(0.999))
+        .set("max_us", histogram.max() as f64 / 1e3);
+    Ok(figures)
+}
+
+/// The confirm of the oldest message in flight (its frames written first).
+async fn front(in_flight: &mut VecDeque<(Instant, Stage)>) -> lapin::Result<Confirmation> {
+    poll_fn(|cx| {
+        let Some((_, stage)) = in_flight.front_mut() else {
+            return Poll::Pending;
+        };
+        loop {
+            match stage {
+                Stage::Sending(sending) => match sending.as_mut().poll(cx) {
+                    Poll::Ready(Ok(confirm)) => *stage = Stage::Confirming(confirm),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                },
+                Stage::Confirming(confirm) => return Pin::new(confirm).poll(cx),
+            }
+        }
+    })
+    .await
+}
