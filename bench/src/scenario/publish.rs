@@ -214,11 +214,10 @@ pub async fn latency(options: &Options, rate: f64) -> anyhow::Result<Figures> {
                         Confirmation::Ack(None) | Confirmation::NotRequested => {}
                         other => bail!("the broker did not take a message: {other:?}"),
                     }
-                    if let Some((at, _)) = in_flight.pop_front() {
-                        if at >= start {
+                    if let Some((at, _)) = in_flight.pop_front()
+                        && at >= start {
                             histogram.record(at.elapsed().as_nanos().max(1) as u64)?;
                         }
-                    }
                 }
             }
         }
