@@ -132,6 +132,7 @@ struct RawRuntime {
     #[serde(default, with = "humantime_serde")]
     unload_after: Option<Duration>,
     max_log_line: Option<usize>,
+    keep_resident: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -678,6 +679,16 @@ impl RawRuntime {
                 defaults.max_log_line,
                 80,
             )?,
+            keep_resident: {
+                let bytes = self.keep_resident.unwrap_or(defaults.keep_resident);
+                if bytes > memory_limit {
+                    return Err(invalid(
+                        "runtime.keep_resident",
+                        format!("{bytes} is more than runtime.memory_limit ({memory_limit})"),
+                    ));
+                }
+                bytes
+            },
         })
     }
 }
@@ -813,6 +824,11 @@ mod tests {
                 "websocket.max_frame_size",
             ),
             ("TIDEGATE__ADMIN__TOKEN", "short", "admin.token"),
+            (
+                "TIDEGATE__RUNTIME__KEEP_RESIDENT",
+                "999999999999",
+                "runtime.keep_resident",
+            ),
         ];
         for (var, value, key) in cases {
             let file = write(MINIMAL);

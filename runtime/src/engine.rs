@@ -48,9 +48,10 @@ impl Engine {
             .total_tables(total.saturating_mul(4))
             .total_stacks(total)
             .max_memory_size(config.memory_limit)
-            // Keep the first pages of a released slot resident, so a warm
-            // re-instantiation does not fault them in again.
-            .linear_memory_keep_resident(64 << 10)
+            // Reset the first bytes of a released slot by memset instead of
+            // unmapping them, so the next instance does not fault them in
+            // again (a Rust guest's stack and first heap pages live there).
+            .linear_memory_keep_resident(config.keep_resident)
             .table_keep_resident(16 << 10);
 
         let mut wasm = Config::new();
