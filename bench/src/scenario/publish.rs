@@ -43,11 +43,9 @@ pub struct Options {
     pub warmup: Duration,
 }
 
-/// Run the scenario against a fresh durable queue, deleted afterwards.
-///
-/// # Errors
-/// When the broker is unreachable or refuses a message.
-pub async fn run(options: &Options) -> anyhow::Result<Figures> {
+/// Connect, open a confirm-mode channel and declare a fresh durable queue
+/// (the gateway's queue settings).
+async fn open(options: &Options) -> anyhow::Result<(Connection, lapin::Channel, String)> {
     let connection = Connection::connect(&options.url, ConnectionProperties::default())
         .await
         .with_context(|| format!("connecting to {}", options.url))?;
@@ -66,6 +64,46 @@ pub async fn run(options: &Options) -> anyhow::Result<Figures> {
             FieldTable::default(),
         )
         .await?;
+    Ok((connection, channel, queue))
+}
+
+/// Start publishing one persistent message; one poll hands its frames to
+/// lapin (as the gateway does), the rest is awaited later.
+async fn begin_publish(
+    channel: &lapin::Channel,
+    queue: &str,
+    body: &Arc<Vec<u8>>,
+) -> lapin::Result<Stage> {
+    let (channel, queue, body) = (channel.clone(), queue.to_owned(), body.clone());
+    let mut sending: Sending = Box::pin(async move {
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/octet-stream".into());
+        channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &body,
+                properties,
+            )
+            .await
+    });
+    match poll_fn(|cx| Poll::Ready(sending.as_mut().poll(cx))).await {
+        Poll::Ready(confirm) => Ok(Stage::Confirming(confirm?)),
+        Poll::Pending => Ok(Stage::Sending(sending)),
+    }
+}
+
+/// Run the scenario against a fresh durable queue, deleted afterwards.
+///
+/// # Errors
+/// When the broker is unreachable or refuses a message.
+pub async fn run(options: &Options) -> anyhow::Result<Figures> {
+    let (connection, channel, queue) = open(options).await?;
     let body = Arc::new(vec![b'p'; options.size]);
     let start = Instant::now() + options.warmup;
     let end = start + options.duration;
@@ -78,29 +116,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Figures> {
     let outcome = async {
         loop {
             while in_flight.len() < options.in_flight {
-                let (channel, queue, body) = (channel.clone(), queue.clone(), body.clone());
-                let mut sending: Sending = Box::pin(async move {
-                    let properties = BasicProperties::default()
-                        .with_delivery_mode(2)
-                        .with_content_type("application/octet-stream".into());
-                    channel
-                        .basic_publish(
-                            "".into(),
-                            queue.as_str().into(),
-                            BasicPublishOptions {
-                                mandatory: true,
-                                immediate: false,
-                            },
-                            &body,
-                            properties,
-                        )
-                        .await
-                });
-                let first = poll_fn(|cx| Poll::Ready(sending.as_mut().poll(cx))).await;
-                in_flight.push_back(match first {
-                    Poll::Ready(confirm) => Stage::Confirming(confirm?),
-                    Poll::Pending => Stage::Sending(sending),
-                });
+                in_flight.push_back(begin_publish(&channel, &queue, &body).await?);
             }
             let Some(stage) = in_flight.pop_front() else {
                 break;
@@ -156,24 +172,7 @@ pub async fn latency(options: &Options, rate: f64) -> anyhow::Result<Figures> {
     use hdrhistogram::Histogram;
     use tokio::time::MissedTickBehavior;
 
-    let connection = Connection::connect(&options.url, ConnectionProperties::default())
-        .await
-        .with_context(|| format!("connecting to {}", options.url))?;
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let queue = format!("tidegate.bench.{}", uuid::Uuid::now_v7().simple());
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let (connection, channel, queue) = open(options).await?;
     let body = Arc::new(vec![b'p'; options.size]);
     let start = Instant::now() + options.warmup;
     let end = start + options.duration;
@@ -189,25 +188,8 @@ pub async fn latency(options: &Options, rate: f64) -> anyhow::Result<Figures> {
             }
             tokio::select! {
                 _ = tick.tick(), if sending => {
-                    let (channel, queue, body) = (channel.clone(), queue.clone(), body.clone());
-                    let mut publish: Sending = Box::pin(async move {
-                        let properties = BasicProperties::default().with_delivery_mode(2);
-                        channel
-                            .basic_publish(
-                                "".into(),
-                                queue.as_str().into(),
-                                BasicPublishOptions { mandatory: true, immediate: false },
-                                &body,
-                                properties,
-                            )
-                            .await
-                    });
                     let at = Instant::now();
-                    let first = poll_fn(|cx| Poll::Ready(publish.as_mut().poll(cx))).await;
-                    in_flight.push_back((at, match first {
-                        Poll::Ready(confirm) => Stage::Confirming(confirm?),
-                        Poll::Pending => Stage::Sending(publish),
-                    }));
+                    in_flight.push_back((at, begin_publish(&channel, &queue, &body).await?));
                 }
                 confirmed = front(&mut in_flight), if !in_flight.is_empty() => {
                     match confirmed? {
