@@ -49,14 +49,17 @@ impl Drop for Server {
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+        let mut exited = false;
+        while !exited && std::time::Instant::now() < deadline {
+            exited = matches!(self.child.try_wait(), Ok(Some(_)));
+            if !exited {
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if !exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
         if let Some(queue) = self.queue.take() {
             // Drop may run inside the async runtime: delete on a thread.
             let _ = std::thread::spawn(move || delete_queue(&queue)).join();
