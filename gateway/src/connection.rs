@@ -70,7 +70,7 @@ struct Counters {
 }
 
 /// Serve an upgraded connection until it closes.
-pub async fn serve<S>(accepted: Accepted<S>, shared: Arc<Shared>)
+pub async fn serve<S>(accepted: Box<Accepted<S>>, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -80,7 +80,7 @@ where
         function,
         route,
         effects,
-    } = accepted;
+    } = *accepted;
     // What every later call is told about the connection.
     let ctx = Context {
         id: conn.id,
@@ -125,31 +125,41 @@ where
         _ => (close_code::ABNORMAL, String::new()),
     };
     if let ClientClose::Open(stream) = client_close
-        && let Ok(mut ws) = sink.reunite(stream)
+        && let Ok(ws) = sink.reunite(stream)
     {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            let answered = loop {
-                match ws.next().await {
-                    Some(Ok(message)) if message.is_close() => break true,
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) | None => break false,
-                }
-            };
-            // Without the client's close frame the stream may be unusable
-            // (for example mid-way through a message over the limit):
-            // discard what the client still sends, so closing the socket
-            // does not reset it before the client has read our close frame.
-            if !answered {
-                linger(ws.get_mut()).await;
-            }
-        })
-        .await;
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(None)).await;
+        // Boxed: only needed once, at the end.
+        Box::pin(finish_close(ws)).await;
     }
     open.dec();
-    if let Err(e) = function.on_disconnect(&ctx, code, &reason).await {
+    if let Err(e) = Box::pin(function.on_disconnect(&ctx, code, &reason)).await {
         tracing::debug!(connection = %ctx.id, "on-disconnect failed: {e}");
     }
+}
+
+/// Complete the closing handshake after our close frame: read until the
+/// client's (or give up after a short while), then close the socket.
+async fn finish_close<S>(mut ws: tokio_tungstenite::WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        let answered = loop {
+            match ws.next().await {
+                Some(Ok(message)) if message.is_close() => break true,
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break false,
+            }
+        };
+        // Without the client's close frame the stream may be unusable (for
+        // example mid-way through a message over the limit): discard what
+        // the client still sends, so closing the socket does not reset it
+        // before the client has read our close frame.
+        if !answered {
+            linger(ws.get_mut()).await;
+        }
+    })
+    .await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(None)).await;
 }
 
 /// Most bytes read and discarded while lingering before closing.
@@ -262,7 +272,10 @@ impl Reader<'_> {
             Ok(receipt) => receipt,
             Err(next) => return next,
         };
-        match self.function.on_message(self.ctx, &payload).await {
+        // Boxed, like every function call here: the call's state is large
+        // and only lives while it runs, so it should not be part of every
+        // idle connection's task.
+        match Box::pin(self.function.on_message(self.ctx, &payload)).await {
             Ok(Ok(effects)) => self.apply(effects, receipt).await,
             Ok(Err(error)) => {
                 let (kind, message) = match error {

@@ -87,7 +87,7 @@ pub async fn accept<S>(
     mut stream: S,
     peer: SocketAddr,
     shared: &Shared,
-) -> Result<Accepted<S>, Refusal>
+) -> Result<Box<Accepted<S>>, Refusal>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -126,13 +126,15 @@ where
                 Some(shared.ws_config),
             )
             .await;
-            Ok(Accepted {
+            // Boxed, so handing it to the connection moves a pointer: an
+            // async fn keeps its arguments for its whole life.
+            Ok(Box::new(Accepted {
                 ws,
                 conn,
                 function,
                 route,
                 effects: decision.effects,
-            })
+            }))
         }
         Err(refusal) => {
             write_refusal(&mut stream, &refusal).await;

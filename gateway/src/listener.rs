@@ -71,12 +71,14 @@ pub async fn serve(
         let shared = shared.clone();
         tracker.spawn(async move {
             let _permit = permit;
-            let handshakes = async {
+            // Boxed: its state (TLS handshake, request buffers) is only
+            // needed until the upgrade, not for the connection's life.
+            let handshakes = Box::pin(async {
                 let tls = acceptor.accept(tcp).await.map_err(Rejection::Tls)?;
                 handshake::accept(tls, peer, &shared)
                     .await
                     .map_err(Rejection::Upgrade)
-            };
+            });
             match tokio::time::timeout(shared.handshake_timeout, handshakes).await {
                 Ok(Ok(accepted)) => connection::serve(accepted, shared).await,
                 Ok(Err(rejection)) => {
