@@ -20,6 +20,8 @@
 //! ```
 
 #[doc(hidden)]
+// Generated code: the canonical ABI flattens records into many arguments.
+#[allow(clippy::too_many_arguments)]
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
