@@ -416,7 +416,27 @@ where
     K: futures_util::Sink<Message, Error = WsError> + Unpin,
 {
     let mut sent_close = None;
-    while let Some(outbound) = queue.recv().await {
+    // Replies fed to the sink but not yet written to the socket. They are
+    // flushed when nothing else is ready, so replies to a batch of
+    // messages leave in one write, and before waiting on anything.
+    let mut unflushed = false;
+    loop {
+        let outbound = match queue.try_recv() {
+            Ok(outbound) => outbound,
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                if unflushed {
+                    if sink.flush().await.is_err() {
+                        break;
+                    }
+                    unflushed = false;
+                }
+                match queue.recv().await {
+                    Some(outbound) => outbound,
+                    None => break,
+                }
+            }
+        };
         let (receipt, message) = match outbound {
             Outbound::Message { receipt, message } => (receipt, Some(message)),
             Outbound::Receipt(receipt) => (Some(receipt), None),
@@ -425,9 +445,23 @@ where
                 break;
             }
         };
-        if let Some(receipt) = receipt
-            && let Err(error) = receipt.durable().await
-        {
+        let durable = match receipt {
+            None => Ok(()),
+            Some(mut receipt) => match receipt.try_durable() {
+                Some(result) => result.map(|_| ()),
+                None => {
+                    // Do not hold earlier replies back while waiting.
+                    if unflushed {
+                        if sink.flush().await.is_err() {
+                            break;
+                        }
+                        unflushed = false;
+                    }
+                    receipt.durable().await.map(|_| ())
+                }
+            },
+        };
+        if let Err(error) = durable {
             let code = match error {
                 crate::publisher::PublishError::Closed => close_code::GOING_AWAY,
                 _ => close_code::TRY_AGAIN_LATER,
@@ -444,9 +478,7 @@ where
         }
         counters.sent.inc();
         counters.sent_bytes.inc_by(len);
-        if queue.is_empty() && sink.flush().await.is_err() {
-            break;
-        }
+        unflushed = true;
     }
     if let Some((code, reason)) = &sent_close {
         shared

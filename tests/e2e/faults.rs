@@ -72,3 +72,20 @@ async fn a_handler_error_is_sent_as_an_error_message_and_the_connection_stays() 
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_followed_by_a_message_without_reply_is_not_held_back() {
+    use futures_util::{SinkExt, StreamExt};
+    let gateway = faulty_gateway();
+    let mut client = gateway.connect("/").await;
+    // Both in one write, so the gateway reads them together.
+    client.feed(Message::Text("first".into())).await.unwrap();
+    client.feed(Message::Text("silent".into())).await.unwrap();
+    client.flush().await.unwrap();
+    let reply = tokio::time::timeout(std::time::Duration::from_secs(5), client.next())
+        .await
+        .expect("the reply to the first message is not held back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, Message::Text("first".into()));
+}

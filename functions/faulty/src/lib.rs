@@ -6,6 +6,7 @@
 //! - `panic`: panic (a trap);
 //! - `recurse`: recurse without end (stack overflow, a trap);
 //! - `bad`: return a `bad-request` handler error;
+//! - `silent`: return no effect at all (no reply);
 //! - `log`: print a line to stdout and log one through the logging import;
 //! - anything else (and every binary message) is echoed.
 
@@ -24,6 +25,7 @@ impl Function for Faulty {
                     recurse(1);
                 }
                 "bad" => return Err(HandlerError::BadRequest("asked to refuse".into())),
+                "silent" => return Ok(Vec::new()),
                 "log" => {
                     println!("a line on stdout");
                     log(Level::Warn, "a line through the logging import");

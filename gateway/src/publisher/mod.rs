@@ -66,6 +66,15 @@ pub enum PublishError {
 pub struct Receipt(oneshot::Receiver<Result<Durability, PublishError>>);
 
 impl Receipt {
+    /// The outcome, if it is already known.
+    pub fn try_durable(&mut self) -> Option<Result<Durability, PublishError>> {
+        match self.0.try_recv() {
+            Ok(result) => Some(result),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(PublishError::Closed)),
+        }
+    }
+
     /// Wait for the copy to be confirmed or spooled.
     ///
     /// # Errors
