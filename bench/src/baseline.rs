@@ -71,7 +71,7 @@ pub async fn run(listener: TcpListener, tls: bool) -> anyhow::Result<()> {
 /// The same buffer sizes and limits as the gateway's defaults.
 fn config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(4 << 10)
+        .read_buffer_size(2 << 10)
         .write_buffer_size(8 << 10)
         .max_message_size(Some(128 << 10))
         .max_frame_size(Some(128 << 10))

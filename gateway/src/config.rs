@@ -532,7 +532,7 @@ impl RawWebSocket {
             read_buffer_size: at_least(
                 "websocket.read_buffer_size",
                 self.read_buffer_size,
-                4 << 10,
+                2 << 10,
                 1024,
             )?,
             write_buffer_size: at_least(
@@ -764,7 +764,7 @@ mod tests {
         assert_eq!(settings.queue.queue, "tidegate.messages");
         assert_eq!(settings.queue.mode, QueueMode::Receipt);
         assert_eq!(settings.websocket.max_message_size, 128 * 1024);
-        assert_eq!(settings.websocket.read_buffer_size, 4 * 1024);
+        assert_eq!(settings.websocket.read_buffer_size, 2 * 1024);
         assert_eq!(
             settings.queue.spool_dir,
             PathBuf::from("/var/lib/tidegate/spool")

@@ -9,11 +9,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_channel::mpsc;
 use futures_util::{SinkExt, StreamExt};
 use prometheus::IntCounter;
 use runtime::{Context, Effect, Function, HandlerError, Payload};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -100,7 +100,10 @@ where
     };
 
     let (sink, stream) = ws.split();
-    let (outbound, queue) = mpsc::channel(shared.websocket.send_queue.get());
+    // futures' channel allocates per message rather than a block of slots
+    // up front, so an idle connection does not pay for its queue. One
+    // sender: capacity = buffer + 1.
+    let (outbound, queue) = mpsc::channel(shared.websocket.send_queue.get() - 1);
     // Cancelled by the writer when it can no longer send, so the reader
     // stops too.
     let writer_done = CancellationToken::new();
@@ -198,7 +201,7 @@ enum Next {
 
 impl Reader<'_> {
     async fn run<T>(
-        self,
+        mut self,
         mut stream: T,
         effects: Vec<Effect>,
         writer_done: &CancellationToken,
@@ -261,7 +264,7 @@ impl Reader<'_> {
         ClientClose::Open(stream)
     }
 
-    async fn on_message(&self, payload: Payload) -> Next {
+    async fn on_message(&mut self, payload: Payload) -> Next {
         let len = match &payload {
             Payload::Text(text) => text.len(),
             Payload::Binary(data) => data.len(),
@@ -339,7 +342,7 @@ impl Reader<'_> {
 
     /// Carry out a function's effects, in order. The copy's receipt goes
     /// with the first reply (or alone, if there is none).
-    async fn apply(&self, effects: Vec<Effect>, mut receipt: Option<Receipt>) -> Next {
+    async fn apply(&mut self, effects: Vec<Effect>, mut receipt: Option<Receipt>) -> Next {
         let mut next = Next::Continue;
         for effect in effects {
             match effect {
@@ -395,7 +398,7 @@ impl Reader<'_> {
         next
     }
 
-    async fn send(&self, outbound: Outbound) -> Next {
+    async fn send(&mut self, outbound: Outbound) -> Next {
         match self.outbound.send(outbound).await {
             Ok(()) => Next::Continue,
             Err(_) => Next::Stop,
@@ -423,15 +426,15 @@ where
     loop {
         let outbound = match queue.try_recv() {
             Ok(outbound) => outbound,
-            Err(mpsc::error::TryRecvError::Disconnected) => break,
-            Err(mpsc::error::TryRecvError::Empty) => {
+            Err(mpsc::TryRecvError::Closed) => break,
+            Err(mpsc::TryRecvError::Empty) => {
                 if unflushed {
                     if sink.flush().await.is_err() {
                         break;
                     }
                     unflushed = false;
                 }
-                match queue.recv().await {
+                match queue.next().await {
                     Some(outbound) => outbound,
                     None => break,
                 }
