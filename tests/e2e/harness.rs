@@ -330,6 +330,14 @@ pub struct Copy {
     pub headers: HashMap<String, String>,
 }
 
+/// The bodies of copies, as text.
+pub fn bodies(copies: &[Copy]) -> Vec<String> {
+    copies
+        .iter()
+        .map(|c| String::from_utf8(c.body.clone()).expect("a text body"))
+        .collect()
+}
+
 /// Read (and acknowledge) every message now in `queue`, waiting up to
 /// `timeout` for at least `expected` to arrive.
 pub async fn drain_queue(queue: &str, expected: usize, timeout: Duration) -> Vec<Copy> {

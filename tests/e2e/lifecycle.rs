@@ -5,7 +5,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{Gateway, Options, close_code, drain_queue, eventually, round_trip};
+use crate::harness::{Gateway, Options, bodies, close_code, drain_queue, eventually, round_trip};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_function_scales_to_zero_and_the_next_message_cold_starts() {
@@ -104,10 +104,7 @@ async fn sigterm_closes_sockets_with_1001_and_loses_no_replied_message() {
     let expected: Vec<String> = (0..replied.len()).map(|i| i.to_string()).collect();
     assert_eq!(replied, expected);
     let copies = drain_queue(&queue, replied.len(), Duration::from_secs(5)).await;
-    let stored: Vec<String> = copies
-        .iter()
-        .map(|c| String::from_utf8(c.body.clone()).unwrap())
-        .collect();
+    let stored = bodies(&copies);
     assert!(
         stored.len() >= replied.len() && stored[..replied.len()] == replied[..],
         "{} replied, {} stored",

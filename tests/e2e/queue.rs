@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{Gateway, Options, drain_queue, eventually, round_trip};
+use crate::harness::{Gateway, Options, bodies, drain_queue, eventually, round_trip};
 use crate::proxy::BrokerProxy;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,12 +68,9 @@ async fn copies_of_pipelined_messages_are_in_the_queue_in_order() {
         stream.next().await.unwrap().unwrap();
     }
     let copies = drain_queue(&gateway.queue, 500, Duration::from_secs(1)).await;
-    let bodies: Vec<String> = copies
-        .iter()
-        .map(|c| String::from_utf8(c.body.clone()).unwrap())
-        .collect();
+    let stored = bodies(&copies);
     let expected: Vec<String> = (0..500).map(|i| i.to_string()).collect();
-    assert_eq!(bodies, expected);
+    assert_eq!(stored, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,12 +109,9 @@ async fn while_the_broker_is_down_messages_are_spooled_then_replayed_in_order_ex
     }
 
     let copies = drain_queue(&gateway.queue, 250, Duration::from_secs(10)).await;
-    let bodies: Vec<String> = copies
-        .iter()
-        .map(|c| String::from_utf8(c.body.clone()).unwrap())
-        .collect();
+    let stored = bodies(&copies);
     let expected: Vec<String> = (0..250).map(|i| format!("outage {i}")).collect();
-    assert_eq!(bodies, expected, "every message exactly once, in order");
+    assert_eq!(stored, expected, "every message exactly once, in order");
     let ids: HashSet<&str> = copies.iter().map(|c| c.message_id.as_str()).collect();
     assert_eq!(ids.len(), 250);
     assert_eq!(
@@ -177,12 +171,9 @@ async fn in_async_mode_replies_do_not_wait_but_every_copy_still_arrives_in_order
         assert_eq!(reply, Message::Text(format!("async {i}").into()));
     }
     let copies = drain_queue(&gateway.queue, 300, Duration::from_secs(10)).await;
-    let bodies: Vec<String> = copies
-        .iter()
-        .map(|c| String::from_utf8(c.body.clone()).unwrap())
-        .collect();
+    let stored = bodies(&copies);
     let expected: Vec<String> = (0..300).map(|i| format!("async {i}")).collect();
-    assert_eq!(bodies, expected);
+    assert_eq!(stored, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

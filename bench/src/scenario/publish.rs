@@ -67,6 +67,14 @@ async fn open(options: &Options) -> anyhow::Result<(Connection, lapin::Channel, 
     Ok((connection, channel, queue))
 }
 
+/// Delete the queue `open` declared and close the connection.
+async fn close(connection: Connection, channel: &lapin::Channel, queue: &str) {
+    let _ = channel
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "done".into()).await;
+}
+
 /// Start publishing one persistent message; one poll hands its frames to
 /// lapin (as the gateway does), the rest is awaited later.
 async fn begin_publish(
@@ -144,10 +152,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Figures> {
     }
     .await;
     let cpu = process::own_cpu_seconds()? - cpu_start.unwrap_or_default();
-    let _ = channel
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await;
-    let _ = connection.close(200, "done".into()).await;
+    close(connection, &channel, &queue).await;
     outcome?;
     let mut figures = Figures::new(
         "publish",
@@ -206,10 +211,7 @@ pub async fn latency(options: &Options, rate: f64) -> anyhow::Result<Figures> {
         Ok(())
     }
     .await;
-    let _ = channel
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await;
-    let _ = connection.close(200, "done".into()).await;
+    close(connection, &channel, &queue).await;
     outcome?;
     let mut figures = Figures::new(
         "publish-latency",
