@@ -320,6 +320,9 @@ fn start_tidegate(
         .env("TIDEGATE__ADMIN__LISTEN", "127.0.0.1:0")
         .env("TIDEGATE__SERVER__STATE_DIR", state.path())
         .env("TIDEGATE__SERVER__MAX_CONNECTIONS", "15000")
+        // The load generator is one client sending as fast as it can.
+        .env("TIDEGATE__SERVER__MAX_CONNECTIONS_PER_IP", "15000")
+        .env("TIDEGATE__WEBSOCKET__MAX_MESSAGE_RATE", "1000000000")
         .env("TIDEGATE__QUEUE__QUEUE", &queue)
         .env("TIDEGATE__QUEUE__MODE", mode);
     for (key, value) in env {

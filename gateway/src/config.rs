@@ -66,8 +66,13 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<String>,
+    plain_listen: Option<String>,
     node_id: Option<String>,
     max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    max_handshakes: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    tls_handshake_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     handshake_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -92,6 +97,14 @@ struct RawWebSocket {
     send_queue: Option<usize>,
     max_request_head: Option<usize>,
     forward_headers: Option<Vec<String>>,
+    allowed_origins: Option<Vec<String>>,
+    max_message_rate: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    max_duration: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    send_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -133,6 +146,8 @@ struct RawRuntime {
     unload_after: Option<Duration>,
     max_log_line: Option<usize>,
     keep_resident: Option<usize>,
+    max_queued: Option<usize>,
+    on_error: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -161,6 +176,9 @@ pub struct Settings {
     pub queue: QueueSettings,
     /// Function limits.
     pub runtime: runtime::RuntimeConfig,
+    /// What a client sees when the function fails on its message
+    /// (`runtime.on_error`).
+    pub on_error: OnError,
     /// Functions by name.
     pub functions: BTreeMap<String, FunctionSource>,
     /// Route path to function name.
@@ -174,12 +192,24 @@ pub struct Settings {
 pub struct ServerSettings {
     /// Address to listen on (`server.listen`).
     pub listen: SocketAddr,
+    /// An optional second listener without TLS (`server.plain_listen`),
+    /// for deployments where a proxy in front terminates TLS.
+    pub plain_listen: Option<SocketAddr>,
     /// This node's id; connection ids and queue headers carry it.
     pub node_id: String,
-    /// Most open connections (`server.max_connections`); further clients
-    /// wait in the accept backlog.
+    /// Most connections, open or in their handshakes
+    /// (`server.max_connections`); further clients get HTTP 503.
     pub max_connections: NonZeroUsize,
-    /// Longest a client may take for the TLS and WebSocket handshakes.
+    /// Most connections from one client IP address
+    /// (`server.max_connections_per_ip`); further ones get HTTP 429.
+    pub max_connections_per_ip: NonZeroUsize,
+    /// Most connections in their TLS or upgrade handshake at once
+    /// (`server.max_handshakes`); further clients wait in the accept
+    /// backlog.
+    pub max_handshakes: NonZeroUsize,
+    /// Longest a client may take for the TLS handshake, from accept.
+    pub tls_handshake_timeout: Duration,
+    /// Longest a client may take to send its upgrade request after TLS.
     pub handshake_timeout: Duration,
     /// Longest a shutdown may take before remaining connections are cut.
     pub shutdown_grace_period: Duration,
@@ -213,6 +243,21 @@ pub struct WebSocketSettings {
     pub max_request_head: usize,
     /// Request headers passed to functions (lower-case names).
     pub forward_headers: Vec<String>,
+    /// `Origin` values allowed to connect (lower case, no trailing '/');
+    /// empty allows any. Requests without `Origin` (non-browser clients)
+    /// are allowed.
+    pub allowed_origins: Vec<String>,
+    /// Most messages a connection may send per second (also the burst);
+    /// more closes with 1008.
+    pub max_message_rate: NonZeroU32,
+    /// A connection that sends nothing (no message, ping or pong) for this
+    /// long is closed with 1001.
+    pub idle_timeout: Duration,
+    /// A connection open for this long is closed with 1001.
+    pub max_duration: Duration,
+    /// A client that does not take what the gateway sends for this long is
+    /// a slow consumer: its connection is dropped and its queue freed.
+    pub send_timeout: Duration,
 }
 
 /// The admin listener.
@@ -261,6 +306,17 @@ pub struct QueueSettings {
     /// Longest to wait for the broker to confirm a copy before the link is
     /// considered broken and unconfirmed copies are spooled.
     pub confirm_timeout: Duration,
+}
+
+/// What a client sees when the function fails on its message (a trap, a
+/// time or memory limit, a reply over the size limit, an overload).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// An error reply, `{"error":"function-failed"|"overloaded",...}`, in
+    /// place of the function's reply; the connection stays open.
+    Reply,
+    /// The connection is closed: 1011 for a failure, 1013 for an overload.
+    Close,
 }
 
 /// Where a function's component comes from.
@@ -319,6 +375,7 @@ impl Settings {
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("websocket.forward_headers")
+                .with_list_parse_key("websocket.allowed_origins")
                 .source(Some(env)),
         );
         let raw: RawConfig = builder
@@ -366,6 +423,16 @@ impl RawConfig {
             },
         };
         let queue = self.queue.validate(&server.state_dir)?;
+        let on_error = match self.runtime.on_error.as_deref().unwrap_or("reply") {
+            "reply" => OnError::Reply,
+            "close" => OnError::Close,
+            other => {
+                return Err(invalid(
+                    "runtime.on_error",
+                    format!("{other:?}: expected \"reply\" or \"close\""),
+                ));
+            }
+        };
         let runtime = self.runtime.validate(&server.state_dir)?;
 
         let mut functions = BTreeMap::new();
@@ -437,6 +504,7 @@ impl RawConfig {
             admin,
             queue,
             runtime,
+            on_error,
             functions,
             routes,
             dev,
@@ -478,10 +546,33 @@ impl RawServer {
                 .join(listen.port().to_string()),
             None => PathBuf::from("/var/lib/tidegate"),
         };
+        let plain_listen = self
+            .plain_listen
+            .as_deref()
+            .map(|addr| parse_addr("server.plain_listen", addr))
+            .transpose()?;
+        if plain_listen.is_some_and(|plain| plain == listen && plain.port() != 0) {
+            return Err(invalid(
+                "server.plain_listen",
+                "must differ from server.listen",
+            ));
+        }
         Ok(ServerSettings {
             listen,
+            plain_listen,
             node_id,
             max_connections: non_zero("server.max_connections", self.max_connections, 10_000)?,
+            max_connections_per_ip: non_zero(
+                "server.max_connections_per_ip",
+                self.max_connections_per_ip,
+                1_000,
+            )?,
+            max_handshakes: non_zero("server.max_handshakes", self.max_handshakes, 1_024)?,
+            tls_handshake_timeout: positive(
+                "server.tls_handshake_timeout",
+                self.tls_handshake_timeout,
+                Duration::from_secs(5),
+            )?,
             handshake_timeout: positive(
                 "server.handshake_timeout",
                 self.handshake_timeout,
@@ -549,6 +640,30 @@ impl RawWebSocket {
                 512,
             )?,
             forward_headers,
+            allowed_origins: self
+                .allowed_origins
+                .unwrap_or_default()
+                .into_iter()
+                .map(|origin| origin.trim().trim_end_matches('/').to_ascii_lowercase())
+                .filter(|origin| !origin.is_empty())
+                .collect(),
+            max_message_rate: NonZeroU32::new(self.max_message_rate.unwrap_or(1_000))
+                .ok_or_else(|| invalid("websocket.max_message_rate", "must be at least 1"))?,
+            idle_timeout: positive(
+                "websocket.idle_timeout",
+                self.idle_timeout,
+                Duration::from_secs(600),
+            )?,
+            max_duration: positive(
+                "websocket.max_duration",
+                self.max_duration,
+                Duration::from_secs(24 * 3600),
+            )?,
+            send_timeout: positive(
+                "websocket.send_timeout",
+                self.send_timeout,
+                Duration::from_secs(10),
+            )?,
         })
     }
 }
@@ -668,6 +783,7 @@ impl RawRuntime {
                 .artifact_dir
                 .unwrap_or_else(|| state_dir.join("artifacts")),
             max_instances,
+            max_queued: self.max_queued.unwrap_or(defaults.max_queued),
             max_total_instances,
             memory_limit,
             timeout: positive("runtime.timeout", self.timeout, defaults.timeout)?,

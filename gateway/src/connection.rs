@@ -9,6 +9,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use futures_channel::mpsc;
 use futures_util::{SinkExt, StreamExt};
 use prometheus::IntCounter;
@@ -20,7 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::QueueMode;
+use crate::config::{OnError, QueueMode};
 use crate::handshake::Accepted;
 use crate::publisher::{QueueMessage, Receipt};
 use crate::server::Shared;
@@ -36,6 +38,8 @@ pub mod close_code {
     pub const GOING_AWAY: u16 = 1001;
     /// The client broke the protocol.
     pub const PROTOCOL: u16 = 1002;
+    /// The client broke a policy (message rate).
+    pub const POLICY: u16 = 1008;
     /// No close frame was received (reported to `on-disconnect` only).
     pub const ABNORMAL: u16 = 1006;
     /// A text message was not valid UTF-8.
@@ -109,25 +113,30 @@ where
     let writer_done = CancellationToken::new();
     let reader = Reader {
         ctx: &ctx,
+        rate: governor::RateLimiter::direct(governor::Quota::per_second(
+            shared.websocket.max_message_rate,
+        )),
         function: &function,
         route: &route,
         shared: &shared,
         counters: &counters,
         outbound,
     };
-    let (client_close, (sink, sent_close)) = tokio::join!(
+    let (client_close, (sink, sent_close, stalled)) = tokio::join!(
         reader.run(stream, effects, &writer_done),
         write(sink, queue, &counters, &writer_done, &shared)
     );
 
     // Complete the closing handshake: read until the client's close frame
-    // (or give up after a short while).
+    // (or give up after a short while). A client that stopped reading is
+    // not waited for: its socket is dropped with what was queued for it.
     let (code, reason) = match (&client_close, &sent_close) {
         (ClientClose::Closed(code, reason), _) => (*code, reason.clone()),
         (_, Some((code, reason))) => (*code, reason.clone()),
         _ => (close_code::ABNORMAL, String::new()),
     };
     if let ClientClose::Open(stream) = client_close
+        && !stalled
         && let Ok(ws) = sink.reunite(stream)
     {
         // Boxed: only needed once, at the end.
@@ -185,11 +194,22 @@ enum ClientClose<T> {
 
 struct Reader<'a> {
     ctx: &'a Context,
+    rate: governor::DefaultDirectRateLimiter,
     function: &'a Arc<Function>,
     route: &'a str,
     shared: &'a Shared,
     counters: &'a Counters,
     outbound: mpsc::Sender<Outbound>,
+}
+
+/// Why the function failed on a message.
+struct Failure {
+    /// Metric label.
+    kind: &'static str,
+    /// All instances busy and the queue full (1013 rather than 1011).
+    overloaded: bool,
+    /// For the error reply.
+    message: String,
 }
 
 /// What to do after a message.
@@ -210,10 +230,17 @@ impl Reader<'_> {
         T: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
     {
         let mut next = self.apply(effects, None).await;
+        let limits = &self.shared.websocket;
+        let opened = Instant::now();
+        let expires = opened + limits.max_duration;
+        let mut last_frame = opened;
+        // One timer for the idle timeout and the maximum duration; a frame
+        // only notes the time, the timer is moved when it fires.
+        let timer = tokio::time::sleep_until((opened + limits.idle_timeout).min(expires));
         // Created once: registering a waiter per message costs.
         let shutdown = self.shared.shutdown.cancelled();
         let writer_gone = writer_done.cancelled();
-        tokio::pin!(shutdown, writer_gone);
+        tokio::pin!(shutdown, writer_gone, timer);
         while let Next::Continue = next {
             let frame = tokio::select! {
                 biased;
@@ -225,8 +252,42 @@ impl Reader<'_> {
                     next = Next::Stop;
                     break;
                 }
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    let idle_until = last_frame + limits.idle_timeout;
+                    if now >= expires {
+                        next = Next::Close(close_code::GOING_AWAY, format!(
+                            "connection reached its maximum duration of {} (websocket.max_duration)",
+                            humantime::format_duration(limits.max_duration)
+                        ));
+                        break;
+                    }
+                    if now >= idle_until {
+                        next = Next::Close(close_code::GOING_AWAY, format!(
+                            "idle for {} (websocket.idle_timeout)",
+                            humantime::format_duration(limits.idle_timeout)
+                        ));
+                        break;
+                    }
+                    timer.as_mut().reset(idle_until.min(expires));
+                    continue;
+                }
                 frame = stream.next() => frame,
             };
+            last_frame = Instant::now();
+            if let Some(Ok(message)) = &frame
+                && !message.is_close()
+                && self.rate.check().is_err()
+            {
+                next = Next::Close(
+                    close_code::POLICY,
+                    format!(
+                        "more than {} messages per second (websocket.max_message_rate)",
+                        limits.max_message_rate
+                    ),
+                );
+                break;
+            }
             next = match frame {
                 None => return ClientClose::Closed(close_code::ABNORMAL, String::new()),
                 Some(Ok(Message::Text(text))) => {
@@ -279,7 +340,10 @@ impl Reader<'_> {
         // and only lives while it runs, so it should not be part of every
         // idle connection's task.
         match Box::pin(self.function.on_message(self.ctx, &payload)).await {
-            Ok(Ok(effects)) => self.apply(effects, receipt).await,
+            Ok(Ok(effects)) => match self.oversized_reply(&effects) {
+                None => self.apply(effects, receipt).await,
+                Some(failure) => self.fail(failure, receipt).await,
+            },
             Ok(Err(error)) => {
                 let (kind, message) = match error {
                     HandlerError::BadRequest(m) => ("bad-request", m),
@@ -293,13 +357,84 @@ impl Reader<'_> {
                 .await
             }
             Err(error) => {
-                if let Some(receipt) = receipt {
-                    let _ = self.send(Outbound::Receipt(receipt)).await;
+                let failure = Failure {
+                    kind: error.kind(),
+                    overloaded: matches!(error, runtime::InvokeError::Overloaded { .. }),
+                    message: error.to_string(),
+                };
+                self.fail(failure, receipt).await
+            }
+        }
+    }
+
+    /// A reply larger than `websocket.max_message_size` fails the message:
+    /// the client could not be sent it.
+    fn oversized_reply(&self, effects: &[Effect]) -> Option<Failure> {
+        let limit = self.shared.websocket.max_message_size;
+        effects.iter().find_map(|effect| {
+            let Effect::Reply(payload) = effect else {
+                return None;
+            };
+            let len = match payload {
+                Payload::Text(text) => text.len(),
+                Payload::Binary(data) => data.len(),
+            };
+            (len > limit).then(|| Failure {
+                kind: "reply_too_large",
+                overloaded: false,
+                message: format!(
+                    "function {:?} replied with {len} bytes, over the limit of {limit} (websocket.max_message_size)",
+                    self.function.name()
+                ),
+            })
+        })
+    }
+
+    /// The function failed on this message: count it, and tell the client
+    /// with an error reply or a close, as `runtime.on_error` says. The
+    /// copy's receipt still orders what the client sees.
+    async fn fail(&mut self, failure: Failure, receipt: Option<Receipt>) -> Next {
+        self.shared
+            .metrics
+            .message_failures
+            .with_label_values(&[self.route, failure.kind])
+            .inc();
+        match self.shared.on_error {
+            OnError::Reply => {
+                let error = if failure.overloaded {
+                    "overloaded"
+                } else {
+                    "function-failed"
+                };
+                let body = serde_json::json!({
+                    "error": error,
+                    "kind": failure.kind,
+                    "message": failure.message,
+                })
+                .to_string();
+                self.send(Outbound::Message {
+                    receipt,
+                    message: Message::Text(body.into()),
+                })
+                .await
+            }
+            OnError::Close => {
+                if let Some(receipt) = receipt
+                    && let Next::Stop = self.send(Outbound::Receipt(receipt)).await
+                {
+                    return Next::Stop;
                 }
-                Next::Close(
-                    close_code::INTERNAL,
-                    format!("function error: {}", error.kind()),
-                )
+                if failure.overloaded {
+                    Next::Close(
+                        close_code::TRY_AGAIN_LATER,
+                        "function overloaded; try again later".into(),
+                    )
+                } else {
+                    Next::Close(
+                        close_code::INTERNAL,
+                        format!("function error: {}", failure.kind),
+                    )
+                }
             }
         }
     }
@@ -406,18 +541,41 @@ impl Reader<'_> {
     }
 }
 
+/// Why a write did not complete.
+enum WriteFailure {
+    /// The socket is closing or gone.
+    Gone,
+    /// The client did not take the bytes within `websocket.send_timeout`.
+    Stalled,
+}
+
+/// Flush the sink, or give up on a client that stopped reading.
+async fn flush<K>(sink: &mut K, limit: Duration) -> Result<(), WriteFailure>
+where
+    K: futures_util::Sink<Message, Error = WsError> + Unpin,
+{
+    match tokio::time::timeout(limit, sink.flush()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(WriteFailure::Gone),
+        Err(_) => Err(WriteFailure::Stalled),
+    }
+}
+
 /// Send queued messages in order, each after its copy is durable. Returns
-/// the sink and the close frame sent, if any.
+/// the sink, the close frame sent, if any, and whether the client stopped
+/// reading (a slow consumer, dropped without a closing handshake).
 async fn write<K>(
     mut sink: K,
     mut queue: mpsc::Receiver<Outbound>,
     counters: &Counters,
     done: &CancellationToken,
     shared: &Shared,
-) -> (K, Option<(u16, String)>)
+) -> (K, Option<(u16, String)>, bool)
 where
     K: futures_util::Sink<Message, Error = WsError> + Unpin,
 {
+    let send_timeout = shared.websocket.send_timeout;
+    let mut failure = None;
     let mut sent_close = None;
     // Replies fed to the sink but not yet written to the socket. They are
     // flushed when nothing else is ready, so replies to a batch of
@@ -429,7 +587,8 @@ where
             Err(mpsc::TryRecvError::Closed) => break,
             Err(mpsc::TryRecvError::Empty) => {
                 if unflushed {
-                    if sink.flush().await.is_err() {
+                    if let Err(e) = flush(&mut sink, send_timeout).await {
+                        failure = Some(e);
                         break;
                     }
                     unflushed = false;
@@ -455,7 +614,8 @@ where
                 None => {
                     // Do not hold earlier replies back while waiting.
                     if unflushed {
-                        if sink.flush().await.is_err() {
+                        if let Err(e) = flush(&mut sink, send_timeout).await {
+                            failure = Some(e);
                             break;
                         }
                         unflushed = false;
@@ -475,15 +635,34 @@ where
         let Some(message) = message else { continue };
         let len = message.len() as u64;
         // A failed send means the socket is closing or gone; what is left
-        // (a pending close answer) is flushed below.
-        if sink.feed(message).await.is_err() {
-            break;
+        // (a pending close answer) is flushed below. Feeding writes out
+        // once the write buffer is full, so it too can stall.
+        match tokio::time::timeout(send_timeout, sink.feed(message)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                failure = Some(WriteFailure::Gone);
+                break;
+            }
+            Err(_) => {
+                failure = Some(WriteFailure::Stalled);
+                break;
+            }
         }
         counters.sent.inc();
         counters.sent_bytes.inc_by(len);
         unflushed = true;
     }
-    if let Some((code, reason)) = &sent_close {
+    let stalled = matches!(failure, Some(WriteFailure::Stalled));
+    if stalled {
+        shared
+            .metrics
+            .closes
+            .with_label_values(&["slow_consumer"])
+            .inc();
+        tracing::debug!(
+            "client did not read for {send_timeout:?} (websocket.send_timeout): connection dropped"
+        );
+    } else if let Some((code, reason)) = &sent_close {
         shared
             .metrics
             .closes
@@ -493,12 +672,12 @@ where
             code: CloseCode::from(*code),
             reason: clip_reason(reason).into(),
         };
-        let _ = sink.send(Message::Close(Some(frame))).await;
+        let _ = tokio::time::timeout(send_timeout, sink.send(Message::Close(Some(frame)))).await;
     } else {
-        let _ = sink.flush().await;
+        let _ = flush(&mut sink, send_timeout).await;
     }
     done.cancel();
-    (sink, sent_close)
+    (sink, sent_close, stalled)
 }
 
 /// The close code and reason for a read error, or `None` when the socket

@@ -53,7 +53,8 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    fn http(status: u16, reason: &'static str, message: impl Into<String>) -> Self {
+    /// An HTTP error answer.
+    pub fn http(status: u16, reason: &'static str, message: impl Into<String>) -> Self {
         Refusal::Http {
             status,
             reason,
@@ -78,8 +79,9 @@ struct RequestHead {
     leftover: Vec<u8>,
 }
 
-/// Run the upgrade on `stream`. On refusal the HTTP error has already been
-/// written.
+/// Run the upgrade on `stream`. A `refusal` decided before the request
+/// (a connection limit) is sent once the request head is read. On refusal
+/// the HTTP error has already been written.
 ///
 /// # Errors
 /// A [`Refusal`] saying why the connection was not upgraded.
@@ -87,11 +89,12 @@ pub async fn accept<S>(
     mut stream: S,
     peer: SocketAddr,
     shared: &Shared,
+    refusal: Option<Refusal>,
 ) -> Result<Box<Accepted<S>>, Refusal>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match prepare(&mut stream, peer, shared).await {
+    match prepare(&mut stream, peer, shared, refusal).await {
         Ok((head, conn, function, route, decision)) => {
             let mut response = match create_response(&head.request) {
                 Ok(response) => response,
@@ -151,11 +154,19 @@ type Prepared = (
     runtime::ConnectDecision,
 );
 
-async fn prepare<S>(stream: &mut S, peer: SocketAddr, shared: &Shared) -> Result<Prepared, Refusal>
+async fn prepare<S>(
+    stream: &mut S,
+    peer: SocketAddr,
+    shared: &Shared,
+    refusal: Option<Refusal>,
+) -> Result<Prepared, Refusal>
 where
     S: AsyncRead + Unpin,
 {
     let head = read_head(stream, shared.websocket.max_request_head).await?;
+    if let Some(refusal) = refusal {
+        return Err(refusal);
+    }
     let request = &head.request;
     if request.method() != http::Method::GET {
         return Err(Refusal::http(
@@ -164,6 +175,7 @@ where
             "only GET upgrades to a WebSocket",
         ));
     }
+    check_origin(request, &shared.websocket.allowed_origins)?;
     let path = request.uri().path().to_owned();
     let Some(matched) = shared.router.resolve(&path) else {
         return Err(Refusal::http(
@@ -252,6 +264,33 @@ where
     Ok((head, conn, function, route, decision))
 }
 
+/// Refuse a browser whose page's origin is not on the allow-list. An empty
+/// list allows any; a request without `Origin` (not from a browser) is
+/// allowed, since `Origin` protects browser users, not the server.
+fn check_origin(request: &http::Request<()>, allowed: &[String]) -> Result<(), Refusal> {
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    let mut origins = request.headers().get_all(http::header::ORIGIN).iter();
+    let (Some(origin), None) = (origins.next(), origins.next()) else {
+        return match request.headers().contains_key(http::header::ORIGIN) {
+            true => Err(Refusal::http(403, "origin", "more than one Origin header")),
+            false => Ok(()),
+        };
+    };
+    let origin = String::from_utf8_lossy(origin.as_bytes());
+    let normalized = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+    if allowed.iter().any(|a| a == "*" || *a == normalized) {
+        Ok(())
+    } else {
+        Err(Refusal::http(
+            403,
+            "origin",
+            format!("origin {origin:?} is not allowed (websocket.allowed_origins)"),
+        ))
+    }
+}
+
 /// Read until the end of the request head, at most `max` bytes.
 async fn read_head<S>(stream: &mut S, max: usize) -> Result<RequestHead, Refusal>
 where
@@ -335,4 +374,35 @@ async fn write_refusal<S: AsyncWrite + Unpin>(stream: &mut S, refusal: &Refusal)
     );
     let _ = stream.write_all(response.as_bytes()).await;
     let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(origins: &[&str]) -> http::Request<()> {
+        let mut builder = http::Request::builder().uri("/");
+        for origin in origins {
+            builder = builder.header("origin", *origin);
+        }
+        builder.body(()).unwrap()
+    }
+
+    #[test]
+    fn origins_are_checked_against_the_allow_list() {
+        let allowed = vec!["https://app.example.com".to_owned()];
+        assert!(check_origin(&request(&["https://app.example.com"]), &allowed).is_ok());
+        assert!(check_origin(&request(&["HTTPS://App.Example.com/"]), &allowed).is_ok());
+        assert!(check_origin(&request(&[]), &allowed).is_ok());
+        assert!(check_origin(&request(&["https://evil.example"]), &allowed).is_err());
+        assert!(check_origin(&request(&["null"]), &allowed).is_err());
+        assert!(
+            check_origin(
+                &request(&["https://app.example.com", "https://evil.example"]),
+                &allowed
+            )
+            .is_err()
+        );
+        assert!(check_origin(&request(&["https://evil.example"]), &[]).is_ok());
+    }
 }

@@ -3,7 +3,8 @@
 //! - [`cli`]: `tidegate serve [--config FILE] [--dev]`.
 //! - [`config`]: the file plus `TIDEGATE__*` variables, validated once.
 //! - [`server`]: wiring, signals, drain.
-//! - [`listener`]: accept with a permit, TLS and upgrade under a timeout.
+//! - [`listener`]: accept, admission, TLS and upgrade under timeouts.
+//! - [`limits`]: connection limits in total, per address, in handshakes.
 //! - [`tls`]: rustls (ring) from PEM files; [`dev`]: the `--dev` certificate.
 //! - [`handshake`]: the HTTP upgrade, routing and `on-connect`.
 //! - [`router`]: path to function.
@@ -21,6 +22,7 @@ pub mod config;
 pub mod connection;
 pub mod dev;
 pub mod handshake;
+pub mod limits;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

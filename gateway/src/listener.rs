@@ -1,12 +1,13 @@
-//! The WebSocket listener: a connection permit first, then accept, then the
-//! TLS and WebSocket handshakes under one timeout, then the connection.
+//! The WebSocket listeners: a handshake place first, then accept, then
+//! admission (per-address and total limits), the TLS handshake and the
+//! WebSocket upgrade, each under its own timeout, then the connection.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
@@ -14,43 +15,42 @@ use crate::connection;
 use crate::handshake::{self, Refusal};
 use crate::server::Shared;
 
-/// Bind the WebSocket listener.
+/// Bind a WebSocket listener.
 ///
 /// # Errors
 /// An error that says how to fix a refused bind (privileged port, address
 /// in use).
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+pub async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| match e.kind() {
         io::ErrorKind::PermissionDenied => anyhow::anyhow!(
             "cannot listen on {addr}: permission denied. Ports below 1024 need root or the \
              CAP_NET_BIND_SERVICE capability: grant it with \
              `sudo setcap cap_net_bind_service=+ep $(command -v tidegate)` (or \
              `securityContext.capabilities.add: [NET_BIND_SERVICE]` on Kubernetes), or set \
-             server.listen (TIDEGATE__SERVER__LISTEN) to an unprivileged port such as 0.0.0.0:8443"
+             {key} to an unprivileged port such as 0.0.0.0:8443"
         ),
         io::ErrorKind::AddrInUse => anyhow::anyhow!(
             "cannot listen on {addr}: the address is in use by another process; stop it or set \
-             server.listen (TIDEGATE__SERVER__LISTEN) to another port"
+             {key} to another port"
         ),
         _ => anyhow::anyhow!("cannot listen on {addr}: {e}"),
     })
 }
 
-/// Accept connections until shutdown. Each connection runs in a task
-/// tracked by `tracker`, holding one of `server.max_connections` permits.
+/// Accept connections until shutdown, with TLS (`Some` acceptor) or
+/// without. Each connection runs in a task tracked by `tracker`.
 pub async fn serve(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     tracker: TaskTracker,
 ) {
-    let permits = Arc::new(Semaphore::new(shared.max_connections));
     loop {
-        let permit = tokio::select! {
+        let place = tokio::select! {
             _ = shared.shutdown.cancelled() => break,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
+            place = shared.admission.handshake_place() => match place {
+                Some(place) => place,
+                None => break,
             },
         };
         let (tcp, peer) = tokio::select! {
@@ -67,21 +67,27 @@ pub async fn serve(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        let tls = tls.clone();
         let shared = shared.clone();
         tracker.spawn(async move {
-            let _permit = permit;
-            // Boxed: its state (TLS handshake, request buffers) is only
-            // needed until the upgrade, not for the connection's life.
-            let handshakes = Box::pin(async {
-                let tls = acceptor.accept(tcp).await.map_err(Rejection::Tls)?;
-                handshake::accept(tls, peer, &shared)
+            // Refused connections still get their TLS handshake and an
+            // HTTP answer that says why; they hold a handshake place only.
+            let admitted = shared.admission.admit(peer.ip());
+            let (admitted, refusal) = match admitted {
+                Ok(admitted) => (Some(admitted), None),
+                Err(refusal) => (None, Some(refusal)),
+            };
+            let upgraded = match tls {
+                Some(acceptor) => upgrade_tls(acceptor, tcp, peer, &shared, refusal).await,
+                None => upgrade(tcp, peer, &shared, refusal)
                     .await
-                    .map_err(Rejection::Upgrade)
-            });
-            match tokio::time::timeout(shared.handshake_timeout, handshakes).await {
-                Ok(Ok(accepted)) => connection::serve(accepted, shared).await,
-                Ok(Err(rejection)) => {
+                    .map(Upgraded::Plain),
+            };
+            drop(place);
+            match upgraded {
+                Ok(Upgraded::Tls(accepted)) => connection::serve(accepted, shared).await,
+                Ok(Upgraded::Plain(accepted)) => connection::serve(accepted, shared).await,
+                Err(rejection) => {
                     let reason = rejection.reason();
                     shared
                         .metrics
@@ -90,24 +96,65 @@ pub async fn serve(
                         .inc();
                     tracing::debug!(%peer, reason, "connection not upgraded: {rejection}");
                 }
-                Err(_) => {
-                    shared
-                        .metrics
-                        .connections_rejected
-                        .with_label_values(&["handshake_timeout"])
-                        .inc();
-                    tracing::debug!(%peer, "handshake timed out");
-                }
             }
+            drop(admitted);
         });
     }
     tracing::info!("listener closed: no new connections");
+}
+
+type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+enum Upgraded {
+    Tls(Box<handshake::Accepted<TlsStream>>),
+    Plain(Box<handshake::Accepted<TcpStream>>),
+}
+
+async fn upgrade_tls(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    refusal: Option<Refusal>,
+) -> Result<Upgraded, Rejection> {
+    // Boxed: the TLS handshake's state is only needed until it completes.
+    let tls = Box::pin(tokio::time::timeout(
+        shared.tls_handshake_timeout,
+        acceptor.accept(tcp),
+    ))
+    .await
+    .map_err(|_| Rejection::TlsTimeout)?
+    .map_err(Rejection::Tls)?;
+    upgrade(tls, peer, shared, refusal).await.map(Upgraded::Tls)
+}
+
+async fn upgrade<S>(
+    stream: S,
+    peer: SocketAddr,
+    shared: &Shared,
+    refusal: Option<Refusal>,
+) -> Result<Box<handshake::Accepted<S>>, Rejection>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    // Boxed: the request buffers are only needed until the upgrade.
+    Box::pin(tokio::time::timeout(
+        shared.handshake_timeout,
+        handshake::accept(stream, peer, shared, refusal),
+    ))
+    .await
+    .map_err(|_| Rejection::Timeout)?
+    .map_err(Rejection::Upgrade)
 }
 
 #[derive(Debug, thiserror::Error)]
 enum Rejection {
     #[error("TLS handshake: {0}")]
     Tls(io::Error),
+    #[error("TLS handshake not completed within server.tls_handshake_timeout")]
+    TlsTimeout,
+    #[error("upgrade request not received within server.handshake_timeout")]
+    Timeout,
     #[error(transparent)]
     Upgrade(Refusal),
 }
@@ -116,6 +163,8 @@ impl Rejection {
     fn reason(&self) -> &'static str {
         match self {
             Rejection::Tls(_) => "tls",
+            Rejection::TlsTimeout => "tls_handshake_timeout",
+            Rejection::Timeout => "handshake_timeout",
             Rejection::Upgrade(refusal) => refusal.reason(),
         }
     }

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub bytes_sent: IntCounterVec,
     /// Effects a function returned that this node does not carry out yet.
     pub effects_unsupported: IntCounterVec,
+    /// Messages the function failed on, by route and kind.
+    pub message_failures: IntCounterVec,
     /// Queue copies by outcome: confirmed, spooled, replayed, refused.
     pub queue_publishes: IntCounterVec,
     /// Time from publishing a copy to the broker's confirm.
@@ -119,6 +121,11 @@ impl Metrics {
                 "tidegate_effects_unsupported_total",
                 "Effects returned by functions that this node does not carry out.",
                 &["effect"],
+            )?,
+            message_failures: counter(
+                "tidegate_message_failures_total",
+                "Messages the function failed on, by route and kind (trap, panic, stack_overflow, timeout, memory_limit, reply_too_large, overloaded, ...).",
+                &["route", "kind"],
             )?,
             queue_publishes: counter(
                 "tidegate_queue_publishes_total",

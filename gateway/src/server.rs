@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
-use crate::config::{FunctionSource, QueueMode, Settings, WebSocketSettings};
+use crate::config::{FunctionSource, OnError, QueueMode, Settings, WebSocketSettings};
+use crate::limits::Admission;
 use crate::metrics::Metrics;
 use crate::publisher::Publisher;
 use crate::router::Router;
@@ -27,12 +28,16 @@ pub struct Shared {
     pub websocket: WebSocketSettings,
     /// The same limits, as tungstenite takes them.
     pub ws_config: WebSocketConfig,
-    /// Longest the TLS and WebSocket handshakes may take together.
+    /// Longest the TLS handshake may take.
+    pub tls_handshake_timeout: Duration,
+    /// Longest the upgrade request may take after TLS.
     pub handshake_timeout: Duration,
-    /// Most open connections.
-    pub max_connections: usize,
+    /// Connection limits.
+    pub admission: Admission,
     /// Whether replies wait for the copy.
     pub queue_mode: QueueMode,
+    /// What a client sees when the function fails on its message.
+    pub on_error: OnError,
     /// Path to function.
     pub router: Router,
     /// The functions.
@@ -101,8 +106,18 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         (Some(publisher), Some(task))
     };
 
-    let listener = listener::bind(settings.server.listen).await?;
+    let listener = listener::bind(
+        settings.server.listen,
+        "server.listen (TIDEGATE__SERVER__LISTEN)",
+    )
+    .await?;
     let local = listener.local_addr()?;
+    let plain_listener = match settings.server.plain_listen {
+        Some(addr) => Some(
+            listener::bind(addr, "server.plain_listen (TIDEGATE__SERVER__PLAIN_LISTEN)").await?,
+        ),
+        None => None,
+    };
     let admin_listener = tokio::net::TcpListener::bind(settings.admin.listen)
         .await
         .with_context(|| {
@@ -118,9 +133,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         node_id: settings.server.node_id.clone(),
         ws_config: ws_config(&settings.websocket),
         websocket: settings.websocket.clone(),
+        tls_handshake_timeout: settings.server.tls_handshake_timeout,
         handshake_timeout: settings.server.handshake_timeout,
-        max_connections: settings.server.max_connections.get(),
+        admission: Admission::new(&settings.server),
         queue_mode: settings.queue.mode,
+        on_error: settings.on_error,
         router: Router::new(&settings.routes),
         registry: registry.clone(),
         publisher: publisher.clone(),
@@ -144,12 +161,23 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let scaler = tokio::spawn(scale_down_loop(registry.clone(), shutdown.clone()));
 
     let tracker = TaskTracker::new();
-    let accept_loop = tokio::spawn(listener::serve(
+    let mut accept_loops = vec![tokio::spawn(listener::serve(
         listener,
-        acceptor,
+        Some(acceptor),
         shared.clone(),
         tracker.clone(),
-    ));
+    ))];
+    if let Some(plain) = plain_listener {
+        let addr = plain.local_addr()?;
+        accept_loops.push(tokio::spawn(listener::serve(
+            plain,
+            None,
+            shared.clone(),
+            tracker.clone(),
+        )));
+        println!("Tidegate listening on ws://{addr}/ (no TLS: server.plain_listen)");
+        tracing::warn!(ws = %addr, "plain WebSocket listener without TLS: keep it behind a TLS-terminating proxy");
+    }
     accepting.store(true, Ordering::Relaxed);
     if settings.queue.mode == QueueMode::Async {
         tracing::warn!(
@@ -165,7 +193,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     tracing::info!(signal, grace = ?grace, "shutting down: no new connections, finishing in-flight messages");
     accepting.store(false, Ordering::Relaxed);
     shutdown.cancel();
-    let _ = accept_loop.await;
+    for accept_loop in accept_loops {
+        let _ = accept_loop.await;
+    }
     tracker.close();
     // Connections get most of the grace period; the copy path keeps the
     // rest to flush.

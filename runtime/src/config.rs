@@ -13,6 +13,10 @@ pub struct RuntimeConfig {
     /// Most instances one function may have at once; further messages wait
     /// for an instance to come free.
     pub max_instances: NonZeroU32,
+    /// Most calls of one function waiting for an instance while all
+    /// `max_instances` are busy; further calls are refused at once with
+    /// [`crate::InvokeError::Overloaded`].
+    pub max_queued: usize,
     /// Most instances of all functions together: the size of the pooling
     /// allocator's slabs, reserved (as virtual memory) at start-up.
     pub max_total_instances: NonZeroU32,
@@ -40,6 +44,7 @@ impl Default for RuntimeConfig {
         Self {
             artifact_dir: PathBuf::from("/var/lib/tidegate/artifacts"),
             max_instances: NonZeroU32::new(64).expect("64 is not zero"),
+            max_queued: 1024,
             max_total_instances: NonZeroU32::new(1000).expect("1000 is not zero"),
             memory_limit: 64 << 20,
             timeout: Duration::from_secs(5),

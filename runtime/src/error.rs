@@ -43,6 +43,29 @@ pub enum InvokeError {
         /// What trapped.
         reason: String,
     },
+    /// The function overflowed its call stack (for example unbounded
+    /// recursion); the instance was discarded.
+    #[error("function {function:?} overflowed its call stack")]
+    StackOverflow {
+        /// The function's name.
+        function: String,
+    },
+    /// The function aborted (a Rust `panic!` compiles to an abort, an
+    /// `unreachable` instruction); the instance was discarded.
+    #[error("function {function:?} aborted (a panic or an unreachable instruction)")]
+    Panic {
+        /// The function's name.
+        function: String,
+    },
+    /// Every instance of the function was busy and `runtime.max_queued`
+    /// calls were already waiting: the call was refused at once.
+    #[error("function {function:?} is overloaded: all instances busy and {queued} calls waiting")]
+    Overloaded {
+        /// The function's name.
+        function: String,
+        /// Calls waiting when this one was refused.
+        queued: usize,
+    },
     /// The function ran past `runtime.timeout`; the instance was discarded.
     #[error("function {function:?} ran longer than its time limit of {limit_ms} ms")]
     Timeout {
@@ -78,6 +101,9 @@ impl InvokeError {
     pub fn kind(&self) -> &'static str {
         match self {
             InvokeError::Trap { .. } => "trap",
+            InvokeError::StackOverflow { .. } => "stack_overflow",
+            InvokeError::Panic { .. } => "panic",
+            InvokeError::Overloaded { .. } => "overloaded",
             InvokeError::Timeout { .. } => "timeout",
             InvokeError::MemoryLimit { .. } => "memory_limit",
             InvokeError::Load(_) => "load_error",

@@ -2,6 +2,7 @@
 //! pre-instantiated component (while loaded), and its pool of instances.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -35,6 +36,8 @@ pub struct Function {
     artifact: PathBuf,
     /// Bounds the instances of this function alive at once.
     permits: Arc<Semaphore>,
+    /// Calls waiting for a permit now.
+    queued: AtomicUsize,
     /// The pool: loaded code, idle instances and counts.
     pool: Mutex<Pool>,
     /// Metric handles, resolved once for this function's labels.
@@ -151,6 +154,7 @@ impl Function {
             name: name.into(),
             version,
             permits: Arc::new(Semaphore::new(config.max_instances.get() as usize)),
+            queued: AtomicUsize::new(0),
             engine,
             config,
             artifact,
@@ -293,9 +297,13 @@ impl Function {
                 limit_bytes: limit.limit,
             }
         } else if let Some(trap) = error.downcast_ref::<wasmtime::Trap>() {
-            InvokeError::Trap {
-                function,
-                reason: trap.to_string(),
+            match trap {
+                wasmtime::Trap::StackOverflow => InvokeError::StackOverflow { function },
+                wasmtime::Trap::UnreachableCodeReached => InvokeError::Panic { function },
+                trap => InvokeError::Trap {
+                    function,
+                    reason: trap.to_string(),
+                },
             }
         } else {
             InvokeError::Trap {
@@ -306,18 +314,29 @@ impl Function {
     }
 
     /// Take an idle instance, or create one (loading the code first if it
-    /// was unloaded). Waits while `max_instances` instances are busy.
+    /// was unloaded). Waits while `max_instances` instances are busy, in a
+    /// queue of at most `max_queued` calls; beyond that, refuses at once.
     async fn checkout(&self) -> Result<Lease<'_>, InvokeError> {
         // Fast path without creating a future; wait only when every
         // instance is busy.
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
-            Err(_) => self.permits.clone().acquire_owned().await.map_err(|_| {
-                InvokeError::Instantiate {
-                    function: self.name.to_string(),
-                    reason: "the function is shutting down".into(),
+            Err(_) => {
+                let queued = self.queued.fetch_add(1, Ordering::Relaxed);
+                let _waiting = Waiting(&self.queued);
+                if queued >= self.config.max_queued {
+                    return Err(InvokeError::Overloaded {
+                        function: self.name.to_string(),
+                        queued,
+                    });
                 }
-            })?,
+                self.permits.clone().acquire_owned().await.map_err(|_| {
+                    InvokeError::Instantiate {
+                        function: self.name.to_string(),
+                        reason: "the function is shutting down".into(),
+                    }
+                })?
+            }
         };
         let pre = {
             let mut pool = self.lock();
@@ -467,6 +486,15 @@ impl Function {
         self.pool
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// One call counted as waiting for an instance, until dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

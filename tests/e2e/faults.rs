@@ -2,11 +2,15 @@
 
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{Gateway, Options, SendText, close_code, round_trip};
+use crate::harness::{Gateway, Options, SendText, close_code, next_data, round_trip};
 
 fn faulty_gateway() -> Gateway {
+    faulty_gateway_with(Options::default())
+}
+
+fn faulty_gateway_with(options: Options) -> Gateway {
     Gateway::start(
-        Options::default()
+        options
             .config(&format!(
                 r#"
                 [functions.faulty]
@@ -16,15 +20,67 @@ fn faulty_gateway() -> Gateway {
                 "#,
                 tidegate_functions::FAULTY_PATH
             ))
-            .env("TIDEGATE__RUNTIME__TIMEOUT", "300ms"),
+            .env("TIDEGATE__RUNTIME__TIMEOUT", "300ms")
+            .env("TIDEGATE__RUNTIME__MEMORY_LIMIT", "8388608"),
     )
 }
 
+/// Each fault command and the kind it is counted as.
+const FAULTS: &[(&str, &str)] = &[
+    ("panic", "panic"),
+    ("loop", "timeout"),
+    ("alloc", "memory_limit"),
+    ("recurse", "stack_overflow"),
+    ("big", "reply_too_large"),
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_trap_or_a_timeout_closes_with_1011_and_others_are_still_served() {
+async fn every_fault_fails_only_its_message_with_an_error_reply_and_is_counted_by_kind() {
     let gateway = faulty_gateway();
+    let mut client = gateway.connect("/").await;
+    for (command, kind) in FAULTS {
+        let reply = round_trip(&mut client, Message::Text((*command).into())).await;
+        let Message::Text(body) = reply else {
+            panic!("{command}: expected an error reply, got {reply:?}");
+        };
+        let error: serde_json::Value = serde_json::from_str(&body).expect("a JSON error");
+        assert_eq!(error["error"], "function-failed", "{command}: {body}");
+        assert_eq!(error["kind"], *kind, "{command}: {body}");
+        assert!(
+            error["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("faulty")),
+            "{command}: the message names the function: {body}"
+        );
+        // The same connection goes on, served by a healthy instance.
+        assert_eq!(
+            round_trip(&mut client, Message::Text("still fine".into())).await,
+            Message::Text("still fine".into()),
+            "after {command}"
+        );
+    }
+    let metrics = gateway.metrics().await;
+    for (command, kind) in FAULTS {
+        assert_eq!(
+            metrics
+                .get(&format!(
+                    "tidegate_message_failures_total{{kind=\"{kind}\",route=\"/\"}}"
+                ))
+                .copied(),
+            Some(1.0),
+            "{command} counted as {kind}"
+        );
+    }
+    // Failed instances were discarded, not leaked: one serves the client.
+    assert!(metrics["tidegate_function_instances{function=\"faulty\"}"] <= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_on_error_close_a_fault_closes_with_1011_and_others_are_still_served() {
+    let gateway =
+        faulty_gateway_with(Options::default().env("TIDEGATE__RUNTIME__ON_ERROR", "close"));
     let mut bystander = gateway.connect("/").await;
-    for command in ["panic", "loop"] {
+    for (command, _) in FAULTS {
         let mut offender = gateway.connect("/").await;
         offender.send_text(command).await;
         assert_eq!(close_code(&mut offender).await, Some(1011), "{command}");
@@ -36,12 +92,80 @@ async fn a_trap_or_a_timeout_closes_with_1011_and_others_are_still_served() {
     }
     let metrics = gateway.metrics().await;
     assert_eq!(
-        metrics["tidegate_invocations_total{event=\"message\",function=\"faulty\",outcome=\"trap\"}"],
+        metrics["tidegate_invocations_total{event=\"message\",function=\"faulty\",outcome=\"panic\"}"],
         1.0
     );
     assert_eq!(
         metrics["tidegate_invocations_total{event=\"message\",function=\"faulty\",outcome=\"timeout\"}"],
         1.0
+    );
+    assert_eq!(metrics["tidegate_closes_total{code=\"1011\"}"], 5.0);
+}
+
+/// One instance, no waiting room: while it spins, other messages are
+/// refused at once instead of queueing.
+fn overloadable(options: Options) -> Gateway {
+    faulty_gateway_with(
+        options
+            .env("TIDEGATE__RUNTIME__MAX_INSTANCES", "1")
+            .env("TIDEGATE__RUNTIME__MAX_QUEUED", "0"),
+    )
+}
+
+/// Occupy the only instance with a spin of `runtime.timeout` (2 s). Other
+/// clients must connect first: `on-connect` needs an instance too.
+async fn occupy(gateway: &Gateway) -> crate::harness::Client {
+    let mut spinner = gateway.connect("/").await;
+    spinner.send_text("loop").await;
+    // Time for the message to reach the function.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    spinner
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_instance_is_busy_and_the_queue_is_full_a_message_is_refused_at_once() {
+    let gateway = overloadable(Options::default().env("TIDEGATE__RUNTIME__TIMEOUT", "2s"));
+    let mut client = gateway.connect("/").await;
+    let mut spinner = occupy(&gateway).await;
+    let reply = round_trip(&mut client, Message::Text("hello".into())).await;
+    let Message::Text(body) = reply else {
+        panic!("expected an error reply, got {reply:?}");
+    };
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["error"], "overloaded", "{body}");
+    assert_eq!(error["kind"], "overloaded", "{body}");
+    // Refused, not queued: had it waited for the instance it would have
+    // been echoed after the spin.
+    // Once the spin ends, the same client is served again.
+    let _ = next_data(&mut spinner).await;
+    assert_eq!(
+        round_trip(&mut client, Message::Text("hello".into())).await,
+        Message::Text("hello".into())
+    );
+    assert_eq!(
+        gateway
+            .metric("tidegate_message_failures_total{kind=\"overloaded\",route=\"/\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_on_error_close_an_overloaded_message_closes_with_1013() {
+    let gateway = overloadable(
+        Options::default()
+            .env("TIDEGATE__RUNTIME__TIMEOUT", "2s")
+            .env("TIDEGATE__RUNTIME__ON_ERROR", "close"),
+    );
+    let mut client = gateway.connect("/").await;
+    let mut spinner = occupy(&gateway).await;
+    client.send_text("hello").await;
+    assert_eq!(close_code(&mut client).await, Some(1013));
+    assert_eq!(close_code(&mut spinner).await, Some(1011));
+    let mut after = gateway.connect("/").await;
+    assert_eq!(
+        round_trip(&mut after, Message::Text("hello".into())).await,
+        Message::Text("hello".into())
     );
 }
 

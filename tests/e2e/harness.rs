@@ -179,6 +179,39 @@ impl Gateway {
         Ok(ws)
     }
 
+    /// Connect with extra request headers; a refused upgrade gives its
+    /// HTTP status and body as the error.
+    pub async fn connect_with(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Client, (u16, String)> {
+        let tls = tls_connect(self).await;
+        let mut request = format!("wss://localhost:{}{path}", self.wss.port())
+            .into_client_request()
+            .unwrap();
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+                    .unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        match tokio_tungstenite::client_async(request, tls).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                let status = response.status().as_u16();
+                let body = response
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default();
+                Err((status, body))
+            }
+            Err(e) => panic!("connect failed without an HTTP status: {e}"),
+        }
+    }
+
     /// `GET path` on the admin listener: status and body.
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
         http_get(self.admin, path, &[]).await
@@ -252,6 +285,14 @@ pub async fn delete_queue(queue: &str) {
         }
         let _ = connection.close(200, "bye".into()).await;
     }
+}
+
+/// A TLS connection to the gateway, without a WebSocket upgrade.
+pub async fn tls_connect(gateway: &Gateway) -> TlsStream<TcpStream> {
+    let connector = tls_connector(&gateway.certificate(None));
+    let tcp = TcpStream::connect(gateway.wss).await.expect("tcp connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.expect("tls handshake")
 }
 
 fn tls_connector(cert: &Path) -> TlsConnector {
@@ -428,10 +469,17 @@ pub async fn next_data(client: &mut Client) -> Message {
 
 /// Read until the close frame; its code.
 pub async fn close_code(client: &mut Client) -> Option<u16> {
+    close_frame(client).await.map(|(code, _)| code)
+}
+
+/// Read until the close frame; its code and reason.
+pub async fn close_frame(client: &mut Client) -> Option<(u16, String)> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         match tokio::time::timeout(Duration::from_secs(30), client.next()).await {
-            Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| u16::from(f.code)),
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                return frame.map(|f| (u16::from(f.code), f.reason.as_str().to_owned()));
+            }
             Ok(Some(Ok(_))) => continue,
             Ok(Some(Err(_))) | Ok(None) | Err(_) => return None,
         }

@@ -9,4 +9,5 @@ mod admin;
 mod echo;
 mod faults;
 mod lifecycle;
+mod limits;
 mod queue;

@@ -5,6 +5,7 @@
 //! - `alloc`: allocate until memory runs out (the memory limit must stop it);
 //! - `panic`: panic (a trap);
 //! - `recurse`: recurse without end (stack overflow, a trap);
+//! - `big`: reply with 256 KiB of text (over the default message limit);
 //! - `bad`: return a `bad-request` handler error;
 //! - `silent`: return no effect at all (no reply);
 //! - `log`: print a line to stdout and log one through the logging import;
@@ -24,6 +25,7 @@ impl Function for Faulty {
                 "recurse" => {
                     recurse(1);
                 }
+                "big" => return Ok(vec![Effect::Reply(Payload::Text("x".repeat(256 << 10)))]),
                 "bad" => return Err(HandlerError::BadRequest("asked to refuse".into())),
                 "silent" => return Ok(Vec::new()),
                 "log" => {
@@ -54,15 +56,17 @@ fn hoard() -> ! {
     }
 }
 
+/// Recursion whose frames live on the WebAssembly call stack (values in
+/// locals, nothing in linear memory), so it overflows that stack: the
+/// runtime's stack-overflow trap, not a shadow-stack memory fault.
 #[inline(never)]
 fn recurse(depth: u64) -> u64 {
-    let frame = std::hint::black_box([depth; 64]);
     // Never true (the stack runs out long before), but it keeps the
     // compiler from calling this a function that cannot return.
     if std::hint::black_box(depth) == u64::MAX {
         return depth;
     }
-    recurse(depth + 1).wrapping_add(frame[depth as usize % 64])
+    recurse(depth + 1).wrapping_mul(depth | 1)
 }
 
 tidegate_sdk::export!(Faulty);

@@ -1,0 +1,266 @@
+//! Connection limits: each refuses or closes with its status or code, is
+//! counted, and leaves the gateway serving well-behaved clients.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::harness::{Gateway, Options, close_frame, eventually, round_trip};
+
+fn gateway(env: &[(&str, &str)]) -> Gateway {
+    let mut options = Options::default();
+    for (key, value) in env {
+        options = options.env(key, *value);
+    }
+    Gateway::start(options)
+}
+
+/// A well-behaved client is still served.
+async fn still_serves(gateway: &Gateway) {
+    let mut client = gateway.connect("/").await;
+    assert_eq!(
+        round_trip(&mut client, Message::Text("still here".into())).await,
+        Message::Text("still here".into())
+    );
+}
+
+/// With `key` set to 2, a third connection is refused with `status`, and
+/// closing one of the two gives its place back.
+async fn refused_over_a_limit_of_two(key: &str, status: u16, reason: &str) {
+    let env = format!("TIDEGATE__SERVER__{}", key.to_ascii_uppercase());
+    let gateway = gateway(&[(&env, "2")]);
+    let first = gateway.connect("/").await;
+    let _second = gateway.connect("/").await;
+    let (refused, body) = gateway
+        .connect_with("/", &[])
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(refused, status, "{body}");
+    assert!(body.contains(&format!("server.{key}")), "{body}");
+    assert_eq!(
+        gateway
+            .metric(&format!(
+                "tidegate_connections_rejected_total{{reason=\"{reason}\"}}"
+            ))
+            .await,
+        1.0
+    );
+    drop(first);
+    eventually(
+        "the place is given back",
+        Duration::from_secs(10),
+        || async { gateway.connect_with("/", &[]).await.is_ok() },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_per_address_limit_get_429() {
+    refused_over_a_limit_of_two("max_connections_per_ip", 429, "per_ip_limit").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_total_limit_get_503() {
+    refused_over_a_limit_of_two("max_connections", 503, "connection_limit").await;
+}
+
+/// Wait until the gateway closes `tcp`; how long that took.
+async fn dropped_after(mut tcp: TcpStream) -> Duration {
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the gateway did not drop the connection");
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_nothing_is_dropped_after_the_tls_handshake_timeout() {
+    let gateway = gateway(&[("TIDEGATE__SERVER__TLS_HANDSHAKE_TIMEOUT", "500ms")]);
+    let tcp = TcpStream::connect(gateway.wss).await.unwrap();
+    let took = dropped_after(tcp).await;
+    assert!(took >= Duration::from_millis(400), "{took:?}");
+    assert_eq!(
+        gateway
+            .metric("tidegate_connections_rejected_total{reason=\"tls_handshake_timeout\"}")
+            .await,
+        1.0
+    );
+    still_serves(&gateway).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_no_upgrade_request_is_dropped_after_the_handshake_timeout() {
+    let gateway = gateway(&[("TIDEGATE__SERVER__HANDSHAKE_TIMEOUT", "500ms")]);
+    // TLS completes, then nothing.
+    let tls = crate::harness::tls_connect(&gateway).await;
+    let started = Instant::now();
+    let mut tls = tls;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(30), tls.read(&mut buf))
+        .await
+        .expect("the gateway drops the connection");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert_eq!(
+        gateway
+            .metric("tidegate_connections_rejected_total{reason=\"handshake_timeout\"}")
+            .await,
+        1.0
+    );
+    still_serves(&gateway).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_with_1001_and_activity_keeps_it_open() {
+    let gateway = gateway(&[("TIDEGATE__WEBSOCKET__IDLE_TIMEOUT", "1s")]);
+    let mut idle = gateway.connect("/").await;
+    let mut busy = gateway.connect("/").await;
+    // Pings count as activity.
+    for _ in 0..6 {
+        busy.send(Message::Ping(vec![1].into())).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (code, reason) = close_frame(&mut idle).await.expect("a close frame");
+    assert_eq!(code, 1001);
+    assert!(reason.contains("websocket.idle_timeout"), "{reason}");
+    assert_eq!(
+        round_trip(&mut busy, Message::Text("awake".into())).await,
+        Message::Text("awake".into()),
+        "1.8 s of pings every 300 ms kept it open"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_closed_with_1001_at_its_maximum_duration() {
+    let gateway = gateway(&[("TIDEGATE__WEBSOCKET__MAX_DURATION", "1s")]);
+    let mut client = gateway.connect("/").await;
+    // Busy all along: the limit holds even for an active client.
+    let closed = loop {
+        client.send(Message::Text("tick".into())).await.ok();
+        match tokio::time::timeout(Duration::from_millis(100), client.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => break frame,
+            Ok(Some(Ok(_))) | Err(_) => continue,
+            Ok(Some(Err(e))) => panic!("{e}"),
+            Ok(None) => panic!("closed without a close frame"),
+        }
+    };
+    let frame = closed.expect("a close frame");
+    assert_eq!(u16::from(frame.code), 1001);
+    assert!(
+        frame.reason.contains("websocket.max_duration"),
+        "{}",
+        frame.reason
+    );
+    still_serves(&gateway).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_not_on_the_allow_list_gets_403() {
+    let gateway = gateway(&[(
+        "TIDEGATE__WEBSOCKET__ALLOWED_ORIGINS",
+        "https://app.example.com,https://admin.example.com",
+    )]);
+    let (status, body) = gateway
+        .connect_with("/", &[("origin", "https://evil.example")])
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("websocket.allowed_origins"), "{body}");
+    let mut allowed = gateway
+        .connect_with("/", &[("origin", "https://admin.example.com")])
+        .await
+        .expect("an allowed origin connects");
+    assert_eq!(
+        round_trip(&mut allowed, Message::Text("hi".into())).await,
+        Message::Text("hi".into())
+    );
+    // Clients that are not browsers send no Origin.
+    still_serves(&gateway).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_the_message_rate_is_closed_with_1008() {
+    let gateway = gateway(&[("TIDEGATE__WEBSOCKET__MAX_MESSAGE_RATE", "20")]);
+    let mut client = gateway.connect("/").await;
+    for i in 0..200 {
+        if client
+            .feed(Message::Text(format!("{i}").into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let _ = client.flush().await;
+    let (code, reason) = close_frame(&mut client).await.expect("a close frame");
+    assert_eq!(code, 1008);
+    assert!(reason.contains("websocket.max_message_rate"), "{reason}");
+    // Within the rate, all is well.
+    let mut polite = gateway.connect("/").await;
+    for i in 0..5 {
+        let text = format!("polite {i}");
+        assert_eq!(
+            round_trip(&mut polite, Message::Text(text.clone().into())).await,
+            Message::Text(text.into())
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_is_dropped_as_a_slow_consumer() {
+    let gateway = gateway(&[
+        ("TIDEGATE__WEBSOCKET__SEND_TIMEOUT", "1s"),
+        ("TIDEGATE__WEBSOCKET__SEND_QUEUE", "4"),
+        ("TIDEGATE__WEBSOCKET__MAX_MESSAGE_RATE", "100000"),
+    ]);
+    let mut reader_less = gateway.connect("/").await;
+    // Keep sending 64 KiB messages and never read a reply: the replies
+    // fill the socket buffers, the gateway's queue fills, and the client
+    // is dropped once a write has waited for 1 s.
+    let payload = vec![7u8; 64 << 10];
+    let sent = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut sent = 0u32;
+        while reader_less
+            .send(Message::Binary(payload.clone().into()))
+            .await
+            .is_ok()
+        {
+            sent += 1;
+        }
+        sent
+    })
+    .await
+    .expect("the gateway drops a client that does not read");
+    assert!(sent > 4, "only {sent} messages went out");
+    assert_eq!(
+        gateway
+            .metric("tidegate_closes_total{code=\"slow_consumer\"}")
+            .await,
+        1.0
+    );
+    eventually(
+        "the connection is released",
+        Duration::from_secs(10),
+        || async {
+            gateway
+                .metric("tidegate_connections_open{route=\"/\"}")
+                .await
+                == 0.0
+        },
+    )
+    .await;
+    still_serves(&gateway).await;
+}
