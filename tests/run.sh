@@ -47,3 +47,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 say "tests"
 cargo test --workspace --locked
+
+say "RFC 6455 conformance (Autobahn, ws:// and wss://)"
+cargo build --bin tidegate --locked
+tests/autobahn.sh "${CARGO_TARGET_DIR:-target}/debug/tidegate"
