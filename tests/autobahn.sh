@@ -15,7 +15,14 @@ cd "$(dirname "$0")/.."
 
 target_dir="${CARGO_TARGET_DIR:-target}"
 binary="${1:-$target_dir/debug/tidegate}"
-suite="${AUTOBAHN_DIR:-$(cd .. && pwd)/shared/extern/autobahn}"
+# The suite sits in the workplace's shared folder, beside the checkout (or
+# at its usual place when the checkout is elsewhere, as in CI's clone).
+suite="${AUTOBAHN_DIR:-}"
+if [ -z "$suite" ]; then
+  for candidate in "$(cd .. && pwd)/shared/extern/autobahn" /work/shared/extern/autobahn; do
+    if [ -x "$candidate/run.sh" ]; then suite="$candidate"; break; fi
+  done
+fi
 [ -x "$binary" ] || { echo "autobahn.sh: $binary not built (cargo build --bin tidegate)" >&2; exit 2; }
 [ -x "$suite/run.sh" ] || { echo "autobahn.sh: no Autobahn suite at $suite (set AUTOBAHN_DIR)" >&2; exit 2; }
 
