@@ -36,8 +36,14 @@ pub struct Gateway {
     pub admin: SocketAddr,
     /// The queue copies go to.
     pub queue: String,
-    /// The state directory (spool, artifacts, certificate).
+    /// Whether the queue is this gateway's own (deleted on drop), rather
+    /// than one the test passed in and deletes itself.
+    owns_queue: bool,
+    /// A fresh directory for this gateway (its config file; its state
+    /// unless [`Options::state`] chose another).
     pub state: tempfile::TempDir,
+    /// The state directory in use (spool, artifacts, certificate).
+    state_dir: PathBuf,
     /// Everything the gateway wrote to stderr, for failure messages.
     log: Arc<std::sync::Mutex<Vec<String>>>,
 }
@@ -59,6 +65,18 @@ impl Options {
     /// Use this configuration file's contents.
     pub fn config(mut self, toml: &str) -> Self {
         self.config = Some(toml.to_owned());
+        self
+    }
+
+    /// Use this state directory (to restart on the same spool).
+    pub fn state(mut self, dir: &Path) -> Self {
+        self.state = Some(dir.to_path_buf());
+        self
+    }
+
+    /// Use this queue; the test deletes it.
+    pub fn queue(mut self, queue: &str) -> Self {
+        self.queue = Some(queue.to_owned());
         self
     }
 
@@ -138,6 +156,8 @@ impl Gateway {
             child: Some(child),
             wss: wss.parse().expect("wss address"),
             admin: admin.parse().expect("admin address"),
+            owns_queue: options.queue.is_none(),
+            state_dir: state_path,
             queue,
             state,
             log,
@@ -147,7 +167,7 @@ impl Gateway {
     /// The dev certificate the gateway generated.
     pub fn certificate(&self, state: Option<&Path>) -> PathBuf {
         state
-            .unwrap_or(self.state.path())
+            .unwrap_or(&self.state_dir)
             .join("tls")
             .join("dev-cert.pem")
     }
@@ -168,15 +188,21 @@ impl Gateway {
         path: &str,
         state: Option<&Path>,
     ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
-        let connector = tls_connector(&self.certificate(state));
-        let tcp = TcpStream::connect(self.wss).await?;
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let tls = connector.connect(name, tcp).await?;
-        let request = format!("wss://localhost:{}{path}", self.wss.port())
-            .into_client_request()
-            .unwrap();
-        let (ws, _) = tokio_tungstenite::client_async(request, tls).await?;
-        Ok(ws)
+        Endpoint {
+            wss: self.wss,
+            cert: self.certificate(state),
+        }
+        .connect(path)
+        .await
+    }
+
+    /// Where clients connect, detached from the process (for clients that
+    /// outlive it).
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            wss: self.wss,
+            cert: self.certificate(None),
+        }
     }
 
     /// Connect with extra request headers; a refused upgrade gives its
@@ -234,6 +260,14 @@ impl Gateway {
         self.metrics().await.get(series).copied().unwrap_or(0.0)
     }
 
+    /// Kill the process with SIGKILL: no drain, no flush.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        let status = child.wait().expect("wait");
+        assert!(!status.success(), "killed, not exited: {status:?}");
+    }
+
     /// Send SIGTERM and wait for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
@@ -262,6 +296,9 @@ impl Drop for Gateway {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if !self.owns_queue {
+            return;
+        }
         let queue = self.queue.clone();
         // Runs on its own thread: Drop may be called inside a runtime.
         let _ = std::thread::spawn(move || {
@@ -284,6 +321,33 @@ pub async fn delete_queue(queue: &str) {
                 .await;
         }
         let _ = connection.close(200, "bye".into()).await;
+    }
+}
+
+/// A gateway's WebSocket address and the certificate to trust.
+#[derive(Clone)]
+pub struct Endpoint {
+    /// The WebSocket listener.
+    pub wss: SocketAddr,
+    /// The dev certificate.
+    pub cert: PathBuf,
+}
+
+impl Endpoint {
+    /// Connect a client to `path` over TLS.
+    pub async fn connect(
+        &self,
+        path: &str,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let connector = tls_connector(&self.cert);
+        let tcp = TcpStream::connect(self.wss).await?;
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = connector.connect(name, tcp).await?;
+        let request = format!("wss://localhost:{}{path}", self.wss.port())
+            .into_client_request()
+            .unwrap();
+        let (ws, _) = tokio_tungstenite::client_async(request, tls).await?;
+        Ok(ws)
     }
 }
 

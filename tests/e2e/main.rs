@@ -2,7 +2,10 @@
 //! real RabbitMQ on 127.0.0.1:5672. Every test uses its own ports, state
 //! directory and queue, and deletes the queue when done.
 
+// Shared with the no_loss test binary; each uses part of them.
+#[allow(dead_code)]
 mod harness;
+#[allow(dead_code)]
 mod proxy;
 
 mod admin;

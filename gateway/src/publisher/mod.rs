@@ -60,6 +60,16 @@ pub enum PublishError {
     /// The publisher has stopped (the gateway is shutting down).
     #[error("the gateway is shutting down")]
     Closed,
+    /// The copy was published but the broker link broke before its
+    /// confirm: it may or may not be in the queue. It is kept in the spool
+    /// and published again (a consumer may then see it twice, with the
+    /// same `message_id`), so the client gets no reply: duplicates only
+    /// ever belong to messages whose reply was never delivered.
+    #[error(
+        "the broker connection broke before it confirmed this message; it is kept and may \
+         reach the queue twice (same message_id)"
+    )]
+    InDoubt,
 }
 
 /// Resolves once a copy is durable (or could not be made so).
@@ -417,6 +427,12 @@ impl Worker {
 
     /// Write requests to the spool in one fsync and answer them.
     fn spool_requests(&mut self, batch: Vec<Request>) {
+        self.spool_and_answer(batch, Ok(Durability::Spooled));
+    }
+
+    /// Write requests to the spool in one fsync; answer those written with
+    /// `answer`, the others with why they could not be.
+    fn spool_and_answer(&mut self, batch: Vec<Request>, answer: Result<Durability, PublishError>) {
         let mut written = Vec::with_capacity(batch.len());
         let mut refused = Vec::new();
         for request in batch {
@@ -434,7 +450,7 @@ impl Worker {
                         .with_label_values(&["spooled"])
                         .inc_by(written.len() as u64);
                     for request in written {
-                        let _ = request.done.send(Ok(Durability::Spooled));
+                        let _ = request.done.send(answer.clone());
                     }
                 }
                 Err(e) => {
@@ -478,7 +494,8 @@ impl Worker {
 
     /// Move unconfirmed direct copies to the spool (in order, ahead of
     /// anything newer); unconfirmed replayed copies are still in the spool,
-    /// so replay restarts from its head.
+    /// so replay restarts from its head. The direct ones may already be in
+    /// the queue, so their clients get no reply ([`PublishError::InDoubt`]).
     fn spool_in_flight(&mut self) {
         let direct: Vec<Request> = self
             .in_flight
@@ -489,7 +506,7 @@ impl Worker {
             })
             .collect();
         if !direct.is_empty() {
-            self.spool_requests(direct);
+            self.spool_and_answer(direct, Err(PublishError::InDoubt));
         }
         self.replay_from = (!self.spool.is_empty()).then(|| self.spool.head());
     }
