@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const TARGET: &str = "wasm32-wasip2";
-const COMPONENTS: &[&str] = &["echo", "faulty"];
+const COMPONENTS: &[&str] = &["echo", "faulty", "authorizer"];
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
@@ -16,7 +16,15 @@ fn main() {
         .parent()
         .expect("functions/bundled has a parent")
         .to_path_buf();
-    for watched in ["Cargo.toml", "Cargo.lock", "wit", "sdk", "echo", "faulty"] {
+    for watched in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "wit",
+        "sdk",
+        "echo",
+        "faulty",
+        "authorizer",
+    ] {
         println!(
             "cargo:rerun-if-changed={}",
             functions.join(watched).display()

@@ -57,6 +57,8 @@ struct RawConfig {
     #[serde(default)]
     runtime: RawRuntime,
     #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
     functions: BTreeMap<String, RawFunction>,
     #[serde(default)]
     routes: BTreeMap<String, String>,
@@ -150,6 +152,27 @@ struct RawRuntime {
     on_error: Option<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    token_header: Option<String>,
+    token_query: Option<String>,
+    authorizer: Option<String>,
+    jwt: Option<RawJwt>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwt {
+    hs256_secret: Option<String>,
+    rs256_public_keys: Option<Vec<PathBuf>>,
+    jwks_file: Option<PathBuf>,
+    audience: Option<Vec<String>>,
+    issuer: Option<Vec<String>>,
+    #[serde(default, with = "humantime_serde")]
+    leeway: Option<Duration>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFunction {
@@ -179,6 +202,8 @@ pub struct Settings {
     /// What a client sees when the function fails on its message
     /// (`runtime.on_error`).
     pub on_error: OnError,
+    /// Authentication on connect.
+    pub auth: AuthSettings,
     /// Functions by name.
     pub functions: BTreeMap<String, FunctionSource>,
     /// Route path to function name.
@@ -308,6 +333,37 @@ pub struct QueueSettings {
     pub confirm_timeout: Duration,
 }
 
+/// Authentication on connect: JWT validation, an authorizer function, or
+/// both (JWT first); neither by default.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    /// Where the token is (`auth.token_header`, `auth.token_query`).
+    pub token: crate::auth::TokenSource,
+    /// A function whose `on-connect` admits or refuses every client before
+    /// the route's function (`auth.authorizer`).
+    pub authorizer: Option<String>,
+    /// JWT validation (`[auth.jwt]`), when any key is configured.
+    pub jwt: Option<JwtSettings>,
+}
+
+/// JWT validation keys and checks.
+#[derive(Debug, Clone)]
+pub struct JwtSettings {
+    /// HS256 shared secret (`auth.jwt.hs256_secret`), at least 32 bytes.
+    pub hs256_secret: Option<String>,
+    /// RS256 public keys, PEM files (`auth.jwt.rs256_public_keys`).
+    pub rs256_public_keys: Vec<PathBuf>,
+    /// A JWKS document with RS256 keys, chosen by `kid`
+    /// (`auth.jwt.jwks_file`).
+    pub jwks_file: Option<PathBuf>,
+    /// Accepted `aud` values; empty: `aud` is not checked.
+    pub audience: Vec<String>,
+    /// Accepted `iss` values; empty: `iss` is not checked.
+    pub issuer: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway: Duration,
+}
+
 /// What a client sees when the function fails on its message (a trap, a
 /// time or memory limit, a reply over the size limit, an overload).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -376,6 +432,9 @@ impl Settings {
                 .list_separator(",")
                 .with_list_parse_key("websocket.forward_headers")
                 .with_list_parse_key("websocket.allowed_origins")
+                .with_list_parse_key("auth.jwt.rs256_public_keys")
+                .with_list_parse_key("auth.jwt.audience")
+                .with_list_parse_key("auth.jwt.issuer")
                 .source(Some(env)),
         );
         let raw: RawConfig = builder
@@ -434,6 +493,7 @@ impl RawConfig {
             }
         };
         let runtime = self.runtime.validate(&server.state_dir)?;
+        let auth = self.auth.validate()?;
 
         let mut functions = BTreeMap::new();
         for (name, function) in self.functions {
@@ -491,6 +551,14 @@ impl RawConfig {
                 ));
             }
         }
+        if let Some(authorizer) = &auth.authorizer
+            && !functions.contains_key(authorizer)
+        {
+            return Err(invalid(
+                "auth.authorizer",
+                format!("function {authorizer:?} is not defined under [functions]"),
+            ));
+        }
         if routes.is_empty() {
             return Err(invalid(
                 "routes",
@@ -505,6 +573,7 @@ impl RawConfig {
             queue,
             runtime,
             on_error,
+            auth,
             functions,
             routes,
             dev,
@@ -664,6 +733,66 @@ impl RawWebSocket {
                 self.send_timeout,
                 Duration::from_secs(10),
             )?,
+        })
+    }
+}
+
+impl RawAuth {
+    fn validate(self) -> Result<AuthSettings, ConfigError> {
+        let token = crate::auth::TokenSource {
+            header: self
+                .token_header
+                .unwrap_or_else(|| "authorization".into())
+                .trim()
+                .to_ascii_lowercase(),
+            query: self.token_query.unwrap_or_else(|| "access_token".into()),
+        };
+        if tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(token.header.as_bytes())
+            .is_err()
+        {
+            return Err(invalid(
+                "auth.token_header",
+                format!("{:?} is not a header name", token.header),
+            ));
+        }
+        if token.query.is_empty() {
+            return Err(invalid("auth.token_query", "must not be empty"));
+        }
+        let jwt = match self.jwt {
+            None => None,
+            Some(jwt) => {
+                if let Some(secret) = &jwt.hs256_secret
+                    && secret.len() < 32
+                {
+                    return Err(invalid(
+                        "auth.jwt.hs256_secret",
+                        "must be at least 32 bytes (256 bits) of random text",
+                    ));
+                }
+                let settings = JwtSettings {
+                    hs256_secret: jwt.hs256_secret,
+                    rs256_public_keys: jwt.rs256_public_keys.unwrap_or_default(),
+                    jwks_file: jwt.jwks_file,
+                    audience: jwt.audience.unwrap_or_default(),
+                    issuer: jwt.issuer.unwrap_or_default(),
+                    leeway: jwt.leeway.unwrap_or(Duration::from_secs(30)),
+                };
+                if settings.hs256_secret.is_none()
+                    && settings.rs256_public_keys.is_empty()
+                    && settings.jwks_file.is_none()
+                {
+                    return Err(invalid(
+                        "auth.jwt",
+                        "no key: set hs256_secret, rs256_public_keys or jwks_file",
+                    ));
+                }
+                Some(settings)
+            }
+        };
+        Ok(AuthSettings {
+            token,
+            authorizer: self.authorizer,
+            jwt,
         })
     }
 }
@@ -944,6 +1073,23 @@ mod tests {
                 "TIDEGATE__RUNTIME__KEEP_RESIDENT",
                 "999999999999",
                 "runtime.keep_resident",
+            ),
+            (
+                "TIDEGATE__AUTH__JWT__HS256_SECRET",
+                "short",
+                "auth.jwt.hs256_secret",
+            ),
+            ("TIDEGATE__AUTH__AUTHORIZER", "nobody", "auth.authorizer"),
+            ("TIDEGATE__RUNTIME__ON_ERROR", "explode", "runtime.on_error"),
+            (
+                "TIDEGATE__SERVER__MAX_CONNECTIONS_PER_IP",
+                "0",
+                "server.max_connections_per_ip",
+            ),
+            (
+                "TIDEGATE__WEBSOCKET__IDLE_TIMEOUT",
+                "0s",
+                "websocket.idle_timeout",
             ),
         ];
         for (var, value, key) in cases {

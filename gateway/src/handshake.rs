@@ -192,11 +192,33 @@ where
             format!("function {} is not loaded", matched.function),
         ));
     };
-    let query = request
+    let full_query: Vec<(String, String)> = request
         .uri()
         .query()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
+    let mut query = full_query.clone();
+    let auth = &shared.auth;
+    let mut claims = Vec::new();
+    if shared.jwt.is_some() || auth.authorizer.is_some() {
+        // The function never sees the token.
+        let token = auth.token.take(request.headers(), &mut query);
+        if let Some(verifier) = &shared.jwt {
+            let Some(token) = token else {
+                return Err(Refusal::http(
+                    401,
+                    "missing_token",
+                    format!(
+                        "no token: send it in the {} header (Bearer) or the {} query parameter",
+                        auth.token.header, auth.token.query
+                    ),
+                ));
+            };
+            claims = verifier
+                .verify(&token)
+                .map_err(|reason| Refusal::http(401, "invalid_token", reason))?;
+        }
+    }
     let headers = shared
         .websocket
         .forward_headers
@@ -228,9 +250,12 @@ where
         headers,
         subprotocol: None,
         remote_addr: peer.to_string(),
-        claims: Vec::new(),
+        claims,
         state: None,
     };
+    if let Some(name) = &auth.authorizer {
+        authorize(name, &mut conn, request, full_query, shared).await?;
+    }
     let decision = function.on_connect(&conn).await.map_err(|e| {
         Refusal::http(
             500,
@@ -239,17 +264,13 @@ where
         )
     })?;
     if !decision.accept {
-        let status = if (400..=599).contains(&decision.status) {
-            decision.status
-        } else {
-            403
-        };
         return Err(Refusal::http(
-            status,
+            refusal_status(decision.status, 403),
             "refused_by_function",
             "connection refused by the function",
         ));
     }
+    conn.claims.extend(decision.claims.iter().cloned());
     if let Some(chosen) = &decision.subprotocol {
         if offered.iter().any(|p| p == chosen) {
             conn.subprotocol = Some(chosen.clone());
@@ -262,6 +283,62 @@ where
         }
     }
     Ok((head, conn, function, route, decision))
+}
+
+/// Ask the authorizer function about `conn`: it sees every request header
+/// and the whole query (token included); its claims are added to the
+/// connection's.
+async fn authorize(
+    name: &str,
+    conn: &mut Connection,
+    request: &http::Request<()>,
+    full_query: Vec<(String, String)>,
+    shared: &Shared,
+) -> Result<(), Refusal> {
+    let Some(authorizer) = shared.registry.get(name) else {
+        return Err(Refusal::http(
+            503,
+            "function_unavailable",
+            format!("the authorizer function {name} is not loaded"),
+        ));
+    };
+    let headers = request
+        .headers()
+        .iter()
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+        })
+        .collect();
+    let probe = Connection {
+        query: full_query,
+        headers,
+        ..conn.clone()
+    };
+    let decision = authorizer.on_connect(&probe).await.map_err(|e| {
+        Refusal::http(
+            500,
+            "authorizer_error",
+            format!("the authorizer failed: {}", e.kind()),
+        )
+    })?;
+    if !decision.accept {
+        return Err(Refusal::http(
+            refusal_status(decision.status, 401),
+            "refused_by_authorizer",
+            "connection refused by the authorizer",
+        ));
+    }
+    conn.claims.extend(decision.claims);
+    Ok(())
+}
+
+/// The status a function chose to refuse with, if it is an HTTP error.
+fn refusal_status(chosen: u16, default: u16) -> u16 {
+    if (400..=599).contains(&chosen) {
+        chosen
+    } else {
+        default
+    }
 }
 
 /// Refuse a browser whose page's origin is not on the allow-list. An empty

@@ -6,7 +6,8 @@
 //! - [`listener`]: accept, admission, TLS and upgrade under timeouts.
 //! - [`limits`]: connection limits in total, per address, in handshakes.
 //! - [`tls`]: rustls (ring) from PEM files; [`dev`]: the `--dev` certificate.
-//! - [`handshake`]: the HTTP upgrade, routing and `on-connect`.
+//! - [`handshake`]: the HTTP upgrade, routing, authentication, `on-connect`.
+//! - [`auth`]: JWT validation of the token a client connects with.
 //! - [`router`]: path to function.
 //! - [`connection`]: one WebSocket: in-order messages, pipelined replies.
 //! - [`publisher`]: the RabbitMQ copy, publisher confirms, the spool.
@@ -17,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod connection;

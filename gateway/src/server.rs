@@ -13,7 +13,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
-use crate::config::{FunctionSource, OnError, QueueMode, Settings, WebSocketSettings};
+use crate::auth::JwtVerifier;
+use crate::config::{
+    AuthSettings, FunctionSource, OnError, QueueMode, Settings, WebSocketSettings,
+};
 use crate::limits::Admission;
 use crate::metrics::Metrics;
 use crate::publisher::Publisher;
@@ -34,6 +37,10 @@ pub struct Shared {
     pub handshake_timeout: Duration,
     /// Connection limits.
     pub admission: Admission,
+    /// Where tokens are, and the authorizer function.
+    pub auth: AuthSettings,
+    /// JWT validation, when configured.
+    pub jwt: Option<JwtVerifier>,
     /// Whether replies wait for the copy.
     pub queue_mode: QueueMode,
     /// What a client sees when the function fails on its message.
@@ -76,6 +83,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
     };
     let acceptor = TlsAcceptor::from(tls::server_config(&tls)?);
+    let jwt = settings
+        .auth
+        .jwt
+        .as_ref()
+        .map(JwtVerifier::new)
+        .transpose()?;
 
     let registry = Arc::new(
         Registry::new(settings.runtime.clone(), metrics.runtime.clone())
@@ -136,6 +149,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tls_handshake_timeout: settings.server.tls_handshake_timeout,
         handshake_timeout: settings.server.handshake_timeout,
         admission: Admission::new(&settings.server),
+        auth: settings.auth.clone(),
+        jwt,
         queue_mode: settings.queue.mode,
         on_error: settings.on_error,
         router: Router::new(&settings.routes),

@@ -9,6 +9,7 @@ mod harness;
 mod proxy;
 
 mod admin;
+mod auth;
 mod echo;
 mod faults;
 mod lifecycle;

@@ -14,3 +14,6 @@ pub const ECHO_PATH: &str = concat!(env!("TIDEGATE_FUNCTIONS_DIR"), "/echo.wasm"
 /// Path of the `faulty` test function, which traps, loops or exhausts its
 /// memory on request (see `functions/faulty`).
 pub const FAULTY_PATH: &str = concat!(env!("TIDEGATE_FUNCTIONS_DIR"), "/faulty.wasm");
+
+/// Path of the example `$connect` authorizer (see `functions/authorizer`).
+pub const AUTHORIZER_PATH: &str = concat!(env!("TIDEGATE_FUNCTIONS_DIR"), "/authorizer.wasm");

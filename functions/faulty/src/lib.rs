@@ -6,6 +6,7 @@
 //! - `panic`: panic (a trap);
 //! - `recurse`: recurse without end (stack overflow, a trap);
 //! - `big`: reply with 256 KiB of text (over the default message limit);
+//! - `claims`: reply with the connection's claims, `name=value` lines, sorted;
 //! - `bad`: return a `bad-request` handler error;
 //! - `silent`: return no effect at all (no reply);
 //! - `log`: print a line to stdout and log one through the logging import;
@@ -16,7 +17,7 @@ use tidegate_sdk::{Context, Effect, Function, HandlerError, Level, Payload, log}
 struct Faulty;
 
 impl Function for Faulty {
-    fn on_message(_conn: Context, message: Payload) -> Result<Vec<Effect>, HandlerError> {
+    fn on_message(ctx: Context, message: Payload) -> Result<Vec<Effect>, HandlerError> {
         if let Payload::Text(command) = &message {
             match command.as_str() {
                 "loop" => spin(),
@@ -26,6 +27,15 @@ impl Function for Faulty {
                     recurse(1);
                 }
                 "big" => return Ok(vec![Effect::Reply(Payload::Text("x".repeat(256 << 10)))]),
+                "claims" => {
+                    let mut lines: Vec<String> = ctx
+                        .claims
+                        .iter()
+                        .map(|(name, value)| format!("{name}={value}"))
+                        .collect();
+                    lines.sort();
+                    return Ok(vec![Effect::Reply(Payload::Text(lines.join("\n")))]);
+                }
                 "bad" => return Err(HandlerError::BadRequest("asked to refuse".into())),
                 "silent" => return Ok(Vec::new()),
                 "log" => {

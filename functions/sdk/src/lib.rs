@@ -72,7 +72,15 @@ impl ConnectDecision {
             status: 101,
             subprotocol: None,
             effects: Vec::new(),
+            claims: Vec::new(),
         }
+    }
+
+    /// Attach claims to the connection (an authorizer's verdict on who the
+    /// client is); later calls see them in [`Context::claims`].
+    pub fn with_claims(mut self, claims: Vec<(String, String)>) -> Self {
+        self.claims = claims;
+        self
     }
 
     /// Refuse the connection with this HTTP status (for example 401 or 403).
@@ -82,6 +90,7 @@ impl ConnectDecision {
             status,
             subprotocol: None,
             effects: Vec::new(),
+            claims: Vec::new(),
         }
     }
 }
