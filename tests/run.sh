@@ -34,8 +34,9 @@ for _ in $(seq 1 90); do
 done
 as_root rabbitmqctl -q await_startup
 
-say "promtool (checks /metrics in the tests)"
+say "promtool (checks /metrics in the tests), openssl (checks TLS versions and suites)"
 command -v promtool >/dev/null 2>&1 || apt_install prometheus
+command -v openssl >/dev/null 2>&1 || apt_install openssl
 
 say "format"
 cargo fmt --all --check

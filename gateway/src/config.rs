@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::tls::CertFiles;
+
 /// Environment variables with this prefix (then `__`) override the file.
 pub const ENV_PREFIX: &str = "TIDEGATE";
 
@@ -87,6 +89,17 @@ struct RawServer {
 struct RawTls {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
+    #[serde(default)]
+    sni: Vec<RawCertFiles>,
+    #[serde(default, with = "humantime_serde")]
+    reload_interval: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertFiles {
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -242,13 +255,28 @@ pub struct ServerSettings {
     pub state_dir: PathBuf,
 }
 
-/// Certificate chain and private key, as PEM files.
+/// The certificates, as PEM files.
 #[derive(Debug, Clone)]
 pub struct TlsSettings {
-    /// PEM certificate chain, leaf first.
-    pub cert: PathBuf,
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
-    pub key: PathBuf,
+    /// Served when the client's SNI name matches no other certificate
+    /// (`tls.cert`, `tls.key`).
+    pub default: CertFiles,
+    /// Served to clients whose SNI name they are valid for (`[[tls.sni]]`).
+    pub sni: Vec<CertFiles>,
+    /// How often the files are checked for changes (`tls.reload_interval`).
+    pub reload_interval: Duration,
+}
+
+impl TlsSettings {
+    /// Default reload check interval.
+    pub const RELOAD_INTERVAL: Duration = Duration::from_secs(10);
+
+    /// Every file named, certificates and keys.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        std::iter::once(&self.default)
+            .chain(&self.sni)
+            .flat_map(|files| [files.cert.as_path(), files.key.as_path()])
+    }
 }
 
 /// WebSocket sizes and buffers.
@@ -448,8 +476,32 @@ impl Settings {
 impl RawConfig {
     fn validate(self, dev: bool) -> Result<Settings, ConfigError> {
         let server = self.server.validate(dev)?;
+        let reload_interval = positive(
+            "tls.reload_interval",
+            self.tls.reload_interval,
+            TlsSettings::RELOAD_INTERVAL,
+        )?;
+        let sni: Vec<CertFiles> = self
+            .tls
+            .sni
+            .into_iter()
+            .map(|files| CertFiles {
+                cert: files.cert,
+                key: files.key,
+            })
+            .collect();
         let tls = match (self.tls.cert, self.tls.key) {
-            (Some(cert), Some(key)) => Some(TlsSettings { cert, key }),
+            (Some(cert), Some(key)) => Some(TlsSettings {
+                default: CertFiles { cert, key },
+                sni,
+                reload_interval,
+            }),
+            (None, None) if dev && !sni.is_empty() => {
+                return Err(invalid(
+                    "tls.sni",
+                    "needs a default certificate too: set tls.cert and tls.key",
+                ));
+            }
             (None, None) if dev => None,
             (None, None) => {
                 return Err(invalid(

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
 
-use crate::config::TlsSettings;
+use crate::tls::CertFiles;
 
 /// How long the development certificate is valid.
 const VALIDITY_DAYS: i64 = 30;
@@ -13,7 +13,7 @@ const VALIDITY_DAYS: i64 = 30;
 /// A generated certificate: where it is and how to recognise it.
 pub struct DevCertificate {
     /// The files, as the TLS set-up reads them.
-    pub tls: TlsSettings,
+    pub files: CertFiles,
     /// SHA-256 fingerprint of the certificate (DER), colon-separated hex.
     pub fingerprint: String,
 }
@@ -56,7 +56,7 @@ pub fn generate_certificate(dir: &Path) -> anyhow::Result<DevCertificate> {
         .collect::<Vec<_>>()
         .join(":");
     Ok(DevCertificate {
-        tls: TlsSettings {
+        files: CertFiles {
             cert: cert_path,
             key: key_path,
         },

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub effects_unsupported: IntCounterVec,
     /// Messages the function failed on, by route and kind.
     pub message_failures: IntCounterVec,
+    /// Certificate reloads after a file change, by outcome.
+    pub tls_reloads: IntCounterVec,
     /// Queue copies by outcome: confirmed, spooled, replayed, refused.
     pub queue_publishes: IntCounterVec,
     /// Time from publishing a copy to the broker's confirm.
@@ -121,6 +123,11 @@ impl Metrics {
                 "tidegate_effects_unsupported_total",
                 "Effects returned by functions that this node does not carry out.",
                 &["effect"],
+            )?,
+            tls_reloads: counter(
+                "tidegate_tls_reloads_total",
+                "Certificate reloads after their files changed, by outcome (ok, error: the certificates in use were kept).",
+                &["outcome"],
             )?,
             message_failures: counter(
                 "tidegate_message_failures_total",

@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::admin::{self, AdminState};
 use crate::auth::JwtVerifier;
 use crate::config::{
-    AuthSettings, FunctionSource, OnError, QueueMode, Settings, WebSocketSettings,
+    AuthSettings, FunctionSource, OnError, QueueMode, Settings, TlsSettings, WebSocketSettings,
 };
 use crate::limits::Admission;
 use crate::metrics::Metrics;
@@ -66,7 +66,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let metrics = Metrics::new().context("registering metrics")?;
     raise_file_limit(settings.server.max_connections.get());
 
-    let tls = match &settings.tls {
+    let tls_settings = match &settings.tls {
         Some(tls) => tls.clone(),
         None => {
             let dir = settings.server.state_dir.join("tls");
@@ -75,14 +75,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             println!(
                 "Tidegate --dev: self-signed certificate for localhost, 127.0.0.1 and ::1 written to {} \
                  (key {}), SHA-256 fingerprint {}",
-                cert.tls.cert.display(),
-                cert.tls.key.display(),
+                cert.files.cert.display(),
+                cert.files.key.display(),
                 cert.fingerprint
             );
-            cert.tls
+            TlsSettings {
+                default: cert.files,
+                sni: Vec::new(),
+                reload_interval: TlsSettings::RELOAD_INTERVAL,
+            }
         }
     };
-    let acceptor = TlsAcceptor::from(tls::server_config(&tls)?);
+    let tls = tls::server_config(&tls_settings)?;
+    let acceptor = TlsAcceptor::from(tls.config.clone());
     let jwt = settings
         .auth
         .jwt
@@ -174,6 +179,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         admin_stop.clone(),
     ));
     let scaler = tokio::spawn(scale_down_loop(registry.clone(), shutdown.clone()));
+    let tls_watch = tokio::spawn(tls::watch(
+        tls_settings,
+        tls.resolver.clone(),
+        metrics.tls_reloads.clone(),
+        shutdown.clone(),
+    ));
 
     let tracker = TaskTracker::new();
     let mut accept_loops = vec![tokio::spawn(listener::serve(
@@ -228,6 +239,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         task.flush(started + grace).await;
     }
     scaler.abort();
+    tls_watch.abort();
     registry.release_all_idle();
     admin_stop.cancel();
     let _ = admin_task.await;

@@ -15,3 +15,4 @@ mod faults;
 mod lifecycle;
 mod limits;
 mod queue;
+mod tls;
