@@ -260,6 +260,24 @@ impl Gateway {
         self.metrics().await.get(series).copied().unwrap_or(0.0)
     }
 
+    /// The gateway's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// The gateway's resident memory, in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("/proc/PID/status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .expect("VmRSS");
+        kib * 1024
+    }
+
     /// Kill the process with SIGKILL: no drain, no flush.
     pub fn kill(&mut self) {
         let mut child = self.child.take().expect("running");

@@ -12,6 +12,7 @@ mod admin;
 mod auth;
 mod echo;
 mod faults;
+mod idle;
 mod lifecycle;
 mod limits;
 mod queue;
