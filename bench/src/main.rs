@@ -63,6 +63,29 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         warmup: Duration,
     },
+    /// Latency of well-behaved clients, calm and while other connections
+    /// make the function fail (the route must run the `faulty` test
+    /// function).
+    Isolation {
+        url: String,
+        /// Messages per second, all well-behaved connections together.
+        #[arg(short = 'r', long, default_value_t = 2000.0)]
+        rate: f64,
+        #[arg(short = 'c', long, default_value_t = 16)]
+        connections: usize,
+        #[arg(short = 's', long, default_value_t = 64)]
+        size: usize,
+        #[arg(short = 'd', long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        warmup: Duration,
+        /// Connections that keep triggering faults.
+        #[arg(long, default_value_t = 2)]
+        offenders: usize,
+        /// The `faulty` commands they cycle through.
+        #[arg(long, value_delimiter = ',', default_values_t = scenario::isolation::FAULTS.iter().map(|f| f.to_string()))]
+        faults: Vec<String>,
+    },
     /// New connections per second (TLS + WebSocket handshake).
     Connect {
         url: String,
@@ -186,6 +209,29 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 warmup,
             };
             scenario::latency::run(&Target::parse(&url)?, &url, &options).await?
+        }
+        Command::Isolation {
+            url,
+            rate,
+            connections,
+            size,
+            duration,
+            warmup,
+            offenders,
+            faults,
+        } => {
+            let options = scenario::isolation::Options {
+                latency: scenario::latency::Options {
+                    connections,
+                    rate,
+                    size,
+                    duration,
+                    warmup,
+                },
+                offenders,
+                faults,
+            };
+            scenario::isolation::run(&Target::parse(&url)?, &url, &options).await?
         }
         Command::Connect {
             url,

@@ -256,6 +256,38 @@ pub async fn run(out: &Path, tidegate: Option<PathBuf>, quick: bool) -> anyhow::
         keep(scenario::cold::run(&target, "tidegate (receipt)", &options).await?);
     }
 
+    // Isolation: well-behaved clients while other connections make the
+    // function fail (copies off, so the function path alone is measured).
+    {
+        let config = format!(
+            "[functions.faulty]\nwasm = \"{}\"\n[routes]\n\"/\" = \"faulty\"\n",
+            tidegate_functions::FAULTY_PATH
+        );
+        let server = start_tidegate_with(
+            &tidegate,
+            "off",
+            &[("TIDEGATE__RUNTIME__TIMEOUT", "1s")],
+            Some(&config),
+            pinned,
+        )?;
+        let target = Target::parse(&server.url)?;
+        let options = scenario::isolation::Options {
+            latency: scenario::latency::Options {
+                connections: 16,
+                rate: 2000.0,
+                size: 64,
+                duration: plan.duration,
+                warmup: plan.warmup,
+            },
+            offenders: 2,
+            faults: scenario::isolation::FAULTS
+                .iter()
+                .map(|f| f.to_string())
+                .collect(),
+        };
+        keep(scenario::isolation::run(&target, "tidegate (copies off)", &options).await?);
+    }
+
     report::write(out, &results, quick)?;
     println!("report written to {}", out.join("report.md").display());
     Ok(())
@@ -310,6 +342,17 @@ fn start_tidegate(
     env: &[(&str, &str)],
     pinned: bool,
 ) -> anyhow::Result<Server> {
+    start_tidegate_with(binary, mode, env, None, pinned)
+}
+
+/// Start tidegate with a configuration file's contents too.
+fn start_tidegate_with(
+    binary: &Path,
+    mode: &str,
+    env: &[(&str, &str)],
+    config: Option<&str>,
+    pinned: bool,
+) -> anyhow::Result<Server> {
     let state = tempfile::tempdir()?;
     let queue = format!("tidegate.bench.{}", uuid::Uuid::now_v7().simple());
     let mut command = command(binary, pinned);
@@ -327,6 +370,11 @@ fn start_tidegate(
         .env("TIDEGATE__QUEUE__MODE", mode);
     for (key, value) in env {
         command.env(key, value);
+    }
+    if let Some(config) = config {
+        let path = state.path().join("tidegate.toml");
+        std::fs::write(&path, config)?;
+        command.arg("--config").arg(path);
     }
     let (child, line) = spawn(command, "Tidegate listening on wss://")?;
     // "ADDR/ (admin http://ADDR/metrics)"

@@ -97,6 +97,13 @@ fn checks(results: &[Figures]) -> Vec<Check> {
     let base_idle = value(results, "idle", "baseline wss", "bytes_per_connection");
     let connects = value(results, "connect", "tidegate (receipt)", "connects_per_s");
     let base_connects = value(results, "connect", "baseline wss", "connects_per_s");
+    let calm_p99 = value(results, "isolation", "tidegate (copies off)", "calm_p99_us");
+    let faulting_p99 = value(
+        results,
+        "isolation",
+        "tidegate (copies off)",
+        "faulting_p99_us",
+    );
     let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
     let show = |v: Option<f64>, unit: &str| v.map_or("n/a".into(), |v| format!("{v:.0} {unit}"));
     vec![
@@ -166,6 +173,15 @@ fn checks(results: &[Figures]) -> Vec<Check> {
             ratio: ratio(idle, base_idle),
             target: "< 16384 bytes",
             met: idle.map(|v| v < 16384.0),
+        },
+        Check {
+            what: "p99 of well-behaved clients while a function faults",
+            measured: faulting_p99,
+            unit: "us",
+            reference: format!("same load, no faults {}", show(calm_p99, "us")),
+            ratio: ratio(faulting_p99, calm_p99),
+            target: "<= 2x",
+            met: ratio(faulting_p99, calm_p99).map(|r| r <= 2.0),
         },
         Check {
             what: "TLS connections per second vs raw rustls acceptor",

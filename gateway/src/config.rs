@@ -153,6 +153,7 @@ struct RawRuntime {
     max_instances: Option<u32>,
     max_total_instances: Option<u32>,
     memory_limit: Option<usize>,
+    max_stack: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -451,6 +452,29 @@ impl Settings {
                     .required(true),
             );
         }
+        Self::from_builder(builder, env, dev)
+    }
+
+    /// Like [`Settings::from_sources`], with the file's contents given as
+    /// text (for tests and fuzzing).
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the key at fault.
+    pub fn from_toml(
+        text: &str,
+        env: Vec<(String, String)>,
+        dev: bool,
+    ) -> Result<Self, ConfigError> {
+        let builder = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml));
+        Self::from_builder(builder, env, dev)
+    }
+
+    fn from_builder(
+        mut builder: config::ConfigBuilder<config::builder::DefaultState>,
+        env: Vec<(String, String)>,
+        dev: bool,
+    ) -> Result<Self, ConfigError> {
         let env: config::Map<String, String> = env.into_iter().collect();
         builder = builder.add_source(
             config::Environment::with_prefix(ENV_PREFIX)
@@ -967,6 +991,16 @@ impl RawRuntime {
             max_queued: self.max_queued.unwrap_or(defaults.max_queued),
             max_total_instances,
             memory_limit,
+            max_stack: {
+                let bytes = self.max_stack.unwrap_or(defaults.max_stack);
+                if !(64 << 10..=64 << 20).contains(&bytes) {
+                    return Err(invalid(
+                        "runtime.max_stack",
+                        format!("{bytes} is outside 65536 (64 KiB) to 67108864 (64 MiB)"),
+                    ));
+                }
+                bytes
+            },
             timeout: positive("runtime.timeout", self.timeout, defaults.timeout)?,
             idle_timeout,
             unload_after,

@@ -344,7 +344,10 @@ fn refusal_status(chosen: u16, default: u16) -> u16 {
 /// Refuse a browser whose page's origin is not on the allow-list. An empty
 /// list allows any; a request without `Origin` (not from a browser) is
 /// allowed, since `Origin` protects browser users, not the server.
-fn check_origin(request: &http::Request<()>, allowed: &[String]) -> Result<(), Refusal> {
+///
+/// # Errors
+/// A 403 [`Refusal`].
+pub fn check_origin(request: &http::Request<()>, allowed: &[String]) -> Result<(), Refusal> {
     if allowed.is_empty() {
         return Ok(());
     }
@@ -381,39 +384,40 @@ where
             return Err(Refusal::ClientGone);
         }
         buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Request::new(&mut headers);
-        match parsed.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => {
-                let request = build_request(&parsed)?;
-                let leftover = buf.split_off(len);
-                return Ok(RequestHead { request, leftover });
-            }
-            Ok(httparse::Status::Partial) if buf.len() >= max => {
-                return Err(Refusal::http(
-                    431,
-                    "request_too_large",
-                    format!(
-                        "the request head is larger than {max} bytes (websocket.max_request_head)"
-                    ),
-                ));
-            }
-            Ok(httparse::Status::Partial) => {}
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(Refusal::http(
-                    431,
-                    "request_too_large",
-                    format!("more than {MAX_HEADERS} request headers"),
-                ));
-            }
-            Err(e) => {
-                return Err(Refusal::http(
-                    400,
-                    "bad_request",
-                    format!("malformed HTTP request: {e}"),
-                ));
-            }
+        if let Some((request, len)) = parse_head(&buf, max)? {
+            let leftover = buf.split_off(len);
+            return Ok(RequestHead { request, leftover });
         }
+    }
+}
+
+/// Parse an upgrade request head from the bytes read so far: the request
+/// and the head's length, `None` while it is incomplete (and under `max`
+/// bytes), or the HTTP refusal for a head that is malformed or too large.
+///
+/// # Errors
+/// A 400 or 431 [`Refusal`].
+pub fn parse_head(buf: &[u8], max: usize) -> Result<Option<(http::Request<()>, usize)>, Refusal> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => Ok(Some((build_request(&parsed)?, len))),
+        Ok(httparse::Status::Partial) if buf.len() >= max => Err(Refusal::http(
+            431,
+            "request_too_large",
+            format!("the request head is larger than {max} bytes (websocket.max_request_head)"),
+        )),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(Refusal::http(
+            431,
+            "request_too_large",
+            format!("more than {MAX_HEADERS} request headers"),
+        )),
+        Err(e) => Err(Refusal::http(
+            400,
+            "bad_request",
+            format!("malformed HTTP request: {e}"),
+        )),
     }
 }
 

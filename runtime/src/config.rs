@@ -22,6 +22,9 @@ pub struct RuntimeConfig {
     pub max_total_instances: NonZeroU32,
     /// Most linear memory one instance may grow to, in bytes.
     pub memory_limit: usize,
+    /// Most WebAssembly call stack one invocation may use, in bytes; deeper
+    /// recursion traps (a stack overflow).
+    pub max_stack: usize,
     /// Longest one invocation (one event of one connection) may run.
     pub timeout: Duration,
     /// An idle instance is released after this long without work; a function
@@ -47,6 +50,7 @@ impl Default for RuntimeConfig {
             max_queued: 1024,
             max_total_instances: NonZeroU32::new(1000).expect("1000 is not zero"),
             memory_limit: 64 << 20,
+            max_stack: 512 << 10,
             timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
             unload_after: Duration::from_secs(600),

@@ -16,8 +16,10 @@ use crate::host::HostState;
 
 /// How often the epoch advances. A running function yields to the async
 /// executor at every tick and its deadline is checked, so this is also the
-/// granularity of `runtime.timeout`.
-pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// granularity of `runtime.timeout`, and the longest a function that runs
+/// long (or loops) holds a worker thread before other connections get it
+/// back: it bounds what a misbehaving function costs everyone else.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// The engine, the linker with the host's imports, and the epoch ticker.
 pub struct Engine {
@@ -56,6 +58,10 @@ impl Engine {
 
         let mut wasm = Config::new();
         wasm.wasm_component_model(true)
+            .max_wasm_stack(config.max_stack)
+            // The fiber a call runs on holds the wasm stack and the host
+            // frames below and above it.
+            .async_stack_size(config.max_stack + (1 << 20))
             .epoch_interruption(true)
             .memory_init_cow(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));

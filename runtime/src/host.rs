@@ -76,12 +76,21 @@ impl HostState {
 
     /// The epoch callback: yield to the executor at every tick, and trap
     /// once the invocation's ticks are used up.
+    ///
+    /// The yield is tokio's own: it lets the worker poll for I/O and timers
+    /// before the long call resumes. (A plain wake-and-return-pending
+    /// yield does not: with every worker running a long call, sockets would
+    /// only be polled every few dozen ticks, and every other connection
+    /// would wait that long.)
     pub fn on_epoch(&mut self) -> wasmtime::Result<UpdateDeadline> {
         if self.ticks_left == 0 {
             return Err(wasmtime::Error::new(DeadlineExceeded));
         }
         self.ticks_left -= 1;
-        Ok(UpdateDeadline::Yield(1))
+        Ok(UpdateDeadline::YieldCustom(
+            1,
+            Box::pin(tokio::task::yield_now()),
+        ))
     }
 }
 

@@ -9,12 +9,14 @@
 //! - [`cold`]: time to the reply from a function scaled to zero, and warm.
 //! - [`publish`]: the broker's own confirmed publish ceiling.
 //! - [`instantiate`]: the runtime alone: reload, instantiate and call.
+//! - [`isolation`]: latency of well-behaved clients while a function misbehaves.
 
 pub mod cold;
 pub mod connect;
 pub mod echo;
 pub mod idle;
 pub mod instantiate;
+pub mod isolation;
 pub mod latency;
 pub mod publish;
 
