@@ -423,6 +423,13 @@ pub fn parse_head(buf: &[u8], max: usize) -> Result<Option<(http::Request<()>, u
 
 fn build_request(parsed: &httparse::Request<'_, '_>) -> Result<http::Request<()>, Refusal> {
     let bad = |message: String| Refusal::http(400, "bad_request", message);
+    // Only origin-form targets ("/path?query"): an upgrade names a path on
+    // this server, never a proxy target or an authority.
+    if !parsed.path.is_some_and(|path| path.starts_with('/')) {
+        return Err(bad(
+            "the request target must be a path starting with '/'".into()
+        ));
+    }
     let mut builder = http::Request::builder()
         .method(parsed.method.unwrap_or("GET"))
         .uri(parsed.path.unwrap_or("/"))
@@ -467,6 +474,20 @@ mod tests {
             builder = builder.header("origin", *origin);
         }
         builder.body(()).unwrap()
+    }
+
+    #[test]
+    fn only_path_request_targets_are_taken() {
+        let head =
+            |target: &str| format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n").into_bytes();
+        assert!(parse_head(&head("/chat?x=1"), 8192).unwrap().is_some());
+        for target in ["chat", "example.com:443", "http://example.com/", "*"] {
+            let refused = parse_head(&head(target), 8192);
+            assert!(
+                matches!(refused, Err(Refusal::Http { status: 400, .. })),
+                "{target}"
+            );
+        }
     }
 
     #[test]

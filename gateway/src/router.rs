@@ -31,8 +31,12 @@ impl Router {
         Self { routes }
     }
 
-    /// The route serving `path` (without query string), if any.
+    /// The route serving `path` (without query string), if any. A path
+    /// must start with '/'.
     pub fn resolve(&self, path: &str) -> Option<RouteMatch<'_>> {
+        if !path.starts_with('/') {
+            return None;
+        }
         self.routes
             .iter()
             .find(|(route, _)| {
@@ -79,5 +83,13 @@ mod tests {
         assert_eq!(router.resolve("/other"), None);
         assert_eq!(router.resolve("/chatter"), None);
         assert!(router.resolve("/chat").is_some());
+    }
+
+    #[test]
+    fn a_path_without_a_leading_slash_matches_nothing() {
+        let router = router(&[("/", "echo")]);
+        assert!(router.resolve("chat").is_none());
+        assert!(router.resolve("").is_none());
+        assert_eq!(router.resolve("/x").map(|m| m.route), Some("/"));
     }
 }

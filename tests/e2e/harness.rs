@@ -529,6 +529,15 @@ impl SendText for Client {
     }
 }
 
+/// A well-behaved client is still served: one echo round trip.
+pub async fn still_serves(gateway: &Gateway) {
+    let mut client = gateway.connect("/").await;
+    assert_eq!(
+        round_trip(&mut client, Message::Text("still here".into())).await,
+        Message::Text("still here".into())
+    );
+}
+
 /// Send a message and read the reply.
 pub async fn round_trip(client: &mut Client, message: Message) -> Message {
     client.send(message).await.expect("send");

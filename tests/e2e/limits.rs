@@ -8,7 +8,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{Gateway, Options, close_frame, eventually, round_trip};
+use crate::harness::{Gateway, Options, close_frame, eventually, round_trip, still_serves};
 
 fn gateway(env: &[(&str, &str)]) -> Gateway {
     let mut options = Options::default();
@@ -16,15 +16,6 @@ fn gateway(env: &[(&str, &str)]) -> Gateway {
         options = options.env(key, *value);
     }
     Gateway::start(options)
-}
-
-/// A well-behaved client is still served.
-async fn still_serves(gateway: &Gateway) {
-    let mut client = gateway.connect("/").await;
-    assert_eq!(
-        round_trip(&mut client, Message::Text("still here".into())).await,
-        Message::Text("still here".into())
-    );
 }
 
 /// With `key` set to 2, a third connection is refused with `status`, and
