@@ -164,6 +164,8 @@ struct RawRuntime {
     keep_resident: Option<usize>,
     max_queued: Option<usize>,
     on_error: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    fault_backoff: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -216,6 +218,9 @@ pub struct Settings {
     /// What a client sees when the function fails on its message
     /// (`runtime.on_error`).
     pub on_error: OnError,
+    /// Longest pause before the next message of a client whose messages
+    /// keep making the function fail (`runtime.fault_backoff`).
+    pub fault_backoff: Duration,
     /// Authentication on connect.
     pub auth: AuthSettings,
     /// Functions by name.
@@ -568,6 +573,11 @@ impl RawConfig {
                 ));
             }
         };
+        let fault_backoff = positive(
+            "runtime.fault_backoff",
+            self.runtime.fault_backoff,
+            Duration::from_secs(1),
+        )?;
         let runtime = self.runtime.validate(&server.state_dir)?;
         let auth = self.auth.validate()?;
 
@@ -649,6 +659,7 @@ impl RawConfig {
             queue,
             runtime,
             on_error,
+            fault_backoff,
             auth,
             functions,
             routes,
@@ -768,7 +779,7 @@ impl RawWebSocket {
             read_buffer_size: at_least(
                 "websocket.read_buffer_size",
                 self.read_buffer_size,
-                2 << 10,
+                1536,
                 1024,
             )?,
             write_buffer_size: at_least(
@@ -1095,7 +1106,7 @@ mod tests {
         assert_eq!(settings.queue.queue, "tidegate.messages");
         assert_eq!(settings.queue.mode, QueueMode::Receipt);
         assert_eq!(settings.websocket.max_message_size, 128 * 1024);
-        assert_eq!(settings.websocket.read_buffer_size, 2 * 1024);
+        assert_eq!(settings.websocket.read_buffer_size, 1536);
         assert_eq!(
             settings.queue.spool_dir,
             PathBuf::from("/var/lib/tidegate/spool")

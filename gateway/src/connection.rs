@@ -27,6 +27,9 @@ use crate::handshake::Accepted;
 use crate::publisher::{QueueMessage, Receipt};
 use crate::server::Shared;
 
+/// The pause after a first failure in a row (see `Reader::penalty`).
+const FIRST_PENALTY: Duration = Duration::from_millis(10);
+
 /// How long to wait for the client's answer to our close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -116,6 +119,7 @@ where
         rate: governor::RateLimiter::direct(governor::Quota::per_second(
             shared.websocket.max_message_rate,
         )),
+        penalty: Duration::ZERO,
         function: &function,
         route: &route,
         shared: &shared,
@@ -195,6 +199,11 @@ enum ClientClose<T> {
 struct Reader<'a> {
     ctx: &'a Context,
     rate: governor::DefaultDirectRateLimiter,
+    /// Pause after the function failed on this connection's last message:
+    /// doubled at each failure in a row (up to `runtime.fault_backoff`),
+    /// cleared by a success, so one client cannot keep a function failing
+    /// (and burning CPU) back to back.
+    penalty: Duration,
     function: &'a Arc<Function>,
     route: &'a str,
     shared: &'a Shared,
@@ -341,7 +350,10 @@ impl Reader<'_> {
         // idle connection's task.
         match Box::pin(self.function.on_message(self.ctx, &payload)).await {
             Ok(Ok(effects)) => match self.oversized_reply(&effects) {
-                None => self.apply(effects, receipt).await,
+                None => {
+                    self.penalty = Duration::ZERO;
+                    self.apply(effects, receipt).await
+                }
                 Some(failure) => self.fail(failure, receipt).await,
             },
             Ok(Err(error)) => {
@@ -399,6 +411,17 @@ impl Reader<'_> {
             .message_failures
             .with_label_values(&[self.route, failure.kind])
             .inc();
+        let next = self.tell_failure(failure, receipt).await;
+        if let Next::Continue = next {
+            // Read this client's next message only after a pause.
+            let limit = self.shared.fault_backoff;
+            self.penalty = (self.penalty * 2).clamp(FIRST_PENALTY.min(limit), limit);
+            tokio::time::sleep(self.penalty).await;
+        }
+        next
+    }
+
+    async fn tell_failure(&mut self, failure: Failure, receipt: Option<Receipt>) -> Next {
         match self.shared.on_error {
             OnError::Reply => {
                 let error = if failure.overloaded {

@@ -477,6 +477,21 @@ mod tests {
     }
 
     #[test]
+    fn a_head_over_the_limit_or_with_too_many_headers_gets_431() {
+        let status = |result: Result<Option<(http::Request<()>, usize)>, Refusal>| match result {
+            Err(Refusal::Http { status, .. }) => Some(status),
+            _ => None,
+        };
+        // Incomplete and already at the limit.
+        let long = format!("GET / HTTP/1.1\r\nX-Pad: {}", "a".repeat(600));
+        assert_eq!(status(parse_head(long.as_bytes(), 512)), Some(431));
+        assert!(matches!(parse_head(long.as_bytes(), 8192), Ok(None)));
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: v\r\n")).collect();
+        let head = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        assert_eq!(status(parse_head(head.as_bytes(), 1 << 20)), Some(431));
+    }
+
+    #[test]
     fn only_path_request_targets_are_taken() {
         let head =
             |target: &str| format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n").into_bytes();

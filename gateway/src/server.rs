@@ -45,6 +45,8 @@ pub struct Shared {
     pub queue_mode: QueueMode,
     /// What a client sees when the function fails on its message.
     pub on_error: OnError,
+    /// Longest pause before reading a client whose messages keep failing.
+    pub fault_backoff: Duration,
     /// Path to function.
     pub router: Router,
     /// The functions.
@@ -158,6 +160,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         jwt,
         queue_mode: settings.queue.mode,
         on_error: settings.on_error,
+        fault_backoff: settings.fault_backoff,
         router: Router::new(&settings.routes),
         registry: registry.clone(),
         publisher: publisher.clone(),

@@ -2,9 +2,9 @@
 //! drives invocation deadlines.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig};
@@ -14,12 +14,16 @@ use crate::config::RuntimeConfig;
 use crate::error::LoadError;
 use crate::host::HostState;
 
-/// How often the epoch advances. A running function yields to the async
-/// executor at every tick and its deadline is checked, so this is also the
-/// granularity of `runtime.timeout`, and the longest a function that runs
-/// long (or loops) holds a worker thread before other connections get it
-/// back: it bounds what a misbehaving function costs everyone else.
-pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+/// How often the epoch advances while a function runs. A running function
+/// yields to the async executor at every tick and its deadline is checked,
+/// so this is the longest a function that runs long (or loops) holds a
+/// worker thread before other connections get it back: it bounds what a
+/// misbehaving function costs everyone else.
+pub const EPOCH_TICK: Duration = Duration::from_micros(100);
+
+/// How often the ticker wakes while no function runs (to keep the coarse
+/// clock going without costing an idle gateway CPU).
+pub const IDLE_TICK: Duration = Duration::from_millis(10);
 
 /// The engine, the linker with the host's imports, and the epoch ticker.
 pub struct Engine {
@@ -81,40 +85,81 @@ impl Engine {
         }))
     }
 
-    /// Ticks since the engine started: a coarse clock (one tick is
-    /// [`EPOCH_TICK`]) that costs an atomic load instead of a system call.
-    pub fn now_ticks(&self) -> u64 {
-        self.ticker.ticks.load(Ordering::Relaxed)
+    /// Milliseconds since the engine started: a coarse clock (it advances
+    /// at every tick) that costs an atomic load instead of a system call.
+    pub fn now_millis(&self) -> u64 {
+        self.ticker.clock.now_millis()
+    }
+
+    /// The shared clock, for instances' deadlines.
+    pub(crate) fn clock(&self) -> &Arc<Clock> {
+        &self.ticker.clock
     }
 }
 
-/// Whole ticks in `duration` (rounded down: a limit fires within one tick
-/// of its configured value).
-pub fn ticks(duration: Duration) -> u64 {
-    (duration.as_nanos() / EPOCH_TICK.as_nanos()) as u64
+/// Whole milliseconds in `duration`.
+pub fn millis(duration: Duration) -> u64 {
+    duration.as_millis().try_into().unwrap_or(u64::MAX)
 }
 
-/// A thread that advances the engine's epoch every [`EPOCH_TICK`]. A plain
-/// thread rather than a task: it must keep ticking even when every tokio
-/// worker is busy running guest code.
+/// The ticker's coarse clock, and how many calls are running (the ticker
+/// ticks fast only while some are).
+#[derive(Debug, Default)]
+pub(crate) struct Clock {
+    millis: AtomicU64,
+    running: AtomicUsize,
+}
+
+impl Clock {
+    pub(crate) fn now_millis(&self) -> u64 {
+        self.millis.load(Ordering::Relaxed)
+    }
+
+    /// Count a call as running until the guard is dropped.
+    pub(crate) fn running(&self) -> Running<'_> {
+        self.running.fetch_add(1, Ordering::Relaxed);
+        Running(self)
+    }
+}
+
+/// A running call, for the ticker.
+pub(crate) struct Running<'a>(&'a Clock);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A thread that advances the engine's epoch every [`EPOCH_TICK`] while
+/// calls run (every [`IDLE_TICK`] otherwise) and keeps the coarse clock. A
+/// plain thread rather than a task: it must keep ticking even when every
+/// tokio worker is busy running guest code.
 struct EpochTicker {
     stop: Arc<AtomicBool>,
-    /// Ticks so far, for the coarse clock.
-    ticks: Arc<AtomicU64>,
+    clock: Arc<Clock>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl EpochTicker {
     fn start(engine: wasmtime::Engine) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let ticks = Arc::new(AtomicU64::new(0));
-        let (flag, counter) = (stop.clone(), ticks.clone());
+        let clock = Arc::new(Clock::default());
+        let (flag, shared) = (stop.clone(), clock.clone());
         let thread = std::thread::Builder::new()
             .name("tidegate-epoch".into())
             .spawn(move || {
+                let started = Instant::now();
                 while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    counter.fetch_add(1, Ordering::Relaxed);
+                    let tick = if shared.running.load(Ordering::Relaxed) > 0 {
+                        EPOCH_TICK
+                    } else {
+                        IDLE_TICK
+                    };
+                    std::thread::sleep(tick);
+                    shared
+                        .millis
+                        .store(millis(started.elapsed()), Ordering::Relaxed);
                     engine.increment_epoch();
                 }
             })
@@ -124,7 +169,7 @@ impl EpochTicker {
         }
         Self {
             stop,
-            ticks,
+            clock,
             thread,
         }
     }

@@ -15,7 +15,7 @@ use wasmtime::component::Component;
 use crate::bindings::types::{ConnectDecision, Connection, Context, Effect, HandlerError, Payload};
 use crate::bindings::{Handler, HandlerPre};
 use crate::config::RuntimeConfig;
-use crate::engine::{Engine, ticks};
+use crate::engine::{Engine, millis};
 use crate::error::{InvokeError, LoadError};
 use crate::host::{DeadlineExceeded, HostState, MemoryLimitExceeded};
 use crate::metrics::RuntimeMetrics;
@@ -53,13 +53,13 @@ struct Pool {
     /// Instances alive: idle plus leased.
     live: u32,
     /// When an instance was last released (or the function was loaded), in
-    /// engine ticks.
+    /// engine milliseconds.
     last_active: u64,
 }
 
 struct IdleInstance {
     instance: Instance,
-    /// Engine tick of its release.
+    /// Engine millisecond of its release.
     since: u64,
 }
 
@@ -149,7 +149,7 @@ impl Function {
         let metrics = FunctionMetrics::new(metrics, name);
         metrics.code_loaded.set(1);
         metrics.instances.set(0);
-        let loaded_at = engine.now_ticks();
+        let loaded_at = engine.now_millis();
         Ok(Self {
             name: name.into(),
             version,
@@ -239,12 +239,14 @@ impl Function {
         call: impl AsyncFnOnce(&Handler, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, InvokeError> {
         let started = Instant::now();
+        let clock = self.engine.clock();
         let outcome = async {
             let mut lease = self.checkout().await?;
             let instance = lease.instance_mut();
-            instance.store.data_mut().ticks_left = ticks(self.config.timeout);
+            instance.store.data_mut().set_deadline(self.config.timeout);
             instance.store.set_epoch_deadline(1);
             let Instance { store, handler } = instance;
+            let _running = clock.running();
             match call(handler, store).await {
                 Ok(value) => {
                     lease.release();
@@ -399,14 +401,16 @@ impl Function {
     async fn instantiate(&self, pre: &HandlerPre<HostState>) -> Result<Instance, InvokeError> {
         let state = HostState::new(
             self.name.clone(),
+            self.engine.clock().clone(),
             self.config.memory_limit,
             self.config.max_log_line,
         );
         let mut store = Store::new(&self.engine.engine, state);
         store.limiter(|state| state);
         store.epoch_deadline_callback(|mut ctx| ctx.data_mut().on_epoch());
-        store.data_mut().ticks_left = ticks(self.config.timeout);
+        store.data_mut().set_deadline(self.config.timeout);
         store.set_epoch_deadline(1);
+        let _running = self.engine.clock().running();
         match pre.instantiate_async(&mut store).await {
             Ok(handler) => Ok(Instance { store, handler }),
             Err(error) => Err(match self.classify(error) {
@@ -426,7 +430,7 @@ impl Function {
     }
 
     fn give_back(&self, instance: Instance) {
-        let now = self.engine.now_ticks();
+        let now = self.engine.now_millis();
         let mut pool = self.lock();
         pool.idle.push(IdleInstance {
             instance,
@@ -439,10 +443,10 @@ impl Function {
     /// unload the code once the function has had no instance for
     /// `runtime.unload_after`. Called periodically by the registry.
     pub(crate) fn scale_down(&self) {
-        let now = self.engine.now_ticks();
+        let now = self.engine.now_millis();
         let released: Vec<IdleInstance> = {
             let mut pool = self.lock();
-            let idle_timeout = ticks(self.config.idle_timeout);
+            let idle_timeout = millis(self.config.idle_timeout);
             let keep_from = pool
                 .idle
                 .iter()
@@ -451,7 +455,7 @@ impl Function {
             let released: Vec<IdleInstance> = pool.idle.drain(..keep_from).collect();
             pool.live = pool.live.saturating_sub(released.len() as u32);
             self.metrics.instances.set(i64::from(pool.live));
-            let unload_at = pool.last_active + ticks(self.config.unload_after);
+            let unload_at = pool.last_active + millis(self.config.unload_after);
             if pool.live == 0 && pool.pre.is_some() && now >= unload_at {
                 pool.pre = None;
                 self.metrics.code_loaded.set(0);
@@ -526,9 +530,22 @@ impl Lease<'_> {
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
         if let Some(instance) = self.instance.take() {
-            drop(instance);
+            discard(instance);
             self.function.forget_instance();
         }
+    }
+}
+
+/// Drop a failed instance off the async workers when there are any:
+/// giving back the memory of an instance that grew to its limit costs the
+/// kernel milliseconds, which other connections on this worker should not
+/// wait for.
+fn discard(instance: Instance) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn_blocking(move || drop(instance));
+        }
+        Err(_) => drop(instance),
     }
 }
 

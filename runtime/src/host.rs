@@ -5,10 +5,13 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::AsyncWrite;
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, UpdateDeadline};
+
+use crate::engine::{Clock, millis};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -37,9 +40,10 @@ pub(crate) struct HostState {
     table: ResourceTable,
     /// The function's name, for log lines.
     function: Arc<str>,
-    /// Epoch ticks the current invocation may still run; counted down at
-    /// every tick, it traps at zero.
-    pub ticks_left: u64,
+    /// When the current invocation must have finished, on `clock`.
+    pub deadline: u64,
+    /// The engine's coarse clock.
+    clock: Arc<Clock>,
     /// Most bytes of linear memory the instance may have.
     memory_limit: usize,
     /// Longest log line kept.
@@ -47,7 +51,12 @@ pub(crate) struct HostState {
 }
 
 impl HostState {
-    pub fn new(function: Arc<str>, memory_limit: usize, max_log_line: usize) -> Self {
+    pub fn new(
+        function: Arc<str>,
+        clock: Arc<Clock>,
+        memory_limit: usize,
+        max_log_line: usize,
+    ) -> Self {
         let wasi = WasiCtx::builder()
             .stdout(GuestOutput::new(function.clone(), "stdout", max_log_line))
             .stderr(GuestOutput::new(function.clone(), "stderr", max_log_line))
@@ -59,7 +68,8 @@ impl HostState {
             wasi,
             table: ResourceTable::new(),
             function,
-            ticks_left: 0,
+            deadline: 0,
+            clock,
             memory_limit,
             max_log_line,
         }
@@ -74,8 +84,13 @@ impl HostState {
         clip(line, self.max_log_line)
     }
 
+    /// Give the current invocation `limit` from now.
+    pub fn set_deadline(&mut self, limit: Duration) {
+        self.deadline = self.clock.now_millis().saturating_add(millis(limit));
+    }
+
     /// The epoch callback: yield to the executor at every tick, and trap
-    /// once the invocation's ticks are used up.
+    /// once the invocation's deadline has passed.
     ///
     /// The yield is tokio's own: it lets the worker poll for I/O and timers
     /// before the long call resumes. (A plain wake-and-return-pending
@@ -83,10 +98,9 @@ impl HostState {
     /// only be polled every few dozen ticks, and every other connection
     /// would wait that long.)
     pub fn on_epoch(&mut self) -> wasmtime::Result<UpdateDeadline> {
-        if self.ticks_left == 0 {
+        if self.clock.now_millis() >= self.deadline {
             return Err(wasmtime::Error::new(DeadlineExceeded));
         }
-        self.ticks_left -= 1;
         Ok(UpdateDeadline::YieldCustom(
             1,
             Box::pin(tokio::task::yield_now()),

@@ -117,8 +117,13 @@ fn overloadable(options: Options) -> Gateway {
 async fn occupy(gateway: &Gateway) -> crate::harness::Client {
     let mut spinner = gateway.connect("/").await;
     spinner.send_text("loop").await;
-    // Time for the message to reach the function.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The function says so before it spins.
+    crate::harness::eventually(
+        "the function spins",
+        std::time::Duration::from_secs(30),
+        || async { gateway.log().contains("spinning") },
+    )
+    .await;
     spinner
 }
 
@@ -212,4 +217,38 @@ async fn a_reply_followed_by_a_message_without_reply_is_not_held_back() {
         .unwrap()
         .unwrap();
     assert_eq!(reply, Message::Text("first".into()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_messages_keep_failing_is_slowed_down() {
+    use futures_util::{SinkExt, StreamExt};
+    let gateway =
+        faulty_gateway_with(Options::default().env("TIDEGATE__RUNTIME__FAULT_BACKOFF", "1s"));
+    let mut client = gateway.connect("/").await;
+    let started = std::time::Instant::now();
+    // Four failures in a row, then a good message, all in one write.
+    for _ in 0..4 {
+        client.feed(Message::Text("panic".into())).await.unwrap();
+    }
+    client.feed(Message::Text("fine".into())).await.unwrap();
+    client.flush().await.unwrap();
+    let mut replies = Vec::new();
+    while replies.len() < 5 {
+        match client.next().await.unwrap().unwrap() {
+            Message::Text(text) => replies.push(text.to_string()),
+            _ => continue,
+        }
+    }
+    // Pauses of 10, 20, 40 and 80 ms before reading the next message: at
+    // least 150 ms in all (a lower bound, whatever the machine's load).
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(150),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        replies[..4].iter().all(|r| r.contains("function-failed")),
+        "{replies:?}"
+    );
+    assert_eq!(replies[4], "fine");
 }

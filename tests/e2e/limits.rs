@@ -59,6 +59,46 @@ async fn connections_over_the_total_limit_get_503() {
     refused_over_a_limit_of_two("max_connections", 503, "connection_limit").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_request_head_over_the_limit_gets_431() {
+    let gateway = gateway(&[("TIDEGATE__WEBSOCKET__MAX_REQUEST_HEAD", "1024")]);
+    let padding = "p".repeat(2048);
+    let (status, body) = gateway
+        .connect_with("/", &[("x-padding", &padding)])
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(status, 431, "{body}");
+    assert!(body.contains("websocket.max_request_head"), "{body}");
+    still_serves(&gateway).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_handshake_limit_clients_wait_their_turn() {
+    let gateway = gateway(&[
+        ("TIDEGATE__SERVER__MAX_HANDSHAKES", "1"),
+        ("TIDEGATE__SERVER__TLS_HANDSHAKE_TIMEOUT", "1s"),
+    ]);
+    // A silent client takes the only handshake place...
+    let _silent = TcpStream::connect(gateway.wss).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ... so the next one is not accepted until it is dropped, then served.
+    let mut client = tokio::time::timeout(Duration::from_secs(30), gateway.connect("/"))
+        .await
+        .expect("served once the place is free");
+    assert_eq!(
+        gateway
+            .metric("tidegate_connections_rejected_total{reason=\"tls_handshake_timeout\"}")
+            .await,
+        1.0,
+        "the silent client was dropped first"
+    );
+    assert_eq!(
+        round_trip(&mut client, Message::Text("my turn".into())).await,
+        Message::Text("my turn".into())
+    );
+}
+
 /// Wait until the gateway closes `tcp`; how long that took.
 async fn dropped_after(mut tcp: TcpStream) -> Duration {
     let started = Instant::now();

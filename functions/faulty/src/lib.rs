@@ -1,7 +1,7 @@
 //! A function that misbehaves when asked to, for testing that a fault
 //! affects only the message that caused it. Text messages are commands:
 //!
-//! - `loop`: spin forever (the time limit must stop it);
+//! - `loop`: print `spinning`, then spin forever (the time limit must stop it);
 //! - `alloc`: allocate until memory runs out (the memory limit must stop it);
 //! - `panic`: panic (a trap);
 //! - `recurse`: recurse without end (stack overflow, a trap);
@@ -20,7 +20,11 @@ impl Function for Faulty {
     fn on_message(ctx: Context, message: Payload) -> Result<Vec<Effect>, HandlerError> {
         if let Payload::Text(command) = &message {
             match command.as_str() {
-                "loop" => spin(),
+                "loop" => {
+                    // Tests wait for this line to know the instance is busy.
+                    println!("spinning");
+                    spin()
+                }
                 "alloc" => hoard(),
                 "panic" => panic!("asked to panic"),
                 "recurse" => {
