@@ -28,6 +28,31 @@ struct Cli {
     command: Command,
 }
 
+/// A load sent at a fixed rate, for the latency scenarios.
+#[derive(clap::Args)]
+struct Paced {
+    #[arg(short = 'c', long, default_value_t = 16)]
+    connections: usize,
+    #[arg(short = 's', long, default_value_t = 64)]
+    size: usize,
+    #[arg(short = 'd', long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+}
+
+impl Paced {
+    fn at(self, rate: f64) -> scenario::latency::Options {
+        scenario::latency::Options {
+            connections: self.connections,
+            rate,
+            size: self.size,
+            duration: self.duration,
+            warmup: self.warmup,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Echo throughput, every reply checked byte for byte.
@@ -54,14 +79,8 @@ enum Command {
         /// Messages per second, all connections together.
         #[arg(short = 'r', long)]
         rate: f64,
-        #[arg(short = 'c', long, default_value_t = 16)]
-        connections: usize,
-        #[arg(short = 's', long, default_value_t = 64)]
-        size: usize,
-        #[arg(short = 'd', long, default_value = "10s", value_parser = humantime::parse_duration)]
-        duration: Duration,
-        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-        warmup: Duration,
+        #[command(flatten)]
+        load: Paced,
     },
     /// Latency of well-behaved clients, calm and while other connections
     /// make the function fail (the route must run the `faulty` test
@@ -71,14 +90,8 @@ enum Command {
         /// Messages per second, all well-behaved connections together.
         #[arg(short = 'r', long, default_value_t = 2000.0)]
         rate: f64,
-        #[arg(short = 'c', long, default_value_t = 16)]
-        connections: usize,
-        #[arg(short = 's', long, default_value_t = 64)]
-        size: usize,
-        #[arg(short = 'd', long, default_value = "10s", value_parser = humantime::parse_duration)]
-        duration: Duration,
-        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-        warmup: Duration,
+        #[command(flatten)]
+        load: Paced,
         /// Connections that keep triggering faults.
         #[arg(long, default_value_t = 2)]
         offenders: usize,
@@ -193,41 +206,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             scenario::echo::run(&Target::parse(&url)?, &url, &options).await?
         }
-        Command::Latency {
-            url,
-            rate,
-            connections,
-            size,
-            duration,
-            warmup,
-        } => {
-            let options = scenario::latency::Options {
-                connections,
-                rate,
-                size,
-                duration,
-                warmup,
-            };
-            scenario::latency::run(&Target::parse(&url)?, &url, &options).await?
+        Command::Latency { url, rate, load } => {
+            scenario::latency::run(&Target::parse(&url)?, &url, &load.at(rate)).await?
         }
         Command::Isolation {
             url,
             rate,
-            connections,
-            size,
-            duration,
-            warmup,
+            load,
             offenders,
             faults,
         } => {
             let options = scenario::isolation::Options {
-                latency: scenario::latency::Options {
-                    connections,
-                    rate,
-                    size,
-                    duration,
-                    warmup,
-                },
+                latency: load.at(rate),
                 offenders,
                 faults,
             };

@@ -529,6 +529,17 @@ impl SendText for Client {
     }
 }
 
+/// Wait until the gateway holds no open connection on `/`.
+pub async fn all_released(gateway: &Gateway, timeout: Duration) {
+    eventually("every connection is released", timeout, || async {
+        gateway
+            .metric("tidegate_connections_open{route=\"/\"}")
+            .await
+            == 0.0
+    })
+    .await;
+}
+
 /// A well-behaved client is still served: one echo round trip.
 pub async fn still_serves(gateway: &Gateway) {
     let mut client = gateway.connect("/").await;

@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{Gateway, Options, eventually, round_trip};
+use crate::harness::{Gateway, Options, round_trip};
 
 /// Connections that open TCP and send nothing (not even a TLS hello).
 const SILENT: usize = 4_000;
@@ -81,17 +81,7 @@ async fn five_thousand_idle_connections_are_closed_by_timeouts_and_memory_return
         "every silent connection dropped"
     );
     assert_eq!(codes.get(&Some(1001)).copied(), Some(IDLE), "{codes:?}");
-    eventually(
-        "every connection is released",
-        Duration::from_secs(120),
-        || async {
-            gateway
-                .metric("tidegate_connections_open{route=\"/\"}")
-                .await
-                == 0.0
-        },
-    )
-    .await;
+    crate::harness::all_released(&gateway, Duration::from_secs(120)).await;
     assert_eq!(
         gateway
             .metric("tidegate_connections_rejected_total{reason=\"tls_handshake_timeout\"}")

@@ -282,16 +282,6 @@ async fn a_client_that_does_not_read_is_dropped_as_a_slow_consumer() {
             .await,
         1.0
     );
-    eventually(
-        "the connection is released",
-        Duration::from_secs(10),
-        || async {
-            gateway
-                .metric("tidegate_connections_open{route=\"/\"}")
-                .await
-                == 0.0
-        },
-    )
-    .await;
+    crate::harness::all_released(&gateway, Duration::from_secs(10)).await;
     still_serves(&gateway).await;
 }
