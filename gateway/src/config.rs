@@ -157,6 +157,8 @@ struct RawRuntime {
     #[serde(default, with = "humantime_serde")]
     timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
+    long_call_after: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
     idle_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     unload_after: Option<Duration>,
@@ -1013,6 +1015,7 @@ impl RawRuntime {
                 bytes
             },
             timeout: positive("runtime.timeout", self.timeout, defaults.timeout)?,
+            long_call_after: self.long_call_after.unwrap_or(defaults.long_call_after),
             idle_timeout,
             unload_after,
             max_log_line: at_least(
@@ -1122,6 +1125,7 @@ mod tests {
             ("TIDEGATE__QUEUE__QUEUE".into(), "other".into()),
             ("TIDEGATE__QUEUE__MODE".into(), "async".into()),
             ("TIDEGATE__RUNTIME__IDLE_TIMEOUT".into(), "2s".into()),
+            ("TIDEGATE__RUNTIME__LONG_CALL_AFTER".into(), "5ms".into()),
             (
                 "TIDEGATE__WEBSOCKET__MAX_MESSAGE_SIZE".into(),
                 "1024".into(),
@@ -1136,6 +1140,7 @@ mod tests {
         assert_eq!(settings.queue.queue, "other");
         assert_eq!(settings.queue.mode, QueueMode::Async);
         assert_eq!(settings.runtime.idle_timeout, Duration::from_secs(2));
+        assert_eq!(settings.runtime.long_call_after, Duration::from_millis(5));
         assert_eq!(settings.websocket.max_message_size, 1024);
         assert_eq!(settings.websocket.max_frame_size, 1024);
         assert_eq!(

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use futures_channel::mpsc;
 use futures_util::{SinkExt, StreamExt};
 use prometheus::IntCounter;
-use runtime::{Context, Effect, Function, HandlerError, Payload};
+use runtime::{Context, Effect, Function, HandlerError, Payload, Priority};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -89,12 +89,12 @@ where
         effects,
     } = *accepted;
     // What every later call is told about the connection.
-    let ctx = Context {
+    let ctx = Arc::new(Context {
         id: conn.id,
         route: conn.route,
         claims: conn.claims,
         state: conn.state,
-    };
+    });
     let metrics = &shared.metrics;
     metrics.connections.with_label_values(&[&route]).inc();
     let open = metrics.connections_open.with_label_values(&[&route]);
@@ -147,7 +147,7 @@ where
         Box::pin(finish_close(ws)).await;
     }
     open.dec();
-    if let Err(e) = Box::pin(function.on_disconnect(&ctx, code, &reason)).await {
+    if let Err(e) = Box::pin(function.on_disconnect(ctx.clone(), code, reason)).await {
         tracing::debug!(connection = %ctx.id, "on-disconnect failed: {e}");
     }
 }
@@ -197,7 +197,7 @@ enum ClientClose<T> {
 }
 
 struct Reader<'a> {
-    ctx: &'a Context,
+    ctx: &'a Arc<Context>,
     rate: governor::DefaultDirectRateLimiter,
     /// Pause after the function failed on this connection's last message:
     /// doubled at each failure in a row (up to `runtime.fault_backoff`),
@@ -348,7 +348,19 @@ impl Reader<'_> {
         // Boxed, like every function call here: the call's state is large
         // and only lives while it runs, so it should not be part of every
         // idle connection's task.
-        match Box::pin(self.function.on_message(self.ctx, &payload)).await {
+        // A client whose messages keep failing has its calls run at the
+        // lowest priority from the start.
+        let priority = if self.penalty.is_zero() {
+            Priority::Normal
+        } else {
+            Priority::Low
+        };
+        match Box::pin(
+            self.function
+                .on_message(self.ctx.clone(), payload, priority),
+        )
+        .await
+        {
             Ok(Ok(effects)) => match self.oversized_reply(&effects) {
                 None => {
                     self.penalty = Duration::ZERO;

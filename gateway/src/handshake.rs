@@ -256,13 +256,16 @@ where
     if let Some(name) = &auth.authorizer {
         authorize(name, &mut conn, request, full_query, shared).await?;
     }
-    let decision = function.on_connect(&conn).await.map_err(|e| {
+    let conn = Arc::new(conn);
+    let decision = function.on_connect(conn.clone()).await.map_err(|e| {
         Refusal::http(
             500,
             "function_error",
             format!("the function failed to accept the connection: {}", e.kind()),
         )
     })?;
+    // The call has ended, so this is the only reference left.
+    let mut conn = Arc::unwrap_or_clone(conn);
     if !decision.accept {
         return Err(Refusal::http(
             refusal_status(decision.status, 403),
@@ -314,7 +317,7 @@ async fn authorize(
         headers,
         ..conn.clone()
     };
-    let decision = authorizer.on_connect(&probe).await.map_err(|e| {
+    let decision = authorizer.on_connect(Arc::new(probe)).await.map_err(|e| {
         Refusal::http(
             500,
             "authorizer_error",

@@ -27,6 +27,9 @@ pub struct RuntimeConfig {
     pub max_stack: usize,
     /// Longest one invocation (one event of one connection) may run.
     pub timeout: Duration,
+    /// A call still running after this long finishes on the lowest-priority
+    /// threads, so it cannot delay socket I/O and short calls.
+    pub long_call_after: Duration,
     /// An idle instance is released after this long without work; a function
     /// with no traffic for this long holds no instances.
     pub idle_timeout: Duration,
@@ -52,6 +55,7 @@ impl Default for RuntimeConfig {
             memory_limit: 64 << 20,
             max_stack: 512 << 10,
             timeout: Duration::from_secs(5),
+            long_call_after: Duration::from_millis(1),
             idle_timeout: Duration::from_secs(60),
             unload_after: Duration::from_secs(600),
             max_log_line: 4096,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig};
 
+use crate::background::Background;
 use crate::bindings::Handler;
 use crate::config::RuntimeConfig;
 use crate::error::LoadError;
@@ -33,6 +34,8 @@ pub struct Engine {
     pub(crate) linker: Linker<HostState>,
     /// Advances the epoch; stopped when the engine is dropped.
     ticker: EpochTicker,
+    /// Where calls that run past `runtime.long_call_after` finish.
+    background: Background,
 }
 
 impl Engine {
@@ -77,11 +80,15 @@ impl Engine {
             .map_err(|e| LoadError::Engine(format!("linking WASI: {e:#}")))?;
         Handler::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)
             .map_err(|e| LoadError::Engine(format!("linking the gateway imports: {e:#}")))?;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let background = Background::start(threads)
+            .map_err(|e| LoadError::Engine(format!("starting the long-call threads: {e}")))?;
         let ticker = EpochTicker::start(engine.clone());
         Ok(Arc::new(Self {
             engine,
             linker,
             ticker,
+            background,
         }))
     }
 
@@ -94,6 +101,11 @@ impl Engine {
     /// The shared clock, for instances' deadlines.
     pub(crate) fn clock(&self) -> &Arc<Clock> {
         &self.ticker.clock
+    }
+
+    /// The executor long calls move to.
+    pub(crate) fn background(&self) -> &tokio::runtime::Handle {
+        self.background.handle()
     }
 }
 

@@ -1,6 +1,7 @@
 //! One loaded function version: its precompiled artifact on disk, its
 //! pre-instantiated component (while loaded), and its pool of instances.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -12,6 +13,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::Store;
 use wasmtime::component::Component;
 
+use crate::background::Placed;
 use crate::bindings::types::{ConnectDecision, Connection, Context, Effect, HandlerError, Payload};
 use crate::bindings::{Handler, HandlerPre};
 use crate::config::RuntimeConfig;
@@ -87,6 +89,19 @@ impl Event {
     }
 }
 
+/// Where a call starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Priority {
+    /// On the caller's thread; moved to the lowest-priority threads if it
+    /// runs past `runtime.long_call_after`.
+    #[default]
+    Normal,
+    /// On the lowest-priority threads from the start: for a client whose
+    /// messages keep making the function fail, so its calls only get the
+    /// CPU time everyone else leaves over.
+    Low,
+}
+
 #[derive(Clone)]
 struct FunctionMetrics {
     all: RuntimeMetrics,
@@ -96,6 +111,7 @@ struct FunctionMetrics {
     cold_starts: IntCounter,
     code_loaded: IntGauge,
     code_loads: IntCounter,
+    long_calls: IntCounter,
 }
 
 impl FunctionMetrics {
@@ -110,6 +126,7 @@ impl FunctionMetrics {
             cold_starts: all.cold_starts.with_label_values(&[name]),
             code_loaded: all.code_loaded.with_label_values(&[name]),
             code_loads: all.code_loads.with_label_values(&[name]),
+            long_calls: all.long_calls.with_label_values(&[name]),
         }
     }
 }
@@ -192,10 +209,16 @@ impl Function {
     ///
     /// # Errors
     /// An [`InvokeError`] when the function could not run to completion.
-    pub async fn on_connect(&self, conn: &Connection) -> Result<ConnectDecision, InvokeError> {
-        self.invoke(Event::Connect, async |handler, store| {
-            handler.call_on_connect(store, conn).await
-        })
+    pub async fn on_connect(&self, conn: Arc<Connection>) -> Result<ConnectDecision, InvokeError> {
+        self.invoke(
+            Event::Connect,
+            Priority::Normal,
+            move |mut instance: Instance| async move {
+                let Instance { store, handler } = &mut instance;
+                let result = handler.call_on_connect(store, &conn).await;
+                (instance, result)
+            },
+        )
         .await
     }
 
@@ -206,12 +229,19 @@ impl Function {
     /// An [`InvokeError`] when the function could not run to completion.
     pub async fn on_message(
         &self,
-        ctx: &Context,
-        message: &Payload,
+        ctx: Arc<Context>,
+        message: Payload,
+        priority: Priority,
     ) -> Result<Result<Vec<Effect>, HandlerError>, InvokeError> {
-        self.invoke(Event::Message, async |handler, store| {
-            handler.call_on_message(store, ctx, message).await
-        })
+        self.invoke(
+            Event::Message,
+            priority,
+            move |mut instance: Instance| async move {
+                let Instance { store, handler } = &mut instance;
+                let result = handler.call_on_message(store, &ctx, &message).await;
+                (instance, result)
+            },
+        )
         .await
     }
 
@@ -221,38 +251,80 @@ impl Function {
     /// An [`InvokeError`] when the function could not run to completion.
     pub async fn on_disconnect(
         &self,
-        ctx: &Context,
+        ctx: Arc<Context>,
         code: u16,
-        reason: &str,
+        reason: String,
     ) -> Result<Vec<Effect>, InvokeError> {
-        self.invoke(Event::Disconnect, async |handler, store| {
-            handler.call_on_disconnect(store, ctx, code, reason).await
-        })
+        self.invoke(
+            Event::Disconnect,
+            Priority::Normal,
+            move |mut instance: Instance| async move {
+                let Instance { store, handler } = &mut instance;
+                let result = handler.call_on_disconnect(store, &ctx, code, &reason).await;
+                (instance, result)
+            },
+        )
         .await
     }
 
     /// Take an instance, run `call` in it under the deadline, and return
     /// the instance to the pool, or discard it if the call failed.
-    async fn invoke<R>(
+    ///
+    /// The call starts on this thread (at [`Priority::Normal`]); if it is
+    /// still running after `runtime.long_call_after`, it finishes on the
+    /// lowest-priority threads.
+    async fn invoke<R, F, Fut>(
         &self,
         event: Event,
-        call: impl AsyncFnOnce(&Handler, &mut Store<HostState>) -> wasmtime::Result<R>,
-    ) -> Result<R, InvokeError> {
+        priority: Priority,
+        call: F,
+    ) -> Result<R, InvokeError>
+    where
+        F: FnOnce(Instance) -> Fut,
+        Fut: Future<Output = (Instance, wasmtime::Result<R>)> + Send + 'static,
+        R: Send + 'static,
+    {
         let started = Instant::now();
         let clock = self.engine.clock();
         let outcome = async {
             let mut lease = self.checkout().await?;
-            let instance = lease.instance_mut();
+            let mut instance = lease.take();
             instance.store.data_mut().set_deadline(self.config.timeout);
             instance.store.set_epoch_deadline(1);
-            let Instance { store, handler } = instance;
             let _running = clock.running();
-            match call(handler, store).await {
+            let background = self.engine.background();
+            let mut placed = match priority {
+                Priority::Normal => {
+                    let due = clock
+                        .now_millis()
+                        .saturating_add(millis(self.config.long_call_after));
+                    Placed::inline(call(instance), clock, due, background)
+                }
+                Priority::Low => Placed::background(call(instance), background),
+            };
+            let finished = (&mut placed).await;
+            if placed.moved() {
+                self.metrics.long_calls.inc();
+            }
+            let (instance, result) = match finished {
+                Ok(finished) => finished,
+                Err(failed) if failed.is_panic() => std::panic::resume_unwind(failed.into_panic()),
+                Err(_) => {
+                    return Err(InvokeError::Instantiate {
+                        function: self.name.to_string(),
+                        reason: "the runtime is shutting down".into(),
+                    });
+                }
+            };
+            match result {
                 Ok(value) => {
-                    lease.release();
+                    lease.release(instance);
                     Ok(value)
                 }
-                Err(error) => Err(self.classify(error)),
+                Err(error) => {
+                    lease.discard(instance);
+                    Err(self.classify(error))
+                }
             }
         }
         .await;
@@ -343,11 +415,7 @@ impl Function {
         let pre = {
             let mut pool = self.lock();
             if let Some(idle) = pool.idle.pop() {
-                return Ok(Lease {
-                    function: self,
-                    instance: Some(idle.instance),
-                    _permit: permit,
-                });
+                return Ok(Lease::new(self, idle.instance, permit));
             }
             // Count the instance now, so a concurrent scale-down does not
             // unload the code between here and instantiation.
@@ -367,11 +435,7 @@ impl Function {
         match created {
             Ok(instance) => {
                 self.metrics.cold_starts.inc();
-                Ok(Lease {
-                    function: self,
-                    instance: Some(instance),
-                    _permit: permit,
-                })
+                Ok(Lease::new(self, instance, permit))
             }
             Err(error) => {
                 self.forget_instance();
@@ -420,6 +484,15 @@ impl Function {
                 other => other,
             }),
         }
+    }
+
+    /// Drop a failed instance on a long-call thread: giving back the memory
+    /// of an instance that grew to its limit costs the kernel milliseconds,
+    /// which socket I/O should not wait for.
+    fn discard(&self, instance: Instance) {
+        self.engine
+            .background()
+            .spawn_blocking(move || drop(instance));
     }
 
     /// An instance was dropped (after a failure, or by scale-down).
@@ -502,50 +575,55 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// An instance taken from the pool. Released back on success; dropped
-/// (and uncounted) otherwise, because a failed call may have left the
-/// instance in any state.
+/// An instance taken from the pool for one call. Released back on
+/// success; dropped (and uncounted) otherwise, because a failed call may
+/// have left the instance in any state. A lease dropped before either (the
+/// call was cancelled, and its instance dropped with it) uncounts it too.
 struct Lease<'a> {
     function: &'a Function,
     instance: Option<Instance>,
+    done: bool,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Lease<'_> {
-    fn instance_mut(&mut self) -> &mut Instance {
-        // The instance is only taken out by `release` (which consumes the
-        // lease) and by `drop`.
-        self.instance
-            .as_mut()
-            .expect("a lease holds its instance until released")
+    fn new(function: &Function, instance: Instance, permit: OwnedSemaphorePermit) -> Lease<'_> {
+        Lease {
+            function,
+            instance: Some(instance),
+            done: false,
+            _permit: permit,
+        }
     }
 
-    fn release(mut self) {
-        if let Some(instance) = self.instance.take() {
-            self.function.give_back(instance);
-        }
+    /// The instance, for the call.
+    fn take(&mut self) -> Instance {
+        self.instance
+            .take()
+            .expect("a lease's instance is taken once")
+    }
+
+    /// The call succeeded: the instance goes back to the pool.
+    fn release(mut self, instance: Instance) {
+        self.done = true;
+        self.function.give_back(instance);
+    }
+
+    /// The call failed: the instance is dropped.
+    fn discard(self, instance: Instance) {
+        self.function.discard(instance);
     }
 }
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
+        if self.done {
+            return;
+        }
         if let Some(instance) = self.instance.take() {
-            discard(instance);
-            self.function.forget_instance();
+            self.function.discard(instance);
         }
-    }
-}
-
-/// Drop a failed instance off the async workers when there are any:
-/// giving back the memory of an instance that grew to its limit costs the
-/// kernel milliseconds, which other connections on this worker should not
-/// wait for.
-fn discard(instance: Instance) {
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => {
-            runtime.spawn_blocking(move || drop(instance));
-        }
-        Err(_) => drop(instance),
+        self.function.forget_instance();
     }
 }
 

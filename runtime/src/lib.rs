@@ -11,6 +11,8 @@
 //!   host side of its imports.
 //! - `host`: per-instance host state: WASI with nothing granted, store
 //!   limits, the invocation deadline, guest output into the log.
+//! - `background`: the lowest-priority threads where calls that run long
+//!   finish, so they do not hold up socket I/O and short calls.
 //! - [`function`]: one loaded function version: its precompiled artifact,
 //!   its pre-instantiated component and its instance pool.
 //! - [`registry`]: the functions this node serves, by name, and the
@@ -20,6 +22,7 @@
 
 #![deny(unsafe_code)]
 
+mod background;
 mod bindings;
 pub mod config;
 pub mod engine;
@@ -32,6 +35,6 @@ pub mod registry;
 pub use bindings::types::{ConnectDecision, Connection, Context, Effect, HandlerError, Payload};
 pub use config::RuntimeConfig;
 pub use error::{InvokeError, LoadError};
-pub use function::Function;
+pub use function::{Function, Priority};
 pub use metrics::RuntimeMetrics;
 pub use registry::Registry;

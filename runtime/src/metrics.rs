@@ -26,6 +26,8 @@ pub struct RuntimeMetrics {
     pub code_loaded: IntGaugeVec,
     /// Times a function's compiled code was loaded from its artifact.
     pub code_loads: IntCounterVec,
+    /// Calls that finished on the lowest-priority threads.
+    pub long_calls: IntCounterVec,
 }
 
 impl RuntimeMetrics {
@@ -82,8 +84,17 @@ impl RuntimeMetrics {
         registry.register(Box::new(instances.clone()))?;
         registry.register(Box::new(cold_starts.clone()))?;
         registry.register(Box::new(code_loaded.clone()))?;
+        let long_calls = IntCounterVec::new(
+            Opts::new(
+                "tidegate_function_long_calls_total",
+                "Calls that ran past runtime.long_call_after (or came from a client whose calls keep failing) and finished on the lowest-priority threads.",
+            ),
+            &["function"],
+        )?;
         registry.register(Box::new(code_loads.clone()))?;
+        registry.register(Box::new(long_calls.clone()))?;
         Ok(Self {
+            long_calls,
             invocations,
             invocation_duration,
             instances,

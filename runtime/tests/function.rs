@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runtime::{
-    Connection, Context, Effect, LoadError, Payload, Registry, RuntimeConfig, RuntimeMetrics,
+    Connection, Context, Effect, LoadError, Payload, Priority, Registry, RuntimeConfig,
+    RuntimeMetrics,
 };
 
 fn registry(config: RuntimeConfig) -> (Registry, prometheus::Registry, tempfile::TempDir) {
@@ -81,8 +82,11 @@ async fn echo_replies_with_text_and_binary_unchanged() {
         .expect("echo loads");
     let conn = connection();
 
-    let decision = echo.on_connect(&conn).await.expect("on-connect runs");
-    let ctx = context();
+    let decision = echo
+        .on_connect(Arc::new(conn))
+        .await
+        .expect("on-connect runs");
+    let ctx = Arc::new(context());
     assert!(decision.accept);
 
     for message in [
@@ -91,7 +95,7 @@ async fn echo_replies_with_text_and_binary_unchanged() {
         Payload::Text(String::new()),
     ] {
         let effects = echo
-            .on_message(&ctx, &message)
+            .on_message(ctx.clone(), message.clone(), Priority::Normal)
             .await
             .expect("runs")
             .expect("no handler error");
@@ -103,7 +107,10 @@ async fn echo_replies_with_text_and_binary_unchanged() {
             (other, _) => panic!("unexpected effects {other:?} for {message:?}"),
         }
     }
-    let effects = echo.on_disconnect(&ctx, 1000, "bye").await.expect("runs");
+    let effects = echo
+        .on_disconnect(ctx, 1000, "bye".into())
+        .await
+        .expect("runs");
     assert!(effects.is_empty());
     // One instance served all of it.
     assert_eq!(echo.live_instances(), 1);
@@ -120,9 +127,12 @@ async fn idle_function_scales_to_zero_and_unloads_then_cold_starts() {
         .load("echo", tidegate_functions::ECHO.to_vec())
         .await
         .expect("echo loads");
-    let conn = context();
+    let conn = Arc::new(context());
     let message = Payload::Text("ping".into());
-    echo.on_message(&conn, &message).await.unwrap().unwrap();
+    echo.on_message(conn.clone(), message.clone(), Priority::Normal)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(echo.live_instances(), 1);
     assert_eq!(
         counter(&metrics, "tidegate_function_cold_starts_total", "echo"),
@@ -149,7 +159,11 @@ async fn idle_function_scales_to_zero_and_unloads_then_cold_starts() {
     );
 
     // The next message reloads the code from the artifact and cold-starts.
-    let effects = echo.on_message(&conn, &message).await.unwrap().unwrap();
+    let effects = echo
+        .on_message(conn, message, Priority::Normal)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(matches!(effects.as_slice(), [Effect::Reply(Payload::Text(t))] if t == "ping"));
     assert!(echo.is_loaded());
     assert_eq!(
@@ -179,7 +193,10 @@ async fn concurrent_invocations_are_bounded_by_max_instances() {
         let conn = conn.clone();
         tasks.push(tokio::spawn(async move {
             let message = Payload::Text(format!("message {i}"));
-            echo.on_message(&conn, &message).await.unwrap().unwrap()
+            echo.on_message(conn, message, Priority::Normal)
+                .await
+                .unwrap()
+                .unwrap()
         }));
     }
     for task in tasks {
@@ -219,7 +236,11 @@ async fn send(
     text: &str,
 ) -> Result<Result<Vec<Effect>, runtime::HandlerError>, runtime::InvokeError> {
     function
-        .on_message(&context(), &Payload::Text(text.into()))
+        .on_message(
+            Arc::new(context()),
+            Payload::Text(text.into()),
+            Priority::Normal,
+        )
         .await
 }
 
@@ -280,6 +301,108 @@ async fn a_looping_function_yields_so_other_messages_still_run_on_the_same_threa
         looping.await.unwrap(),
         Some(runtime::InvokeError::Timeout { .. })
     ));
+}
+
+/// The scheduling policy of this process's threads named `name` (as
+/// `/proc` shows it: 0 normal, 5 idle).
+fn policies_of_threads(name: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .filter_map(|task| {
+            let task = task.ok()?.path();
+            let comm = std::fs::read_to_string(task.join("comm")).ok()?;
+            if !name.starts_with(comm.trim()) {
+                return None;
+            }
+            let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+            // After the parenthesised name, field 41 of stat is the policy.
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            fields.get(38)?.parse().ok()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_call_that_runs_long_finishes_on_the_lowest_priority_threads() {
+    let (registry, metrics, _dir) = registry(RuntimeConfig {
+        timeout: Duration::from_millis(300),
+        long_call_after: Duration::from_millis(1),
+        ..RuntimeConfig::default()
+    });
+    let wasm = std::fs::read(tidegate_functions::FAULTY_PATH).expect("faulty.wasm");
+    let function = registry.load("faulty", wasm).await.expect("faulty loads");
+    assert!(is_echo(send(&function, "short").await, "short"));
+    assert_eq!(
+        counter(&metrics, "tidegate_function_long_calls_total", "faulty"),
+        0.0,
+        "a short call stays where it started"
+    );
+    let error = send(&function, "loop").await.expect_err("stopped");
+    assert!(
+        matches!(error, runtime::InvokeError::Timeout { .. }),
+        "{error}"
+    );
+    assert_eq!(
+        counter(&metrics, "tidegate_function_long_calls_total", "faulty"),
+        1.0,
+        "the loop moved"
+    );
+    let policies = policies_of_threads("tidegate-long-calls");
+    assert!(!policies.is_empty(), "the long-call threads exist");
+    #[cfg(target_os = "linux")]
+    assert!(
+        policies.iter().all(|&policy| policy == 5),
+        "SCHED_IDLE (5): {policies:?}"
+    );
+    // The pool is healthy: the looping instance was dropped, and the next
+    // call runs in a fresh one.
+    assert_eq!(function.live_instances(), 0);
+    assert!(is_echo(send(&function, "after").await, "after"));
+}
+
+#[tokio::test]
+async fn a_low_priority_call_runs_on_the_long_call_threads_from_the_start() {
+    let (registry, metrics, _dir) = registry(RuntimeConfig::default());
+    let echo = registry
+        .load("echo", tidegate_functions::ECHO.to_vec())
+        .await
+        .expect("echo loads");
+    let effects = echo
+        .on_message(
+            Arc::new(context()),
+            Payload::Text("low".into()),
+            Priority::Low,
+        )
+        .await
+        .expect("runs")
+        .expect("no handler error");
+    assert!(matches!(effects.as_slice(), [Effect::Reply(Payload::Text(t))] if t == "low"));
+    assert_eq!(
+        counter(&metrics, "tidegate_function_long_calls_total", "echo"),
+        1.0
+    );
+    // Its instance went back to the pool like any other.
+    assert_eq!(echo.live_instances(), 1);
+}
+
+#[tokio::test]
+async fn a_long_call_dropped_by_its_caller_is_stopped_and_uncounted() {
+    let (_registry, function, _dir) = faulty(RuntimeConfig {
+        timeout: Duration::from_secs(30),
+        ..RuntimeConfig::default()
+    })
+    .await;
+    let looping = tokio::spawn({
+        let function = function.clone();
+        async move { send(&function, "loop").await }
+    });
+    wait_until("the loop runs", || function.live_instances() == 1).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The caller goes away (its connection closed) while the call runs in
+    // the background: the call is dropped and its instance uncounted.
+    looping.abort();
+    wait_until("the instance is gone", || function.live_instances() == 0).await;
+    assert!(is_echo(send(&function, "after").await, "after"));
 }
 
 #[tokio::test]

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use lapin::options::{BasicGetOptions, QueueDeleteOptions};
-use lapin::types::AMQPValue;
+use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -260,6 +260,24 @@ impl Gateway {
         self.metrics().await.get(series).copied().unwrap_or(0.0)
     }
 
+    /// Wait (up to 10 s) until `series` reads `value`. Counters move when
+    /// the gateway has finished with a connection, which can be just after
+    /// the client saw the refusal or the drop.
+    pub async fn metric_reaches(&self, series: &str, value: f64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.metric(series).await;
+            if now == value {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{series} is {now}, expected {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     /// The gateway's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
@@ -468,6 +486,20 @@ pub async fn drain_queue(queue: &str, expected: usize, timeout: Duration) -> Vec
         .await
         .expect("broker");
     let channel = connection.create_channel().await.expect("channel");
+    // In async mode replies can come before the gateway has reached the
+    // broker and declared its queue: declare it the same way (durable, no
+    // arguments) so that reading waits for the copies instead of failing.
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue.declare");
     let deadline = Instant::now() + timeout;
     let mut copies = Vec::new();
     loop {

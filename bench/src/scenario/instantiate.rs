@@ -3,10 +3,11 @@
 //! code (instantiate, call), and warm (call).
 
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use runtime::{Context, Payload, Registry, RuntimeConfig, RuntimeMetrics};
+use runtime::{Context, Payload, Priority, Registry, RuntimeConfig, RuntimeMetrics};
 
 use crate::figures::Figures;
 
@@ -58,20 +59,23 @@ async fn time_calls(
     let echo = registry
         .load("echo", tidegate_functions::ECHO.to_vec())
         .await?;
-    let conn = Context {
+    let conn = Arc::new(Context {
         id: "bench.1".into(),
         route: "/".into(),
         claims: vec![],
         state: None,
-    };
+    });
     let message = Payload::Binary(vec![7; 64]);
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     // One call first, so the artifact exists and caches are warm.
-    echo.on_message(&conn, &message).await?.ok();
+    echo.on_message(conn.clone(), message.clone(), Priority::Normal)
+        .await?
+        .ok();
     for _ in 0..rounds {
         registry.scale_down();
+        let (ctx, payload) = (conn.clone(), message.clone());
         let started = Instant::now();
-        echo.on_message(&conn, &message).await?.ok();
+        echo.on_message(ctx, payload, Priority::Normal).await?.ok();
         histogram.record(started.elapsed().as_nanos().max(1) as u64)?;
     }
     Ok(histogram)

@@ -442,6 +442,9 @@ impl Worker {
                 Err(e) => refused.push((request, PublishError::SpoolFailed(e.to_string()))),
             }
         }
+        // Readiness and the spool gauges change before any client hears
+        // the answer, so what a refused client then reads agrees with it.
+        self.update_spool_metrics();
         if !written.is_empty() {
             match self.spool.sync() {
                 Ok(()) => {

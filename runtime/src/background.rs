@@ -1,0 +1,191 @@
+//! Where long calls finish: a small executor whose threads run at the
+//! lowest CPU priority (Linux `SCHED_IDLE`), so a function that runs long,
+//! loops until its deadline or keeps failing only gets the CPU time that
+//! socket I/O and short calls leave over.
+//!
+//! A call starts on the gateway's own workers (no thread hop on the fast
+//! path). If it is still running after `runtime.long_call_after` (it yields
+//! to the executor at every epoch tick, so it is seen), the rest of it is
+//! moved here: wasmtime's call future is `Send`, and its fiber resumes on
+//! whichever thread polls it next.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::runtime::{Handle, Runtime};
+use tokio::task::JoinHandle;
+
+use crate::engine::Clock;
+
+/// The background executor. Dropping it stops its threads without waiting
+/// for their calls (each one is dropped, and its instance with it).
+pub(crate) struct Background {
+    runtime: Option<Runtime>,
+}
+
+impl Background {
+    /// Start `threads` worker threads at the lowest priority the system
+    /// allows this process.
+    pub(crate) fn start(threads: usize) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("tidegate-long-calls")
+            .on_thread_start(lowest_priority)
+            .enable_all()
+            .build()?;
+        Ok(Self {
+            runtime: Some(runtime),
+        })
+    }
+
+    pub(crate) fn handle(&self) -> &Handle {
+        self.runtime
+            .as_ref()
+            .expect("the runtime lives until the executor is dropped")
+            .handle()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            // The engine may be dropped inside another runtime, where a
+            // blocking shutdown is not allowed.
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Lower the calling thread to `SCHED_IDLE` (nice 19 elsewhere). An
+/// unprivileged thread may always lower its own priority; if the system
+/// still refuses, the thread runs at normal priority and says so.
+fn lowest_priority() {
+    use thread_priority::{
+        NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
+        set_thread_priority_and_policy, thread_native_id,
+    };
+    let policy = if cfg!(target_os = "linux") {
+        NormalThreadSchedulePolicy::Idle
+    } else {
+        NormalThreadSchedulePolicy::Other
+    };
+    if let Err(e) = set_thread_priority_and_policy(
+        thread_native_id(),
+        ThreadPriority::Min,
+        ThreadSchedulePolicy::Normal(policy),
+    ) {
+        tracing::warn!(
+            "could not lower the priority of a long-call thread ({e:?}): long calls will compete with socket I/O"
+        );
+    }
+}
+
+/// A call that runs inline until it has run for too long, then moves to
+/// the background executor. Its output is the call's, or the background
+/// task's failure.
+pub(crate) struct Placed<'a, F: Future> {
+    state: State<'a, F>,
+    moved: bool,
+}
+
+enum State<'a, F: Future> {
+    Inline {
+        call: Pin<Box<F>>,
+        clock: &'a Clock,
+        /// When (on `clock`) a call still pending moves.
+        due: u64,
+        background: &'a Handle,
+    },
+    Background(AbortOnDrop<F::Output>),
+    Done,
+}
+
+impl<'a, F> Placed<'a, F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    /// Run `call` inline; once it is pending at or after `due` on `clock`,
+    /// move it to `background`.
+    pub(crate) fn inline(call: F, clock: &'a Clock, due: u64, background: &'a Handle) -> Self {
+        Self {
+            state: State::Inline {
+                call: Box::pin(call),
+                clock,
+                due,
+                background,
+            },
+            moved: false,
+        }
+    }
+
+    /// Run `call` in the background from the start.
+    pub(crate) fn background(call: F, background: &Handle) -> Self {
+        Self {
+            state: State::Background(AbortOnDrop(background.spawn(call))),
+            moved: true,
+        }
+    }
+
+    /// Whether the call has moved to the background executor.
+    pub(crate) fn moved(&self) -> bool {
+        self.moved
+    }
+}
+
+impl<F> Future for Placed<'_, F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    type Output = Result<F::Output, tokio::task::JoinError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Every field is `Unpin` (the call is boxed).
+        let this = &mut *self;
+        if let State::Inline {
+            call,
+            clock,
+            due,
+            background,
+        } = &mut this.state
+        {
+            match call.as_mut().poll(cx) {
+                Poll::Ready(output) => {
+                    this.state = State::Done;
+                    return Poll::Ready(Ok(output));
+                }
+                Poll::Pending if clock.now_millis() < *due => return Poll::Pending,
+                Poll::Pending => {
+                    let background = *background;
+                    let State::Inline { call, .. } =
+                        std::mem::replace(&mut this.state, State::Done)
+                    else {
+                        unreachable!("matched above");
+                    };
+                    this.state = State::Background(AbortOnDrop(background.spawn(call)));
+                    this.moved = true;
+                }
+            }
+        }
+        match &mut this.state {
+            State::Background(task) => {
+                let output = std::task::ready!(Pin::new(&mut task.0).poll(cx));
+                this.state = State::Done;
+                Poll::Ready(output)
+            }
+            State::Inline { .. } | State::Done => panic!("a placed call polled after it ended"),
+        }
+    }
+}
+
+/// A background task that is cancelled when its caller goes away (the
+/// connection closed mid-call): the call is dropped at its next yield.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
