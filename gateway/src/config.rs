@@ -158,6 +158,7 @@ struct RawRuntime {
     timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     long_call_after: Option<Duration>,
+    long_call_priority: Option<String>,
     #[serde(default, with = "humantime_serde")]
     idle_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -1016,6 +1017,17 @@ impl RawRuntime {
             },
             timeout: positive("runtime.timeout", self.timeout, defaults.timeout)?,
             long_call_after: self.long_call_after.unwrap_or(defaults.long_call_after),
+            long_call_lowest_priority: match self.long_call_priority.as_deref() {
+                None => defaults.long_call_lowest_priority,
+                Some("lowest") => true,
+                Some("normal") => false,
+                Some(other) => {
+                    return Err(invalid(
+                        "runtime.long_call_priority",
+                        format!("{other:?} is not \"lowest\" or \"normal\""),
+                    ));
+                }
+            },
             idle_timeout,
             unload_after,
             max_log_line: at_least(
@@ -1127,6 +1139,10 @@ mod tests {
             ("TIDEGATE__RUNTIME__IDLE_TIMEOUT".into(), "2s".into()),
             ("TIDEGATE__RUNTIME__LONG_CALL_AFTER".into(), "5ms".into()),
             (
+                "TIDEGATE__RUNTIME__LONG_CALL_PRIORITY".into(),
+                "normal".into(),
+            ),
+            (
                 "TIDEGATE__WEBSOCKET__MAX_MESSAGE_SIZE".into(),
                 "1024".into(),
             ),
@@ -1141,6 +1157,7 @@ mod tests {
         assert_eq!(settings.queue.mode, QueueMode::Async);
         assert_eq!(settings.runtime.idle_timeout, Duration::from_secs(2));
         assert_eq!(settings.runtime.long_call_after, Duration::from_millis(5));
+        assert!(!settings.runtime.long_call_lowest_priority);
         assert_eq!(settings.websocket.max_message_size, 1024);
         assert_eq!(settings.websocket.max_frame_size, 1024);
         assert_eq!(
@@ -1183,6 +1200,11 @@ mod tests {
             ),
             ("TIDEGATE__AUTH__AUTHORIZER", "nobody", "auth.authorizer"),
             ("TIDEGATE__RUNTIME__ON_ERROR", "explode", "runtime.on_error"),
+            (
+                "TIDEGATE__RUNTIME__LONG_CALL_PRIORITY",
+                "high",
+                "runtime.long_call_priority",
+            ),
             (
                 "TIDEGATE__SERVER__MAX_CONNECTIONS_PER_IP",
                 "0",

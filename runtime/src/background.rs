@@ -1,5 +1,5 @@
 //! Where long calls finish: a small executor whose threads run at the
-//! lowest CPU priority (Linux `SCHED_IDLE`), so a function that runs long,
+//! lowest CPU priority (nice 19), so a function that runs long,
 //! loops until its deadline or keeps failing only gets the CPU time that
 //! socket I/O and short calls leave over.
 //!
@@ -25,15 +25,17 @@ pub(crate) struct Background {
 }
 
 impl Background {
-    /// Start `threads` worker threads at the lowest priority the system
-    /// allows this process.
-    pub(crate) fn start(threads: usize) -> std::io::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
+    /// Start `threads` worker threads, at the lowest priority if `lowest`.
+    pub(crate) fn start(threads: usize, lowest: bool) -> std::io::Result<Self> {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder
             .worker_threads(threads.max(1))
             .thread_name("tidegate-long-calls")
-            .on_thread_start(lowest_priority)
-            .enable_all()
-            .build()?;
+            .enable_all();
+        if lowest {
+            builder.on_thread_start(lowest_priority);
+        }
+        let runtime = builder.build()?;
         Ok(Self {
             runtime: Some(runtime),
         })
@@ -57,7 +59,10 @@ impl Drop for Background {
     }
 }
 
-/// Lower the calling thread to `SCHED_IDLE` (nice 19 elsewhere). An
+/// Lower the calling thread to the lowest normal priority (nice 19): it
+/// still gets a small share of a busy CPU, so a long call that is
+/// legitimate finishes, just after everything else. (`SCHED_IDLE` would
+/// starve it outright while any other thread on the machine is busy.) An
 /// unprivileged thread may always lower its own priority; if the system
 /// still refuses, the thread runs at normal priority and says so.
 fn lowest_priority() {
@@ -65,15 +70,10 @@ fn lowest_priority() {
         NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
         set_thread_priority_and_policy, thread_native_id,
     };
-    let policy = if cfg!(target_os = "linux") {
-        NormalThreadSchedulePolicy::Idle
-    } else {
-        NormalThreadSchedulePolicy::Other
-    };
     if let Err(e) = set_thread_priority_and_policy(
         thread_native_id(),
         ThreadPriority::Min,
-        ThreadSchedulePolicy::Normal(policy),
+        ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other),
     ) {
         tracing::warn!(
             "could not lower the priority of a long-call thread ({e:?}): long calls will compete with socket I/O"

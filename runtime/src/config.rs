@@ -27,9 +27,13 @@ pub struct RuntimeConfig {
     pub max_stack: usize,
     /// Longest one invocation (one event of one connection) may run.
     pub timeout: Duration,
-    /// A call still running after this long finishes on the lowest-priority
+    /// A call still running after this long finishes on the long-call
     /// threads, so it cannot delay socket I/O and short calls.
     pub long_call_after: Duration,
+    /// Whether the long-call threads run at the lowest CPU priority (nice
+    /// 19: they get the CPU everything else leaves over) or at the same
+    /// priority as the rest (the kernel shares the CPU evenly).
+    pub long_call_lowest_priority: bool,
     /// An idle instance is released after this long without work; a function
     /// with no traffic for this long holds no instances.
     pub idle_timeout: Duration,
@@ -56,6 +60,7 @@ impl Default for RuntimeConfig {
             max_stack: 512 << 10,
             timeout: Duration::from_secs(5),
             long_call_after: Duration::from_millis(1),
+            long_call_lowest_priority: true,
             idle_timeout: Duration::from_secs(60),
             unload_after: Duration::from_secs(600),
             max_log_line: 4096,

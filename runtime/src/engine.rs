@@ -81,7 +81,7 @@ impl Engine {
         Handler::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)
             .map_err(|e| LoadError::Engine(format!("linking the gateway imports: {e:#}")))?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let background = Background::start(threads)
+        let background = Background::start(threads, config.long_call_lowest_priority)
             .map_err(|e| LoadError::Engine(format!("starting the long-call threads: {e}")))?;
         let ticker = EpochTicker::start(engine.clone());
         Ok(Arc::new(Self {

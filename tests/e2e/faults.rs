@@ -20,7 +20,9 @@ fn faulty_gateway_with(options: Options) -> Gateway {
                 "#,
                 tidegate_functions::FAULTY_PATH
             ))
-            .env("TIDEGATE__RUNTIME__TIMEOUT", "300ms")
+            // Long enough for a memory bomb to reach the limit on the
+            // long-call threads (lowest priority) of a loaded machine.
+            .env("TIDEGATE__RUNTIME__TIMEOUT", "2s")
             .env("TIDEGATE__RUNTIME__MEMORY_LIMIT", "8388608"),
     )
 }
@@ -255,4 +257,55 @@ async fn a_client_whose_messages_keep_failing_is_slowed_down() {
         "{replies:?}"
     );
     assert_eq!(replies[4], "fine");
+}
+
+/// The nice values of the gateway's long-call threads.
+fn long_call_nice(gateway: &Gateway) -> Vec<i32> {
+    let tasks = format!("/proc/{}/task", gateway.pid());
+    std::fs::read_dir(tasks)
+        .expect("/proc/PID/task")
+        .filter_map(|task| {
+            let task = task.ok()?.path();
+            let comm = std::fs::read_to_string(task.join("comm")).ok()?;
+            // The kernel keeps the first 15 bytes of a thread name.
+            if comm.trim() != "tidegate-long-c" {
+                return None;
+            }
+            // After the parenthesised name, field 19 of stat is the nice value.
+            let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            fields.get(16)?.parse().ok()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_calls_run_at_the_lowest_priority_unless_configured_otherwise() {
+    for (priority, nice) in [(None, 19), (Some("normal"), 0)] {
+        let mut options = Options::default();
+        if let Some(priority) = priority {
+            options = options.env("TIDEGATE__RUNTIME__LONG_CALL_PRIORITY", priority);
+        }
+        let gateway = faulty_gateway_with(options);
+        let mut client = gateway.connect("/").await;
+        // A loop runs long: it finishes on the long-call threads.
+        let reply = round_trip(&mut client, Message::Text("loop".into())).await;
+        assert!(
+            matches!(&reply, Message::Text(body) if body.contains("timeout")),
+            "{reply:?}"
+        );
+        gateway
+            .metric_reaches(
+                "tidegate_function_long_calls_total{function=\"faulty\"}",
+                1.0,
+            )
+            .await;
+        let threads = long_call_nice(&gateway);
+        assert!(!threads.is_empty(), "the long-call threads exist");
+        assert!(
+            threads.iter().all(|&n| n == nice),
+            "{priority:?}: nice {threads:?}"
+        );
+        crate::harness::still_serves(&gateway).await;
+    }
 }
