@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinHandle;
 
-use crate::engine::Clock;
+use crate::engine::Engine;
 
 /// The background executor. Dropping it stops its threads without waiting
 /// for their calls (each one is dropped, and its instance with it).
@@ -84,7 +84,11 @@ fn lowest_priority() {
 /// A call that runs inline until it has run for too long, then moves to
 /// the background executor. Its output is the call's, or the background
 /// task's failure.
-pub(crate) struct Placed<'a, F: Future> {
+pub(crate) struct Placed<'a, F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
     state: State<'a, F>,
     moved: bool,
 }
@@ -92,10 +96,9 @@ pub(crate) struct Placed<'a, F: Future> {
 enum State<'a, F: Future> {
     Inline {
         call: Pin<Box<F>>,
-        clock: &'a Clock,
-        /// When (on `clock`) a call still pending moves.
+        engine: &'a Engine,
+        /// When (on the engine's clock) a call still pending moves.
         due: u64,
-        background: &'a Handle,
     },
     Background(AbortOnDrop<F::Output>),
     Done,
@@ -106,24 +109,23 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    /// Run `call` inline; once it is pending at or after `due` on `clock`,
-    /// move it to `background`.
-    pub(crate) fn inline(call: F, clock: &'a Clock, due: u64, background: &'a Handle) -> Self {
+    /// Run `call` inline; once it is pending at or after `due` on the
+    /// engine's clock, move it to the engine's long-call threads.
+    pub(crate) fn inline(call: F, engine: &'a Engine, due: u64) -> Self {
         Self {
             state: State::Inline {
                 call: Box::pin(call),
-                clock,
+                engine,
                 due,
-                background,
             },
             moved: false,
         }
     }
 
-    /// Run `call` in the background from the start.
-    pub(crate) fn background(call: F, background: &Handle) -> Self {
+    /// Run `call` on the engine's long-call threads from the start.
+    pub(crate) fn background(call: F, engine: &Engine) -> Self {
         Self {
-            state: State::Background(AbortOnDrop(background.spawn(call))),
+            state: State::Background(AbortOnDrop(engine.background().spawn(call))),
             moved: true,
         }
     }
@@ -144,21 +146,15 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // Every field is `Unpin` (the call is boxed).
         let this = &mut *self;
-        if let State::Inline {
-            call,
-            clock,
-            due,
-            background,
-        } = &mut this.state
-        {
+        if let State::Inline { call, engine, due } = &mut this.state {
             match call.as_mut().poll(cx) {
                 Poll::Ready(output) => {
                     this.state = State::Done;
                     return Poll::Ready(Ok(output));
                 }
-                Poll::Pending if clock.now_millis() < *due => return Poll::Pending,
+                Poll::Pending if engine.now_millis() < *due => return Poll::Pending,
                 Poll::Pending => {
-                    let background = *background;
+                    let background = engine.background().clone();
                     let State::Inline { call, .. } =
                         std::mem::replace(&mut this.state, State::Done)
                     else {
@@ -176,6 +172,23 @@ where
                 Poll::Ready(output)
             }
             State::Inline { .. } | State::Done => panic!("a placed call polled after it ended"),
+        }
+    }
+}
+
+impl<F> Drop for Placed<'_, F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn drop(&mut self) {
+        // A call cancelled while inline holds its instance: free it off
+        // the async worker, like any failed instance.
+        if let State::Inline { .. } = self.state
+            && let State::Inline { call, engine, .. } =
+                std::mem::replace(&mut self.state, State::Done)
+        {
+            engine.drop_later(call);
         }
     }
 }

@@ -32,10 +32,16 @@ pub struct Engine {
     pub(crate) engine: wasmtime::Engine,
     /// WASI (with nothing granted) and the `tidegate:gateway` imports.
     pub(crate) linker: Linker<HostState>,
+    /// Where calls that run past `runtime.long_call_after` finish. Shut
+    /// down before the ticker stops (fields drop in order), so a call still
+    /// running there sees one more tick, yields, and is dropped.
+    background: Background,
+    /// Where failed instances are freed: the runtime the engine was created
+    /// in (normal priority), so a dead instance gives its pool slot and
+    /// memory back promptly even when the long-call threads get no CPU.
+    reaper: Option<tokio::runtime::Handle>,
     /// Advances the epoch; stopped when the engine is dropped.
     ticker: EpochTicker,
-    /// Where calls that run past `runtime.long_call_after` finish.
-    background: Background,
 }
 
 impl Engine {
@@ -87,8 +93,9 @@ impl Engine {
         Ok(Arc::new(Self {
             engine,
             linker,
-            ticker,
             background,
+            reaper: tokio::runtime::Handle::try_current().ok(),
+            ticker,
         }))
     }
 
@@ -106,6 +113,16 @@ impl Engine {
     /// The executor long calls move to.
     pub(crate) fn background(&self) -> &tokio::runtime::Handle {
         self.background.handle()
+    }
+
+    /// Drop `value` (an instance) on a blocking thread of normal priority:
+    /// freeing an instance that grew to its memory limit costs the kernel
+    /// milliseconds, which socket I/O should not wait for.
+    pub(crate) fn drop_later<T: Send + 'static>(&self, value: T) {
+        self.reaper
+            .as_ref()
+            .unwrap_or_else(|| self.background.handle())
+            .spawn_blocking(move || drop(value));
     }
 }
 

@@ -292,15 +292,14 @@ impl Function {
             instance.store.data_mut().set_deadline(self.config.timeout);
             instance.store.set_epoch_deadline(1);
             let _running = clock.running();
-            let background = self.engine.background();
             let mut placed = match priority {
                 Priority::Normal => {
                     let due = clock
                         .now_millis()
                         .saturating_add(millis(self.config.long_call_after));
-                    Placed::inline(call(instance), clock, due, background)
+                    Placed::inline(call(instance), &self.engine, due)
                 }
-                Priority::Low => Placed::background(call(instance), background),
+                Priority::Low => Placed::background(call(instance), &self.engine),
             };
             let finished = (&mut placed).await;
             if placed.moved() {
@@ -486,13 +485,9 @@ impl Function {
         }
     }
 
-    /// Drop a failed instance on a long-call thread: giving back the memory
-    /// of an instance that grew to its limit costs the kernel milliseconds,
-    /// which socket I/O should not wait for.
+    /// Drop a failed instance off the async workers.
     fn discard(&self, instance: Instance) {
-        self.engine
-            .background()
-            .spawn_blocking(move || drop(instance));
+        self.engine.drop_later(instance);
     }
 
     /// An instance was dropped (after a failure, or by scale-down).

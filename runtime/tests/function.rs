@@ -383,8 +383,16 @@ async fn a_low_priority_call_runs_on_the_long_call_threads_from_the_start() {
 
 #[tokio::test]
 async fn a_long_call_dropped_by_its_caller_is_stopped_and_uncounted() {
+    for long_call_after in [Duration::from_millis(1), Duration::from_secs(60)] {
+        // Moved to the long-call threads, then still inline, when dropped.
+        a_call_dropped_by_its_caller_is_stopped(long_call_after).await;
+    }
+}
+
+async fn a_call_dropped_by_its_caller_is_stopped(long_call_after: Duration) {
     let (_registry, function, _dir) = faulty(RuntimeConfig {
         timeout: Duration::from_secs(30),
+        long_call_after,
         ..RuntimeConfig::default()
     })
     .await;
