@@ -36,10 +36,12 @@ pub struct Engine {
     /// down before the ticker stops (fields drop in order), so a call still
     /// running there sees one more tick, yields, and is dropped.
     background: Background,
-    /// Where failed instances are freed: the runtime the engine was created
-    /// in (normal priority), so a dead instance gives its pool slot and
-    /// memory back promptly even when the long-call threads get no CPU.
+    /// Where failed instances are freed once [`LOW_PRIORITY_DROPS`] are
+    /// already waiting on the long-call threads: the runtime the engine was
+    /// created in (normal priority).
     reaper: Option<tokio::runtime::Handle>,
+    /// Instances waiting to be freed on the long-call threads.
+    pending_drops: Arc<AtomicUsize>,
     /// Advances the epoch; stopped when the engine is dropped.
     ticker: EpochTicker,
 }
@@ -95,6 +97,7 @@ impl Engine {
             linker,
             background,
             reaper: tokio::runtime::Handle::try_current().ok(),
+            pending_drops: Arc::default(),
             ticker,
         }))
     }
@@ -115,14 +118,37 @@ impl Engine {
         self.background.handle()
     }
 
-    /// Drop `value` (an instance) on a blocking thread of normal priority:
-    /// freeing an instance that grew to its memory limit costs the kernel
-    /// milliseconds, which socket I/O should not wait for.
+    /// Drop `value` (a failed instance) off the async workers. Freeing an
+    /// instance that grew to its memory limit costs the kernel
+    /// milliseconds, which socket I/O should not wait for: it is done on
+    /// the long-call threads, at their low priority. Each instance waiting
+    /// there still holds a pool slot and its memory, so beyond
+    /// [`LOW_PRIORITY_DROPS`] of them the rest are freed at normal priority.
     pub(crate) fn drop_later<T: Send + 'static>(&self, value: T) {
-        self.reaper
-            .as_ref()
-            .unwrap_or_else(|| self.background.handle())
-            .spawn_blocking(move || drop(value));
+        let waiting = self.pending_drops.fetch_add(1, Ordering::Relaxed);
+        let pending = PendingDrop(self.pending_drops.clone());
+        let threads = match &self.reaper {
+            Some(reaper) if waiting >= LOW_PRIORITY_DROPS => reaper,
+            _ => self.background.handle(),
+        };
+        threads.spawn_blocking(move || {
+            drop(value);
+            drop(pending);
+        });
+    }
+}
+
+/// Most failed instances waiting to be freed at low priority; more are freed
+/// at normal priority.
+pub const LOW_PRIORITY_DROPS: usize = 8;
+
+/// One instance waiting to be freed, until dropped (also when its task is
+/// dropped unrun at shutdown).
+struct PendingDrop(Arc<AtomicUsize>);
+
+impl Drop for PendingDrop {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -210,5 +236,63 @@ impl Drop for EpochTicker {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Barrier, mpsc};
+
+    use super::*;
+
+    /// The calling thread's nice value.
+    fn nice() -> i32 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("stat");
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .expect("a name")
+            .1
+            .split_whitespace()
+            .collect();
+        fields[16].parse().expect("a number")
+    }
+
+    /// Reports the nice value of the thread that drops it, then waits at
+    /// its gate (if any) so that it stays pending.
+    struct Probe {
+        seen: mpsc::Sender<i32>,
+        gate: Option<Arc<Barrier>>,
+    }
+
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            let _ = self.seen.send(nice());
+            if let Some(gate) = &self.gate {
+                gate.wait();
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn failed_instances_are_freed_at_low_priority_up_to_a_bound() {
+        let normal = nice();
+        let engine = Engine::new(&RuntimeConfig::default()).expect("engine");
+        let gate = Arc::new(Barrier::new(LOW_PRIORITY_DROPS + 1));
+        let (seen, nices) = mpsc::channel();
+        for _ in 0..LOW_PRIORITY_DROPS {
+            engine.drop_later(Probe {
+                seen: seen.clone(),
+                gate: Some(gate.clone()),
+            });
+        }
+        let low: Vec<i32> = (0..LOW_PRIORITY_DROPS)
+            .map(|_| nices.recv().expect("a drop"))
+            .collect();
+        assert!(low.iter().all(|&n| n == 19), "{low:?}");
+        // With that many still waiting, the next one is freed at normal
+        // priority.
+        engine.drop_later(Probe { seen, gate: None });
+        assert_eq!(nices.recv().expect("a drop"), normal);
+        gate.wait();
     }
 }
