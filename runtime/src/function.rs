@@ -92,11 +92,11 @@ impl Event {
 /// Where a call starts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Priority {
-    /// On the caller's thread; moved to the lowest-priority threads if it
+    /// On the caller's thread; moved to the long-call threads if it
     /// runs past `runtime.long_call_after`.
     #[default]
     Normal,
-    /// On the lowest-priority threads from the start: for a client whose
+    /// On the long-call threads from the start: for a client whose
     /// messages keep making the function fail, so its calls only get the
     /// CPU time everyone else leaves over.
     Low,
@@ -272,7 +272,7 @@ impl Function {
     ///
     /// The call starts on this thread (at [`Priority::Normal`]); if it is
     /// still running after `runtime.long_call_after`, it finishes on the
-    /// lowest-priority threads.
+    /// long-call threads.
     async fn invoke<R, F, Fut>(
         &self,
         event: Event,

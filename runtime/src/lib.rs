@@ -11,7 +11,7 @@
 //!   host side of its imports.
 //! - `host`: per-instance host state: WASI with nothing granted, store
 //!   limits, the invocation deadline, guest output into the log.
-//! - `background`: the lowest-priority threads where calls that run long
+//! - `background`: the long-call threads (nice 19) where calls that run long
 //!   finish, so they do not hold up socket I/O and short calls.
 //! - [`function`]: one loaded function version: its precompiled artifact,
 //!   its pre-instantiated component and its instance pool.

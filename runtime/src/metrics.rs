@@ -26,7 +26,7 @@ pub struct RuntimeMetrics {
     pub code_loaded: IntGaugeVec,
     /// Times a function's compiled code was loaded from its artifact.
     pub code_loads: IntCounterVec,
-    /// Calls that finished on the lowest-priority threads.
+    /// Calls that finished on the long-call threads.
     pub long_calls: IntCounterVec,
 }
 
@@ -87,7 +87,7 @@ impl RuntimeMetrics {
         let long_calls = IntCounterVec::new(
             Opts::new(
                 "tidegate_function_long_calls_total",
-                "Calls that ran past runtime.long_call_after (or came from a client whose calls keep failing) and finished on the lowest-priority threads.",
+                "Calls that ran past runtime.long_call_after (or came from a client whose calls keep failing) and finished on the long-call threads (runtime.long_call_priority).",
             ),
             &["function"],
         )?;

@@ -75,7 +75,7 @@ async fn every_fault_fails_only_its_message_with_an_error_reply_and_is_counted_b
     }
     // Failed instances were discarded, not leaked: one serves the client.
     assert!(metrics["tidegate_function_instances{function=\"faulty\"}"] <= 1.0);
-    // The loop finished on the lowest-priority threads, and so did each
+    // The loop finished on the long-call threads, and so did each
     // message right after a failure (the client was under suspicion).
     let long_calls = metrics["tidegate_function_long_calls_total{function=\"faulty\"}"];
     assert!(long_calls >= 1.0 + FAULTS.len() as f64, "{long_calls}");
