@@ -287,8 +287,7 @@ impl Function {
         let started = Instant::now();
         let clock = self.engine.clock();
         let outcome = async {
-            let mut lease = self.checkout().await?;
-            let mut instance = lease.take();
+            let (lease, mut instance) = self.checkout().await?;
             instance.store.data_mut().set_deadline(self.config.timeout);
             instance.store.set_epoch_deadline(1);
             let _running = clock.running();
@@ -389,7 +388,7 @@ impl Function {
     /// Take an idle instance, or create one (loading the code first if it
     /// was unloaded). Waits while `max_instances` instances are busy, in a
     /// queue of at most `max_queued` calls; beyond that, refuses at once.
-    async fn checkout(&self) -> Result<Lease<'_>, InvokeError> {
+    async fn checkout(&self) -> Result<(Lease<'_>, Instance), InvokeError> {
         // Fast path without creating a future; wait only when every
         // instance is busy.
         let permit = match self.permits.clone().try_acquire_owned() {
@@ -414,7 +413,7 @@ impl Function {
         let pre = {
             let mut pool = self.lock();
             if let Some(idle) = pool.idle.pop() {
-                return Ok(Lease::new(self, idle.instance, permit));
+                return Ok((self.lease(permit), idle.instance));
             }
             // Count the instance now, so a concurrent scale-down does not
             // unload the code between here and instantiation.
@@ -434,7 +433,7 @@ impl Function {
         match created {
             Ok(instance) => {
                 self.metrics.cold_starts.inc();
-                Ok(Lease::new(self, instance, permit))
+                Ok((self.lease(permit), instance))
             }
             Err(error) => {
                 self.forget_instance();
@@ -488,6 +487,14 @@ impl Function {
     /// Drop a failed instance off the async workers.
     fn discard(&self, instance: Instance) {
         self.engine.drop_later(instance);
+    }
+
+    fn lease(&self, permit: OwnedSemaphorePermit) -> Lease<'_> {
+        Lease {
+            function: self,
+            released: false,
+            _permit: permit,
+        }
     }
 
     /// An instance was dropped (after a failure, or by scale-down).
@@ -570,41 +577,25 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// An instance taken from the pool for one call. Released back on
-/// success; dropped (and uncounted) otherwise, because a failed call may
-/// have left the instance in any state. A lease dropped before either (the
-/// call was cancelled, and its instance dropped with it) uncounts it too.
+/// The count and permit of an instance taken from the pool for one call
+/// (the call holds the instance itself). Given back with the instance on
+/// success; otherwise (the call failed, or was cancelled and its instance
+/// dropped with it) the instance is uncounted, because a failed call may
+/// have left it in any state.
 struct Lease<'a> {
     function: &'a Function,
-    instance: Option<Instance>,
-    done: bool,
+    released: bool,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Lease<'_> {
-    fn new(function: &Function, instance: Instance, permit: OwnedSemaphorePermit) -> Lease<'_> {
-        Lease {
-            function,
-            instance: Some(instance),
-            done: false,
-            _permit: permit,
-        }
-    }
-
-    /// The instance, for the call.
-    fn take(&mut self) -> Instance {
-        self.instance
-            .take()
-            .expect("a lease's instance is taken once")
-    }
-
     /// The call succeeded: the instance goes back to the pool.
     fn release(mut self, instance: Instance) {
-        self.done = true;
+        self.released = true;
         self.function.give_back(instance);
     }
 
-    /// The call failed: the instance is dropped.
+    /// The call failed: the instance is dropped (and uncounted by `drop`).
     fn discard(self, instance: Instance) {
         self.function.discard(instance);
     }
@@ -612,13 +603,9 @@ impl Lease<'_> {
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
-        if self.done {
-            return;
+        if !self.released {
+            self.function.forget_instance();
         }
-        if let Some(instance) = self.instance.take() {
-            self.function.discard(instance);
-        }
-        self.function.forget_instance();
     }
 }
 
