@@ -97,7 +97,8 @@ enum State<'a, F: Future> {
     Inline {
         call: Pin<Box<F>>,
         engine: &'a Engine,
-        /// When (on the engine's clock) a call still pending moves.
+        /// When (in microseconds on the engine's clock) a call still
+        /// pending moves.
         due: u64,
     },
     Background(AbortOnDrop<F::Output>),
@@ -109,8 +110,9 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    /// Run `call` inline; once it is pending at or after `due` on the
-    /// engine's clock, move it to the engine's long-call threads.
+    /// Run `call` inline; once it is pending at or after `due` (in
+    /// microseconds on the engine's clock), move it to the engine's
+    /// long-call threads.
     pub(crate) fn inline(call: F, engine: &'a Engine, due: u64) -> Self {
         Self {
             state: State::Inline {
@@ -152,7 +154,7 @@ where
                     this.state = State::Done;
                     return Poll::Ready(Ok(output));
                 }
-                Poll::Pending if engine.now_millis() < *due => return Poll::Pending,
+                Poll::Pending if engine.clock().now_micros() < *due => return Poll::Pending,
                 Poll::Pending => {
                     let background = engine.background().clone();
                     let State::Inline { call, .. } =

@@ -103,7 +103,7 @@ impl Engine {
     }
 
     /// Milliseconds since the engine started: a coarse clock (it advances
-    /// at every tick) that costs an atomic load instead of a system call.
+    /// at every tick) that costs an atomic load instead of a clock read.
     pub fn now_millis(&self) -> u64 {
         self.ticker.clock.now_millis()
     }
@@ -157,17 +157,54 @@ pub fn millis(duration: Duration) -> u64 {
     duration.as_millis().try_into().unwrap_or(u64::MAX)
 }
 
+/// Whole microseconds in `duration`.
+pub(crate) fn micros(duration: Duration) -> u64 {
+    duration.as_micros().try_into().unwrap_or(u64::MAX)
+}
+
 /// The ticker's coarse clock, and how many calls are running (the ticker
 /// ticks fast only while some are).
-#[derive(Debug, Default)]
+///
+/// The coarse reading is only as fresh as the last tick, which is up to
+/// [`IDLE_TICK`] old when no call was running. It is never ahead of the
+/// time, so it is right for checks ("has the deadline passed?"), made at
+/// ticks, where it is fresh. Starting points of intervals are read with
+/// [`Clock::precise_micros`]: a stale start would make a call that has
+/// just begun look as if it had run for up to an idle tick.
+#[derive(Debug)]
 pub(crate) struct Clock {
-    millis: AtomicU64,
+    started: Instant,
+    micros: AtomicU64,
     running: AtomicUsize,
 }
 
 impl Clock {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            micros: AtomicU64::new(0),
+            running: AtomicUsize::new(0),
+        }
+    }
+
+    /// The coarse clock: microseconds since the engine started, as of the
+    /// last tick.
+    pub(crate) fn now_micros(&self) -> u64 {
+        self.micros.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn now_millis(&self) -> u64 {
-        self.millis.load(Ordering::Relaxed)
+        self.now_micros() / 1_000
+    }
+
+    /// The time now (a clock read), on the coarse clock's scale.
+    pub(crate) fn precise_micros(&self) -> u64 {
+        micros(self.started.elapsed())
+    }
+
+    /// Advance the coarse clock to now.
+    fn tick(&self) {
+        self.micros.store(self.precise_micros(), Ordering::Relaxed);
     }
 
     /// Count a call as running until the guard is dropped.
@@ -199,12 +236,11 @@ struct EpochTicker {
 impl EpochTicker {
     fn start(engine: wasmtime::Engine) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let clock = Arc::new(Clock::default());
+        let clock = Arc::new(Clock::new());
         let (flag, shared) = (stop.clone(), clock.clone());
         let thread = std::thread::Builder::new()
             .name("tidegate-epoch".into())
             .spawn(move || {
-                let started = Instant::now();
                 while !flag.load(Ordering::Relaxed) {
                     let tick = if shared.running.load(Ordering::Relaxed) > 0 {
                         EPOCH_TICK
@@ -212,9 +248,7 @@ impl EpochTicker {
                         IDLE_TICK
                     };
                     std::thread::sleep(tick);
-                    shared
-                        .millis
-                        .store(millis(started.elapsed()), Ordering::Relaxed);
+                    shared.tick();
                     engine.increment_epoch();
                 }
             })

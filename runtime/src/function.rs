@@ -17,7 +17,7 @@ use crate::background::Placed;
 use crate::bindings::types::{ConnectDecision, Connection, Context, Effect, HandlerError, Payload};
 use crate::bindings::{Handler, HandlerPre};
 use crate::config::RuntimeConfig;
-use crate::engine::{Engine, millis};
+use crate::engine::{Engine, micros, millis};
 use crate::error::{InvokeError, LoadError};
 use crate::host::{DeadlineExceeded, HostState, MemoryLimitExceeded};
 use crate::metrics::RuntimeMetrics;
@@ -288,14 +288,16 @@ impl Function {
         let clock = self.engine.clock();
         let outcome = async {
             let (lease, mut instance) = self.checkout().await?;
-            instance.store.data_mut().set_deadline(self.config.timeout);
+            let now = clock.precise_micros();
+            instance
+                .store
+                .data_mut()
+                .set_deadline(now, self.config.timeout);
             instance.store.set_epoch_deadline(1);
             let _running = clock.running();
             let mut placed = match priority {
                 Priority::Normal => {
-                    let due = clock
-                        .now_millis()
-                        .saturating_add(millis(self.config.long_call_after));
+                    let due = now.saturating_add(micros(self.config.long_call_after));
                     Placed::inline(call(instance), &self.engine, due)
                 }
                 Priority::Low => Placed::background(call(instance), &self.engine),
@@ -470,7 +472,8 @@ impl Function {
         let mut store = Store::new(&self.engine.engine, state);
         store.limiter(|state| state);
         store.epoch_deadline_callback(|mut ctx| ctx.data_mut().on_epoch());
-        store.data_mut().set_deadline(self.config.timeout);
+        let now = self.engine.clock().precise_micros();
+        store.data_mut().set_deadline(now, self.config.timeout);
         store.set_epoch_deadline(1);
         let _running = self.engine.clock().running();
         match pre.instantiate_async(&mut store).await {

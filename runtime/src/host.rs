@@ -11,7 +11,7 @@ use tokio::io::AsyncWrite;
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, UpdateDeadline};
 
-use crate::engine::{Clock, millis};
+use crate::engine::{Clock, micros};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -40,7 +40,8 @@ pub(crate) struct HostState {
     table: ResourceTable,
     /// The function's name, for log lines.
     function: Arc<str>,
-    /// When the current invocation must have finished, on `clock`.
+    /// When the current invocation must have finished, in microseconds on
+    /// `clock`.
     pub deadline: u64,
     /// The engine's coarse clock.
     clock: Arc<Clock>,
@@ -84,9 +85,10 @@ impl HostState {
         clip(line, self.max_log_line)
     }
 
-    /// Give the current invocation `limit` from now.
-    pub fn set_deadline(&mut self, limit: Duration) {
-        self.deadline = self.clock.now_millis().saturating_add(millis(limit));
+    /// Give the current invocation `limit` from `now` (a precise reading
+    /// of the clock, in microseconds).
+    pub fn set_deadline(&mut self, now: u64, limit: Duration) {
+        self.deadline = now.saturating_add(micros(limit));
     }
 
     /// The epoch callback: yield to the executor at every tick, and trap
@@ -98,7 +100,7 @@ impl HostState {
     /// only be polled every few dozen ticks, and every other connection
     /// would wait that long.)
     pub fn on_epoch(&mut self) -> wasmtime::Result<UpdateDeadline> {
-        if self.clock.now_millis() >= self.deadline {
+        if self.clock.now_micros() >= self.deadline {
             return Err(wasmtime::Error::new(DeadlineExceeded));
         }
         Ok(UpdateDeadline::YieldCustom(

@@ -326,7 +326,8 @@ fn nice_of_threads(name: &str) -> Vec<i32> {
 async fn a_call_that_runs_long_finishes_on_the_lowest_priority_threads() {
     let (registry, metrics, _dir) = registry(RuntimeConfig {
         timeout: Duration::from_millis(300),
-        long_call_after: Duration::from_millis(1),
+        // Long enough that a short call stalled by a loaded machine stays.
+        long_call_after: Duration::from_millis(50),
         ..RuntimeConfig::default()
     });
     let wasm = std::fs::read(tidegate_functions::FAULTY_PATH).expect("faulty.wasm");
@@ -347,9 +348,13 @@ async fn a_call_that_runs_long_finishes_on_the_lowest_priority_threads() {
         1.0,
         "the loop moved"
     );
-    let nice = nice_of_threads("tidegate-long-calls");
-    assert!(!nice.is_empty(), "the long-call threads exist");
-    assert!(nice.iter().all(|&n| n == 19), "nice 19: {nice:?}");
+    // A thread that has just started (to free the loop's instance) is
+    // named a moment before it lowers its priority.
+    wait_until("every long-call thread is at nice 19", || {
+        let nice = nice_of_threads("tidegate-long-calls");
+        !nice.is_empty() && nice.iter().all(|&n| n == 19)
+    })
+    .await;
     // The pool is healthy: the looping instance was dropped, and the next
     // call runs in a fresh one.
     assert_eq!(function.live_instances(), 0);
@@ -379,6 +384,42 @@ async fn a_low_priority_call_runs_on_the_long_call_threads_from_the_start() {
     );
     // Its instance went back to the pool like any other.
     assert_eq!(echo.live_instances(), 1);
+}
+
+#[tokio::test]
+async fn a_call_after_an_idle_spell_is_timed_from_its_real_start() {
+    // While no call runs, the engine's coarse clock ticks only every 10 ms.
+    // A call that starts just before a tick has not run for 10 ms at that
+    // tick: it must neither move nor time out then.
+    let timeout = Duration::from_millis(8);
+    let long_call_after = Duration::from_millis(6);
+    let (registry, metrics, _dir) = registry(RuntimeConfig {
+        timeout,
+        long_call_after,
+        ..RuntimeConfig::default()
+    });
+    let wasm = std::fs::read(tidegate_functions::FAULTY_PATH).expect("faulty.wasm");
+    let function = registry.load("faulty", wasm).await.expect("faulty loads");
+    for _ in 0..12 {
+        // Long enough for the clock to go back to idle ticks.
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        let moved_before = counter(&metrics, "tidegate_function_long_calls_total", "faulty");
+        let started = std::time::Instant::now();
+        let result = send(&function, "spin 4").await;
+        let took = started.elapsed();
+        // A loaded machine may stall the call past a limit; only a call
+        // that really took that long may be moved or stopped.
+        if counter(&metrics, "tidegate_function_long_calls_total", "faulty") > moved_before {
+            assert!(took >= long_call_after, "moved after {took:?}");
+        }
+        match result {
+            Ok(reply) => assert!(is_echo(Ok(reply), "spin 4")),
+            Err(error) => assert!(
+                matches!(error, runtime::InvokeError::Timeout { .. }) && took >= timeout,
+                "{error} after {took:?}"
+            ),
+        }
+    }
 }
 
 #[tokio::test]

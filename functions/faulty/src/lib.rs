@@ -2,6 +2,7 @@
 //! affects only the message that caused it. Text messages are commands:
 //!
 //! - `loop`: print `spinning`, then spin forever (the time limit must stop it);
+//! - `spin N`: spin for N milliseconds (wall clock), then echo;
 //! - `alloc`: allocate until memory runs out (the memory limit must stop it);
 //! - `panic`: panic (a trap);
 //! - `recurse`: recurse without end (stack overflow, a trap);
@@ -46,7 +47,11 @@ impl Function for Faulty {
                     println!("a line on stdout");
                     log(Level::Warn, "a line through the logging import");
                 }
-                _ => {}
+                other => {
+                    if let Some(millis) = other.strip_prefix("spin ").and_then(|n| n.parse().ok()) {
+                        spin_for(std::time::Duration::from_millis(millis));
+                    }
+                }
             }
         }
         Ok(vec![Effect::Reply(message)])
@@ -58,6 +63,14 @@ fn spin() -> ! {
     let mut n: u64 = 0;
     loop {
         n = std::hint::black_box(n.wrapping_add(1));
+    }
+}
+
+#[inline(never)]
+fn spin_for(duration: std::time::Duration) {
+    let started = std::time::Instant::now();
+    while started.elapsed() < duration {
+        std::hint::black_box(());
     }
 }
 
