@@ -127,7 +127,8 @@ mod tests {
             connections: 4,
             size: 100,
             window: 8,
-            duration: Duration::from_millis(300),
+            // Long enough that a loaded machine still gets replies in.
+            duration: Duration::from_secs(1),
             warmup: Duration::from_millis(100),
             server_pid: Some(std::process::id()),
         };
@@ -160,7 +161,7 @@ mod tests {
         let target = baseline(true).await;
         let connect = scenario::connect::Options {
             concurrency: 2,
-            duration: Duration::from_millis(300),
+            duration: Duration::from_secs(1),
             server_pid: None,
         };
         let figures = scenario::connect::run(&target, "baseline", &connect)

@@ -264,15 +264,26 @@ impl Gateway {
     /// the gateway has finished with a connection, which can be just after
     /// the client saw the refusal or the drop.
     pub async fn metric_reaches(&self, series: &str, value: f64) {
+        self.metric_meets(series, &format!("{value}"), |now| now == value)
+            .await;
+    }
+
+    /// Wait (up to 10 s) until `series` reads at least `value`.
+    pub async fn metric_reaches_at_least(&self, series: &str, value: f64) {
+        self.metric_meets(series, &format!("at least {value}"), |now| now >= value)
+            .await;
+    }
+
+    async fn metric_meets(&self, series: &str, expected: &str, meets: impl Fn(f64) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let now = self.metric(series).await;
-            if now == value {
+            if meets(now) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "{series} is {now}, expected {value}"
+                "{series} is {now}, expected {expected}"
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -612,6 +623,9 @@ pub async fn close_frame(client: &mut Client) -> Option<(u16, String)> {
     while Instant::now() < deadline {
         match tokio::time::timeout(Duration::from_secs(30), client.next()).await {
             Ok(Some(Ok(Message::Close(frame)))) => {
+                // Send the queued close reply, so the gateway ends the
+                // connection now rather than after its close timeout.
+                let _ = client.flush().await;
                 return frame.map(|f| (u16::from(f.code), f.reason.as_str().to_owned()));
             }
             Ok(Some(Ok(_))) => continue,

@@ -55,15 +55,17 @@ async fn an_idle_function_scales_to_zero_and_the_next_message_cold_starts() {
         metrics["tidegate_function_code_loads_total{function=\"echo\"}"],
         1.0
     );
-    assert_eq!(
-        metrics["tidegate_function_instances{function=\"echo\"}"],
-        1.0
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_sockets_with_1001_and_loses_no_replied_message() {
     let mut gateway = Gateway::start(Options::default());
+    // Copies taken while the broker link is still coming up wait in the
+    // spool (for the next start) rather than reach the queue: this test
+    // reads the queue, so it starts once the link is up.
+    gateway
+        .metric_reaches("tidegate_queue_connected", 1.0)
+        .await;
     let mut idle = gateway.connect("/").await;
     let busy = gateway.connect("/").await;
     let (mut sink, mut stream) = busy.split();

@@ -1,25 +1,45 @@
 //! A TCP forwarder in front of the broker that a test can hold closed
-//! (nothing listens on its port) and then open.
+//! (every connection is cut at once) and then open.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-/// A port that refuses connections until [`BrokerProxy::open`].
+/// A port that cuts every connection until [`BrokerProxy::open`]. It stays
+/// bound throughout, so no other test can take it meanwhile.
 pub struct BrokerProxy {
     /// The proxy's address.
     pub addr: SocketAddr,
-    task: Option<JoinHandle<()>>,
+    open: Arc<AtomicBool>,
+    task: JoinHandle<()>,
 }
 
 impl BrokerProxy {
-    /// Reserve a loopback port with nothing listening on it.
+    /// Listen on a fresh loopback port, cutting every connection.
     pub async fn closed() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        drop(listener);
-        Self { addr, task: None }
+        let open = Arc::new(AtomicBool::new(false));
+        let forwarding = open.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !forwarding.load(Ordering::Relaxed) {
+                    // Closed: the AMQP handshake ends at once, like a
+                    // broker that is down.
+                    drop(client);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    if let Ok(mut broker) = TcpStream::connect("127.0.0.1:5672").await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+                    }
+                });
+            }
+        });
+        Self { addr, open, task }
     }
 
     /// The AMQP URL pointing at this proxy.
@@ -28,26 +48,13 @@ impl BrokerProxy {
     }
 
     /// Start forwarding to the real broker.
-    pub async fn open(&mut self) {
-        let listener = TcpListener::bind(self.addr)
-            .await
-            .expect("rebind the proxy port");
-        self.task = Some(tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    if let Ok(mut broker) = TcpStream::connect("127.0.0.1:5672").await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
-                    }
-                });
-            }
-        }));
+    pub fn open(&self) {
+        self.open.store(true, Ordering::Relaxed);
     }
 }
 
 impl Drop for BrokerProxy {
     fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
+        self.task.abort();
     }
 }

@@ -17,7 +17,7 @@ mod proxy;
 use std::collections::{HashMap, HashSet};
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -50,10 +50,16 @@ impl Seen {
     }
 }
 
-/// One client: batches of `BATCH` messages, then their replies, until
-/// `stop` or until the connection ends; with `reconnect`, it connects again
-/// (until `stop`) when the gateway closes it.
-async fn client(endpoint: Endpoint, tag: String, stop: Arc<AtomicBool>, reconnect: bool) -> Seen {
+/// One client: batches of `BATCH` messages, then their replies (counted in
+/// `replies` as they come), until `stop` or until the connection ends; with
+/// `reconnect`, it connects again (until `stop`) when the gateway closes it.
+async fn client(
+    endpoint: Endpoint,
+    tag: String,
+    stop: Arc<AtomicBool>,
+    replies: Arc<AtomicUsize>,
+    reconnect: bool,
+) -> Seen {
     let mut seen = Seen::default();
     let mut seq = 0u64;
     'connections: while !stop.load(Ordering::Relaxed) {
@@ -86,6 +92,7 @@ async fn client(endpoint: Endpoint, tag: String, stop: Arc<AtomicBool>, reconnec
                     Ok(Some(Ok(Message::Text(reply)))) => {
                         assert_eq!(reply.as_str(), text, "replies come in order");
                         seen.replied.push(text);
+                        replies.fetch_add(1, Ordering::Relaxed);
                     }
                     // Closed (1013 for copies in doubt, 1001 on shutdown),
                     // reset, or killed.
@@ -98,28 +105,45 @@ async fn client(endpoint: Endpoint, tag: String, stop: Arc<AtomicBool>, reconnec
     seen
 }
 
+/// `CLIENTS` clients running against a gateway.
+struct Load {
+    clients: Vec<tokio::task::JoinHandle<Seen>>,
+    /// Replies received so far.
+    replies: Arc<AtomicUsize>,
+}
+
 /// Run `CLIENTS` clients against `endpoint` until `stop`.
-fn start_load(
-    endpoint: &Endpoint,
-    tag: &str,
-    stop: &Arc<AtomicBool>,
-    reconnect: bool,
-) -> Vec<tokio::task::JoinHandle<Seen>> {
-    (0..CLIENTS)
+fn start_load(endpoint: &Endpoint, tag: &str, stop: &Arc<AtomicBool>, reconnect: bool) -> Load {
+    let replies = Arc::new(AtomicUsize::new(0));
+    let clients = (0..CLIENTS)
         .map(|i| {
             tokio::spawn(client(
                 endpoint.clone(),
                 format!("{tag}{i}"),
                 stop.clone(),
+                replies.clone(),
                 reconnect,
             ))
         })
-        .collect()
+        .collect();
+    Load { clients, replies }
 }
 
-async fn finish_load(clients: Vec<tokio::task::JoinHandle<Seen>>) -> Seen {
+impl Load {
+    /// Wait until the clients have had `replies` replies, then a while more
+    /// (a slow start must not leave a phase without load).
+    async fn running(&self, replies: usize, more: Duration) {
+        eventually("the load runs", Duration::from_secs(60), || async {
+            self.replies.load(Ordering::Relaxed) >= replies
+        })
+        .await;
+        tokio::time::sleep(more).await;
+    }
+}
+
+async fn finish_load(load: Load) -> Seen {
     let mut seen = Seen::default();
-    for client in clients {
+    for client in load.clients {
         seen.merge(client.await.expect("client task"));
     }
     seen
@@ -213,7 +237,8 @@ async fn sigkill_under_load_loses_no_replied_message() {
         Gateway::start(options(state.path(), &queue).env("TIDEGATE__QUEUE__URL", proxy.url()));
     let stop = Arc::new(AtomicBool::new(false));
     let load = start_load(&spooling.endpoint(), "spooled", &stop, false);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    load.running(CLIENTS * BATCH, Duration::from_millis(1500))
+        .await;
     assert!(spooling.metric("tidegate_spool_messages").await > 0.0);
     tokio::task::block_in_place(|| spooling.kill());
     let phase = finish_load(load).await;
@@ -225,7 +250,8 @@ async fn sigkill_under_load_loses_no_replied_message() {
     let mut direct = Gateway::start(options(state.path(), &queue));
     settled(&direct).await;
     let load = start_load(&direct.endpoint(), "direct", &stop, false);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    load.running(CLIENTS * BATCH, Duration::from_millis(1500))
+        .await;
     tokio::task::block_in_place(|| direct.kill());
     let phase = finish_load(load).await;
     assert!(!phase.replied.is_empty(), "the load ran");
@@ -278,7 +304,7 @@ async fn a_broker_restart_under_load_loses_no_replied_message() {
     settled(&gateway).await;
     let stop = Arc::new(AtomicBool::new(false));
     let load = start_load(&gateway.endpoint(), "restart", &stop, true);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    load.running(CLIENTS * BATCH, Duration::from_secs(1)).await;
 
     let stopped = tokio::task::block_in_place(BrokerStopped::stop);
     eventually("the gateway notices", Duration::from_secs(30), || async {
