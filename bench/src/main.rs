@@ -142,6 +142,10 @@ enum Command {
         /// Publish at this fixed rate and report confirm latency instead.
         #[arg(long)]
         rate: Option<f64>,
+        /// Give each message a gateway copy's properties (message id,
+        /// timestamp, five headers) instead of a bare content type.
+        #[arg(long)]
+        copy_properties: bool,
     },
     /// The runtime alone: reload, instantiate and call the echo function.
     Instantiate {
@@ -268,6 +272,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             in_flight,
             duration,
             rate,
+            copy_properties,
         } => {
             let options = scenario::publish::Options {
                 url,
@@ -275,6 +280,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 in_flight,
                 duration,
                 warmup: Duration::from_secs(2),
+                copy_properties,
             };
             match rate {
                 Some(rate) => scenario::publish::latency(&options, rate).await?,

@@ -131,17 +131,25 @@ pub async fn run(out: &Path, tidegate: Option<PathBuf>, quick: bool) -> anyhow::
     };
 
     keep(scenario::instantiate::run(if quick { 200 } else { 2000 }).await?);
-    keep(
-        scenario::publish::run(&scenario::publish::Options {
-            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-            size: 64,
-            in_flight: 1024,
-            duration: plan.duration,
-            warmup: plan.warmup,
-        })
-        .await
-        .context("measuring the broker's ceiling (is RabbitMQ running on 127.0.0.1:5672?)")?,
-    );
+    // The broker's ceiling, with bare messages and with messages that
+    // carry a gateway copy's properties.
+    let publish = |copy_properties| scenario::publish::Options {
+        url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+        size: 64,
+        in_flight: 1024,
+        duration: plan.duration,
+        warmup: plan.warmup,
+        copy_properties,
+    };
+    for copy_properties in [false, true] {
+        keep(
+            scenario::publish::run(&publish(copy_properties))
+                .await
+                .context(
+                    "measuring the broker's ceiling (is RabbitMQ running on 127.0.0.1:5672?)",
+                )?,
+        );
+    }
 
     let echo = |pid| scenario::echo::Options {
         connections: 64,
@@ -192,19 +200,9 @@ pub async fn run(out: &Path, tidegate: Option<PathBuf>, quick: bool) -> anyhow::
     }
     // The broker's own confirm latency at that rate: the floor for a reply
     // that waits for its copy.
-    keep(
-        scenario::publish::latency(
-            &scenario::publish::Options {
-                url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-                size: 64,
-                in_flight: 1024,
-                duration: plan.duration,
-                warmup: plan.warmup,
-            },
-            latency.rate,
-        )
-        .await?,
-    );
+    for copy_properties in [false, true] {
+        keep(scenario::publish::latency(&publish(copy_properties), latency.rate).await?);
+    }
     {
         let server = start_tidegate(&tidegate, "receipt", &[], pinned)?;
         let target = Target::parse(&server.url)?;
