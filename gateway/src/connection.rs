@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use futures_channel::mpsc;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use prometheus::IntCounter;
 use runtime::{Context, Effect, Function, HandlerError, Payload, Priority};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -271,15 +271,25 @@ impl Reader<'_> {
                         ));
                         break;
                     }
-                    if now >= idle_until {
-                        next = Next::Close(close_code::GOING_AWAY, format!(
-                            "idle for {} (websocket.idle_timeout)",
-                            humantime::format_duration(limits.idle_timeout)
-                        ));
-                        break;
+                    if now < idle_until {
+                        timer.as_mut().reset(idle_until.min(expires));
+                        continue;
                     }
-                    timer.as_mut().reset(idle_until.min(expires));
-                    continue;
+                    // A frame that came in while this task waited for the
+                    // CPU is activity, not idleness. The yield lets the
+                    // runtime look for I/O first: the timer can be seen
+                    // before the socket's readiness is.
+                    tokio::task::yield_now().await;
+                    match stream.next().now_or_never() {
+                        Some(frame) => frame,
+                        None => {
+                            next = Next::Close(close_code::GOING_AWAY, format!(
+                                "idle for {} (websocket.idle_timeout)",
+                                humantime::format_duration(limits.idle_timeout)
+                            ));
+                            break;
+                        }
+                    }
                 }
                 frame = stream.next() => frame,
             };

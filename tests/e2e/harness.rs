@@ -315,14 +315,19 @@ impl Gateway {
         assert!(!status.success(), "killed, not exited: {status:?}");
     }
 
-    /// Send SIGTERM and wait for the exit status.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
+    /// Send the process a signal (`TERM`, `STOP`, `CONT`, ...).
+    pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args([format!("-{name}"), self.pid().to_string()])
             .status()
             .expect("kill");
-        assert!(status.success());
+        assert!(status.success(), "kill -{name}: {status}");
+    }
+
+    /// Send SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let mut child = self.child.take().expect("running");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = child.try_wait().expect("wait") {

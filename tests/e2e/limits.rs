@@ -8,7 +8,9 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{Gateway, Options, close_frame, eventually, round_trip, still_serves};
+use crate::harness::{
+    Gateway, Options, SendText, close_frame, eventually, next_data, round_trip, still_serves,
+};
 
 fn gateway(env: &[(&str, &str)]) -> Gateway {
     let mut options = Options::default();
@@ -168,6 +170,24 @@ async fn an_idle_connection_is_closed_with_1001_and_activity_keeps_it_open() {
         round_trip(&mut busy, Message::Text("awake".into())).await,
         Message::Text("awake".into()),
         "3 s of pings every 300 ms kept it open"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_arrives_while_the_gateway_is_stalled_is_activity_not_idleness() {
+    let gateway = gateway(&[("TIDEGATE__WEBSOCKET__IDLE_TIMEOUT", "1s")]);
+    let mut client = gateway.connect("/").await;
+    // The gateway stalls past the idle limit (stopped), while a message
+    // reaches its socket: when it runs again, the message is there. (If
+    // the test fails in between, dropping the gateway kills it, stopped
+    // or not.)
+    gateway.signal("STOP");
+    client.send_text("still here").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    gateway.signal("CONT");
+    assert_eq!(
+        next_data(&mut client).await,
+        Message::Text("still here".into())
     );
 }
 
