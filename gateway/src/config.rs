@@ -1127,6 +1127,11 @@ mod tests {
             PathBuf::from("/var/lib/tidegate/spool")
         );
         assert_eq!(settings.routes.get("/").map(String::as_str), Some("echo"));
+        assert_eq!(settings.runtime.long_call_after, Duration::from_millis(1));
+        assert!(
+            settings.runtime.long_call_lowest_priority,
+            "long calls run at the lowest priority unless configured otherwise"
+        );
     }
 
     #[test]

@@ -7,12 +7,13 @@
 //! (in receipt mode), so replies are pipelined yet never overtake a copy.
 
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use futures_channel::mpsc;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use prometheus::IntCounter;
 use runtime::{Context, Effect, Function, HandlerError, Payload, Priority};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -276,13 +277,19 @@ impl Reader<'_> {
                         continue;
                     }
                     // A frame that came in while this task waited for the
-                    // CPU is activity, not idleness. The yield lets the
-                    // runtime look for I/O first: the timer can be seen
-                    // before the socket's readiness is.
+                    // CPU is activity, not idleness. The timer can be seen
+                    // before the socket's readiness is: yielding first
+                    // gives the runtime a chance to poll for I/O (a best
+                    // effort: another worker may hold the I/O driver).
                     tokio::task::yield_now().await;
-                    match stream.next().now_or_never() {
-                        Some(frame) => frame,
-                        None => {
+                    match std::future::poll_fn(|cx| Poll::Ready(stream.poll_next_unpin(cx))).await {
+                        Poll::Ready(frame) => {
+                            timer
+                                .as_mut()
+                                .reset((Instant::now() + limits.idle_timeout).min(expires));
+                            frame
+                        }
+                        Poll::Pending => {
                             next = Next::Close(close_code::GOING_AWAY, format!(
                                 "idle for {} (websocket.idle_timeout)",
                                 humantime::format_duration(limits.idle_timeout)

@@ -17,13 +17,21 @@ use crate::host::HostState;
 
 /// How often the epoch advances while a function runs. A running function
 /// yields to the async executor at every tick and its deadline is checked,
-/// so this is the longest a function that runs long (or loops) holds a
-/// worker thread before other connections get it back: it bounds what a
-/// misbehaving function costs everyone else.
+/// so once the ticker runs at this pace (at most [`IDLE_TICK`] after a
+/// call starts) this is the longest a function that runs long (or loops)
+/// holds a worker thread before other connections get it back: it bounds
+/// what a misbehaving function costs everyone else.
 pub const EPOCH_TICK: Duration = Duration::from_micros(100);
 
 /// How often the ticker wakes while no function runs (to keep the coarse
-/// clock going without costing an idle gateway CPU).
+/// clock going without costing an idle gateway CPU). A call that starts
+/// while the ticker waits gets its first tick (its first deadline check,
+/// yield and chance to move) within this time; [`EPOCH_TICK`]s follow.
+///
+/// Measured alternatives, both dearer on the fast path (short calls, where
+/// the ticker mostly waits because it rarely sees a call running): an idle
+/// tick of 1 ms (+0.4 to 0.7 us of gateway CPU per message), and waking
+/// the ticker whenever a call starts while none runs (+0.5 us).
 pub const IDLE_TICK: Duration = Duration::from_millis(10);
 
 /// The engine, the linker with the host's imports, and the epoch ticker.

@@ -8,9 +8,13 @@ fn faulty_gateway() -> Gateway {
     faulty_gateway_with(Options::default())
 }
 
-/// The faulty function on `/`; `options`' variables win over the defaults
-/// set here.
+/// The faulty function on `/` (its own configuration file); `options`'
+/// variables win over the defaults set here.
 fn faulty_gateway_with(options: Options) -> Gateway {
+    assert!(
+        options.config.is_none(),
+        "the faulty gateway has its own file"
+    );
     let defaults = Options::default()
         .config(&format!(
             r#"
@@ -314,7 +318,7 @@ fn long_call_nice(gateway: &Gateway) -> Vec<i32> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn long_calls_run_at_the_lowest_priority_unless_configured_otherwise() {
+async fn long_calls_run_at_the_configured_priority() {
     for (priority, nice) in [("lowest", 19), ("normal", 0)] {
         let gateway = faulty_gateway_with(
             Options::default().env("TIDEGATE__RUNTIME__LONG_CALL_PRIORITY", priority),

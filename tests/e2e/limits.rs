@@ -177,6 +177,8 @@ async fn an_idle_connection_is_closed_with_1001_and_activity_keeps_it_open() {
 async fn a_message_that_arrives_while_the_gateway_is_stalled_is_activity_not_idleness() {
     let gateway = gateway(&[("TIDEGATE__WEBSOCKET__IDLE_TIMEOUT", "1s")]);
     let mut client = gateway.connect("/").await;
+    // The connection is up and its idle timer running.
+    round_trip(&mut client, Message::Text("first".into())).await;
     // The gateway stalls past the idle limit (stopped), while a message
     // reaches its socket: when it runs again, the message is there. (If
     // the test fails in between, dropping the gateway kills it, stopped
