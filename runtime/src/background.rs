@@ -11,17 +11,29 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinHandle;
 
-use crate::engine::Engine;
+use crate::clock::Clock;
+
+/// Most failed instances waiting to be freed at low priority; more are freed
+/// at normal priority.
+pub const LOW_PRIORITY_DROPS: usize = 8;
 
 /// The background executor. Dropping it stops its threads without waiting
 /// for their calls (each one is dropped, and its instance with it).
 pub(crate) struct Background {
     runtime: Option<Runtime>,
+    /// Where failed instances are freed once [`LOW_PRIORITY_DROPS`] are
+    /// already waiting on the long-call threads: the runtime the executor
+    /// was started from (normal priority).
+    reaper: Option<Handle>,
+    /// Instances waiting to be freed on the long-call threads.
+    pending_drops: Arc<AtomicUsize>,
 }
 
 impl Background {
@@ -38,6 +50,8 @@ impl Background {
         let runtime = builder.build()?;
         Ok(Self {
             runtime: Some(runtime),
+            reaper: Handle::try_current().ok(),
+            pending_drops: Arc::default(),
         })
     }
 
@@ -46,6 +60,35 @@ impl Background {
             .as_ref()
             .expect("the runtime lives until the executor is dropped")
             .handle()
+    }
+
+    /// Drop `value` (a failed instance) off the async workers. Freeing an
+    /// instance that grew to its memory limit costs the kernel
+    /// milliseconds, which socket I/O should not wait for: it is done on
+    /// the long-call threads, at their low priority. Each instance waiting
+    /// there still holds a pool slot and its memory, so beyond
+    /// [`LOW_PRIORITY_DROPS`] of them the rest are freed at normal priority.
+    pub(crate) fn drop_later<T: Send + 'static>(&self, value: T) {
+        let waiting = self.pending_drops.fetch_add(1, Ordering::Relaxed);
+        let pending = PendingDrop(self.pending_drops.clone());
+        let threads = match &self.reaper {
+            Some(reaper) if waiting >= LOW_PRIORITY_DROPS => reaper,
+            _ => self.handle(),
+        };
+        threads.spawn_blocking(move || {
+            drop(value);
+            drop(pending);
+        });
+    }
+}
+
+/// One instance waiting to be freed, until dropped (also when its task is
+/// dropped unrun at shutdown).
+struct PendingDrop(Arc<AtomicUsize>);
+
+impl Drop for PendingDrop {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -96,7 +139,10 @@ where
 enum State<'a, F: Future> {
     Inline {
         call: Pin<Box<F>>,
-        engine: &'a Engine,
+        /// Where the call moves to, and where it is freed if cancelled.
+        background: &'a Background,
+        /// The engine's clock, which `due` is on.
+        clock: &'a Clock,
         /// When (in microseconds on the engine's clock) a call still
         /// pending moves.
         due: u64,
@@ -111,23 +157,23 @@ where
     F::Output: Send + 'static,
 {
     /// Run `call` inline; once it is pending at or after `due` (in
-    /// microseconds on the engine's clock), move it to the engine's
-    /// long-call threads.
-    pub(crate) fn inline(call: F, engine: &'a Engine, due: u64) -> Self {
+    /// microseconds on `clock`), move it to the long-call threads.
+    pub(crate) fn inline(call: F, background: &'a Background, clock: &'a Clock, due: u64) -> Self {
         Self {
             state: State::Inline {
                 call: Box::pin(call),
-                engine,
+                background,
+                clock,
                 due,
             },
             moved: false,
         }
     }
 
-    /// Run `call` on the engine's long-call threads from the start.
-    pub(crate) fn background(call: F, engine: &Engine) -> Self {
+    /// Run `call` on the long-call threads from the start.
+    pub(crate) fn background(call: F, background: &Background) -> Self {
         Self {
-            state: State::Background(AbortOnDrop(engine.background().spawn(call))),
+            state: State::Background(AbortOnDrop(background.handle().spawn(call))),
             moved: true,
         }
     }
@@ -148,15 +194,21 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // Every field is `Unpin` (the call is boxed).
         let this = &mut *self;
-        if let State::Inline { call, engine, due } = &mut this.state {
+        if let State::Inline {
+            call,
+            background,
+            clock,
+            due,
+        } = &mut this.state
+        {
             match call.as_mut().poll(cx) {
                 Poll::Ready(output) => {
                     this.state = State::Done;
                     return Poll::Ready(Ok(output));
                 }
-                Poll::Pending if engine.clock().now_micros() < *due => return Poll::Pending,
+                Poll::Pending if clock.now_micros() < *due => return Poll::Pending,
                 Poll::Pending => {
-                    let background = engine.background().clone();
+                    let background = background.handle().clone();
                     let State::Inline { call, .. } =
                         std::mem::replace(&mut this.state, State::Done)
                     else {
@@ -187,10 +239,11 @@ where
         // A call cancelled while inline holds its instance: free it off
         // the async worker, like any failed instance.
         if let State::Inline { .. } = self.state
-            && let State::Inline { call, engine, .. } =
-                std::mem::replace(&mut self.state, State::Done)
+            && let State::Inline {
+                call, background, ..
+            } = std::mem::replace(&mut self.state, State::Done)
         {
-            engine.drop_later(call);
+            background.drop_later(call);
         }
     }
 }

@@ -2,37 +2,18 @@
 //! drives invocation deadlines.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use crate::background::Background;
+pub use crate::background::LOW_PRIORITY_DROPS;
 use crate::bindings::Handler;
+use crate::clock::{Clock, EpochTicker};
+pub use crate::clock::{EPOCH_TICK, IDLE_TICK};
 use crate::config::RuntimeConfig;
 use crate::error::LoadError;
 use crate::host::HostState;
-
-/// How often the epoch advances while a function runs. A running function
-/// yields to the async executor at every tick and its deadline is checked,
-/// so once the ticker runs at this pace (at most [`IDLE_TICK`] after a
-/// call starts) this is the longest a function that runs long (or loops)
-/// holds a worker thread before other connections get it back: it bounds
-/// what a misbehaving function costs everyone else.
-pub const EPOCH_TICK: Duration = Duration::from_micros(100);
-
-/// How often the ticker wakes while no function runs (to keep the coarse
-/// clock going without costing an idle gateway CPU). A call that starts
-/// while the ticker waits gets its first tick (its first deadline check,
-/// yield and chance to move) within this time; [`EPOCH_TICK`]s follow.
-///
-/// Measured alternatives, both dearer on the fast path (short calls, where
-/// the ticker mostly waits because it rarely sees a call running): an idle
-/// tick of 1 ms (+0.4 to 0.7 us of gateway CPU per message), and waking
-/// the ticker whenever a call starts while none runs (+0.5 us).
-pub const IDLE_TICK: Duration = Duration::from_millis(10);
 
 /// The engine, the linker with the host's imports, and the epoch ticker.
 pub struct Engine {
@@ -40,16 +21,11 @@ pub struct Engine {
     pub(crate) engine: wasmtime::Engine,
     /// WASI (with nothing granted) and the `tidegate:gateway` imports.
     pub(crate) linker: Linker<HostState>,
-    /// Where calls that run past `runtime.long_call_after` finish. Shut
-    /// down before the ticker stops (fields drop in order), so a call still
-    /// running there sees one more tick, yields, and is dropped.
+    /// Where calls that run past `runtime.long_call_after` finish, and
+    /// failed instances are freed. Shut down before the ticker stops
+    /// (fields drop in order), so a call still running there sees one more
+    /// tick, yields, and is dropped.
     background: Background,
-    /// Where failed instances are freed once [`LOW_PRIORITY_DROPS`] are
-    /// already waiting on the long-call threads: the runtime the engine was
-    /// created in (normal priority).
-    reaper: Option<tokio::runtime::Handle>,
-    /// Instances waiting to be freed on the long-call threads.
-    pending_drops: Arc<AtomicUsize>,
     /// Advances the epoch; stopped when the engine is dropped.
     ticker: EpochTicker,
 }
@@ -104,8 +80,6 @@ impl Engine {
             engine,
             linker,
             background,
-            reaper: tokio::runtime::Handle::try_current().ok(),
-            pending_drops: Arc::default(),
             ticker,
         }))
     }
@@ -113,171 +87,23 @@ impl Engine {
     /// Milliseconds since the engine started: a coarse clock (it advances
     /// at every tick) that costs an atomic load instead of a clock read.
     pub fn now_millis(&self) -> u64 {
-        self.ticker.clock.now_millis()
+        self.ticker.clock().now_millis()
     }
 
     /// The shared clock, for instances' deadlines.
     pub(crate) fn clock(&self) -> &Arc<Clock> {
-        &self.ticker.clock
+        self.ticker.clock()
     }
 
     /// The executor long calls move to.
-    pub(crate) fn background(&self) -> &tokio::runtime::Handle {
-        self.background.handle()
+    pub(crate) fn background(&self) -> &Background {
+        &self.background
     }
 
-    /// Drop `value` (a failed instance) off the async workers. Freeing an
-    /// instance that grew to its memory limit costs the kernel
-    /// milliseconds, which socket I/O should not wait for: it is done on
-    /// the long-call threads, at their low priority. Each instance waiting
-    /// there still holds a pool slot and its memory, so beyond
-    /// [`LOW_PRIORITY_DROPS`] of them the rest are freed at normal priority.
+    /// Drop `value` (a failed instance) off the async workers: see
+    /// [`Background::drop_later`].
     pub(crate) fn drop_later<T: Send + 'static>(&self, value: T) {
-        let waiting = self.pending_drops.fetch_add(1, Ordering::Relaxed);
-        let pending = PendingDrop(self.pending_drops.clone());
-        let threads = match &self.reaper {
-            Some(reaper) if waiting >= LOW_PRIORITY_DROPS => reaper,
-            _ => self.background.handle(),
-        };
-        threads.spawn_blocking(move || {
-            drop(value);
-            drop(pending);
-        });
-    }
-}
-
-/// Most failed instances waiting to be freed at low priority; more are freed
-/// at normal priority.
-pub const LOW_PRIORITY_DROPS: usize = 8;
-
-/// One instance waiting to be freed, until dropped (also when its task is
-/// dropped unrun at shutdown).
-struct PendingDrop(Arc<AtomicUsize>);
-
-impl Drop for PendingDrop {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Whole milliseconds in `duration`.
-pub fn millis(duration: Duration) -> u64 {
-    duration.as_millis().try_into().unwrap_or(u64::MAX)
-}
-
-/// Whole microseconds in `duration`.
-pub(crate) fn micros(duration: Duration) -> u64 {
-    duration.as_micros().try_into().unwrap_or(u64::MAX)
-}
-
-/// The ticker's coarse clock, and how many calls are running (the ticker
-/// ticks fast only while some are).
-///
-/// The coarse reading is only as fresh as the last tick, which is up to
-/// [`IDLE_TICK`] old when no call was running. It is never ahead of the
-/// time, so it is right for checks ("has the deadline passed?"), made at
-/// ticks, where it is fresh. Starting points of intervals are read with
-/// [`Clock::precise_micros`]: a stale start would make a call that has
-/// just begun look as if it had run for up to an idle tick.
-#[derive(Debug)]
-pub(crate) struct Clock {
-    started: Instant,
-    micros: AtomicU64,
-    running: AtomicUsize,
-}
-
-impl Clock {
-    fn new() -> Self {
-        Self {
-            started: Instant::now(),
-            micros: AtomicU64::new(0),
-            running: AtomicUsize::new(0),
-        }
-    }
-
-    /// The coarse clock: microseconds since the engine started, as of the
-    /// last tick.
-    pub(crate) fn now_micros(&self) -> u64 {
-        self.micros.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn now_millis(&self) -> u64 {
-        self.now_micros() / 1_000
-    }
-
-    /// The time now (a clock read), on the coarse clock's scale.
-    pub(crate) fn precise_micros(&self) -> u64 {
-        micros(self.started.elapsed())
-    }
-
-    /// Advance the coarse clock to now.
-    fn tick(&self) {
-        self.micros.store(self.precise_micros(), Ordering::Relaxed);
-    }
-
-    /// Count a call as running until the guard is dropped.
-    pub(crate) fn running(&self) -> Running<'_> {
-        self.running.fetch_add(1, Ordering::Relaxed);
-        Running(self)
-    }
-}
-
-/// A running call, for the ticker.
-pub(crate) struct Running<'a>(&'a Clock);
-
-impl Drop for Running<'_> {
-    fn drop(&mut self) {
-        self.0.running.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A thread that advances the engine's epoch every [`EPOCH_TICK`] while
-/// calls run (every [`IDLE_TICK`] otherwise) and keeps the coarse clock. A
-/// plain thread rather than a task: it must keep ticking even when every
-/// tokio worker is busy running guest code.
-struct EpochTicker {
-    stop: Arc<AtomicBool>,
-    clock: Arc<Clock>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl EpochTicker {
-    fn start(engine: wasmtime::Engine) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let clock = Arc::new(Clock::new());
-        let (flag, shared) = (stop.clone(), clock.clone());
-        let thread = std::thread::Builder::new()
-            .name("tidegate-epoch".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    let tick = if shared.running.load(Ordering::Relaxed) > 0 {
-                        EPOCH_TICK
-                    } else {
-                        IDLE_TICK
-                    };
-                    std::thread::sleep(tick);
-                    shared.tick();
-                    engine.increment_epoch();
-                }
-            })
-            .ok();
-        if thread.is_none() {
-            tracing::error!("could not start the epoch thread: function time limits will not fire");
-        }
-        Self {
-            stop,
-            clock,
-            thread,
-        }
-    }
-}
-
-impl Drop for EpochTicker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.background.drop_later(value);
     }
 }
 

@@ -16,8 +16,9 @@ use wasmtime::component::Component;
 use crate::background::Placed;
 use crate::bindings::types::{ConnectDecision, Connection, Context, Effect, HandlerError, Payload};
 use crate::bindings::{Handler, HandlerPre};
+use crate::clock::{micros, millis};
 use crate::config::RuntimeConfig;
-use crate::engine::{Engine, micros, millis};
+use crate::engine::Engine;
 use crate::error::{InvokeError, LoadError};
 use crate::host::{DeadlineExceeded, HostState, MemoryLimitExceeded};
 use crate::metrics::RuntimeMetrics;
@@ -298,9 +299,9 @@ impl Function {
             let mut placed = match priority {
                 Priority::Normal => {
                     let due = now.saturating_add(micros(self.config.long_call_after));
-                    Placed::inline(call(instance), &self.engine, due)
+                    Placed::inline(call(instance), self.engine.background(), clock, due)
                 }
-                Priority::Low => Placed::background(call(instance), &self.engine),
+                Priority::Low => Placed::background(call(instance), self.engine.background()),
             };
             let finished = (&mut placed).await;
             if placed.moved() {

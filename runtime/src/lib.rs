@@ -6,13 +6,16 @@
 //!
 //! - [`config`]: typed limits and timeouts ([`RuntimeConfig`]).
 //! - [`engine`]: the wasmtime engine (pooling allocator, copy-on-write
-//!   memory images, epoch interruption) and its epoch ticker.
+//!   memory images, epoch interruption).
+//! - `clock`: the epoch ticker and the coarse clock deadlines are read on,
+//!   shared by the engine, the host state and the long-call threads.
 //! - `bindings`: the only `bindgen!` of the `tidegate:gateway` world, and the
 //!   host side of its imports.
 //! - `host`: per-instance host state: WASI with nothing granted, store
 //!   limits, the invocation deadline, guest output into the log.
 //! - `background`: the long-call threads (nice 19) where calls that run long
-//!   finish, so they do not hold up socket I/O and short calls.
+//!   finish, so they do not hold up socket I/O and short calls, and where
+//!   failed instances are freed.
 //! - [`function`]: one loaded function version: its precompiled artifact,
 //!   its pre-instantiated component and its instance pool.
 //! - [`registry`]: the functions this node serves, by name, and the
@@ -24,6 +27,7 @@
 
 mod background;
 mod bindings;
+mod clock;
 pub mod config;
 pub mod engine;
 pub mod error;
