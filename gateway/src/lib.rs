@@ -5,6 +5,7 @@
 //! - [`server`]: wiring, signals, drain.
 //! - [`listener`]: accept, admission, TLS and upgrade under timeouts.
 //! - [`limits`]: connection limits in total, per address, in handshakes.
+//! - [`proxy_protocol`]: the real client address from a load balancer.
 //! - [`tls`]: rustls (ring) from PEM files; [`dev`]: the `--dev` certificate.
 //! - [`handshake`]: the HTTP upgrade, routing, authentication, `on-connect`.
 //! - [`auth`]: JWT validation of the token a client connects with.
@@ -28,6 +29,7 @@ pub mod limits;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
+pub mod proxy_protocol;
 pub mod publisher;
 pub mod router;
 pub mod server;

@@ -1,8 +1,12 @@
 //! Admission: how many connections may be open, in their handshakes, and
 //! from one client address. Shared by every listener.
+//!
+//! A client address is an IPv4 address or, for IPv6, its network of
+//! `server.ipv6_client_prefix` bits (a /64 by default): one IPv6 host
+//! usually has a whole /64 to pick source addresses from.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -17,7 +21,17 @@ pub struct Admission {
     max_connections: usize,
     /// One permit per connection in its handshake.
     handshakes: Arc<Semaphore>,
+    /// Open connections (and handshakes) by client address.
     per_ip: Arc<PerIp>,
+    /// Connections in their handshake by client address.
+    handshakes_per_ip: Arc<PerIp>,
+    /// Bits of an IPv6 address that name one client.
+    ipv6_prefix: u8,
+}
+
+/// A place among one address's handshakes; given back on drop.
+pub struct HandshakeSlot {
+    _slot: IpSlot,
 }
 
 /// What a connection holds while it is admitted; dropping it gives the
@@ -38,6 +52,37 @@ impl Admission {
                 max: server.max_connections_per_ip.get(),
                 counts: Mutex::new(HashMap::new()),
             }),
+            handshakes_per_ip: Arc::new(PerIp {
+                max: server.max_handshakes_per_ip.get(),
+                counts: Mutex::new(HashMap::new()),
+            }),
+            ipv6_prefix: server.ipv6_client_prefix,
+        }
+    }
+
+    /// Take one of `ip`'s handshake places, right after accept; `None`
+    /// when it already holds `server.max_handshakes_per_ip`: the socket is
+    /// then closed at once, before any TLS work.
+    pub fn handshake_slot(&self, ip: IpAddr) -> Option<HandshakeSlot> {
+        let client = self.client(ip);
+        self.handshakes_per_ip
+            .clone()
+            .take(client)
+            .map(|slot| HandshakeSlot { _slot: slot })
+    }
+
+    /// The address connections are counted under: IPv4 (also when mapped
+    /// into IPv6) as is, IPv6 cut to its network.
+    fn client(&self, ip: IpAddr) -> IpAddr {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => {
+                let bits = u128::from(v6);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.ipv6_prefix))
+                    .unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(bits & mask))
+            }
+            v4 => v4,
         }
     }
 
@@ -55,7 +100,7 @@ impl Admission {
     /// A 429 [`Refusal`] over the per-address limit, a 503 one over the
     /// total.
     pub fn admit(&self, ip: IpAddr) -> Result<Admitted, Refusal> {
-        let ip = ip.to_canonical();
+        let ip = self.client(ip);
         let slot = self.per_ip.clone().take(ip).ok_or_else(|| {
             Refusal::http(
                 429,
@@ -84,13 +129,16 @@ impl Admission {
 
     /// Connections counted against `ip` now (for tests and metrics).
     pub fn count_for(&self, ip: IpAddr) -> usize {
-        self.per_ip.count(ip.to_canonical())
+        self.per_ip.count(self.client(ip))
     }
 }
 
 /// Connection counts by client address.
 struct PerIp {
+    /// Most an address may hold.
     max: usize,
+    /// Addresses holding at least one; removed at zero, so the table
+    /// only grows with the clients present.
     counts: Mutex<HashMap<IpAddr, usize>>,
 }
 
@@ -146,6 +194,9 @@ mod tests {
             max_connections: NonZeroUsize::new(total).unwrap(),
             max_connections_per_ip: NonZeroUsize::new(per_ip).unwrap(),
             max_handshakes: NonZeroUsize::new(4).unwrap(),
+            max_handshakes_per_ip: NonZeroUsize::new(2).unwrap(),
+            ipv6_client_prefix: 64,
+            proxy_protocol_from: Vec::new(),
             tls_handshake_timeout: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(1),
             shutdown_grace_period: Duration::from_secs(1),
@@ -189,5 +240,44 @@ mod tests {
         let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
         let _held = admission.admit(v4).unwrap();
         assert_eq!(status(admission.admit(mapped)), 429);
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_per_64_by_default() {
+        let admission = Admission::new(&settings(10, 2));
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same_64: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _first = admission.admit(a).unwrap();
+        let _second = admission.admit(same_64).unwrap();
+        assert_eq!(status(admission.admit(a)), 429);
+        assert_eq!(admission.count_for(same_64), 2);
+        assert_eq!(status(admission.admit(other_64)), 101);
+    }
+
+    #[test]
+    fn the_ipv6_prefix_is_configurable() {
+        let mut server = settings(10, 1);
+        server.ipv6_client_prefix = 128;
+        let admission = Admission::new(&server);
+        let _held = admission.admit("2001:db8::1".parse().unwrap()).unwrap();
+        assert_eq!(status(admission.admit("2001:db8::2".parse().unwrap())), 101);
+        assert_eq!(status(admission.admit("2001:db8::1".parse().unwrap())), 429);
+    }
+
+    #[test]
+    fn handshake_places_are_limited_per_address_and_given_back() {
+        let admission = Admission::new(&settings(10, 10));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let first = admission.handshake_slot(a).unwrap();
+        let _second = admission.handshake_slot(a).unwrap();
+        assert!(admission.handshake_slot(a).is_none());
+        assert!(
+            admission
+                .handshake_slot("10.0.0.2".parse().unwrap())
+                .is_some()
+        );
+        drop(first);
+        assert!(admission.handshake_slot(a).is_some());
     }
 }

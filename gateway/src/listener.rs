@@ -1,6 +1,8 @@
-//! The WebSocket listeners: a handshake place first, then accept, then
-//! admission (per-address and total limits), the TLS handshake and the
-//! WebSocket upgrade, each under its own timeout, then the connection.
+//! The WebSocket listeners: a handshake place first, then accept, the
+//! PROXY header from a trusted balancer, a place among the client
+//! address's handshakes (or the socket is closed at once), admission
+//! (per-address and total limits), the TLS handshake and the WebSocket
+//! upgrade, each under its own timeout, then the connection.
 
 use std::io;
 use std::net::SocketAddr;
@@ -13,6 +15,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::connection;
 use crate::handshake::{self, Refusal};
+use crate::limits::HandshakeSlot;
+use crate::proxy_protocol::{self, ProxyHeaderError};
 use crate::server::Shared;
 
 /// Bind a WebSocket listener.
@@ -70,37 +74,81 @@ pub async fn serve(
         let tls = tls.clone();
         let shared = shared.clone();
         tracker.spawn(async move {
+            let Some((tcp, client, handshake_slot)) = admit_socket(tcp, peer, &shared).await else {
+                return;
+            };
             // Refused connections still get their TLS handshake and an
-            // HTTP answer that says why; they hold a handshake place only.
-            let admitted = shared.admission.admit(peer.ip());
+            // HTTP answer that says why; they hold handshake places only.
+            let admitted = shared.admission.admit(client.ip());
             let (admitted, refusal) = match admitted {
                 Ok(admitted) => (Some(admitted), None),
                 Err(refusal) => (None, Some(refusal)),
             };
             let upgraded = match tls {
-                Some(acceptor) => upgrade_tls(acceptor, tcp, peer, &shared, refusal).await,
-                None => upgrade(tcp, peer, &shared, refusal)
+                Some(acceptor) => upgrade_tls(acceptor, tcp, client, &shared, refusal).await,
+                None => upgrade(tcp, client, &shared, refusal)
                     .await
                     .map(Upgraded::Plain),
             };
             drop(place);
+            drop(handshake_slot);
             match upgraded {
                 Ok(Upgraded::Tls(accepted)) => connection::serve(accepted, shared).await,
                 Ok(Upgraded::Plain(accepted)) => connection::serve(accepted, shared).await,
                 Err(rejection) => {
-                    let reason = rejection.reason();
-                    shared
-                        .metrics
-                        .connections_rejected
-                        .with_label_values(&[reason])
-                        .inc();
-                    tracing::debug!(%peer, reason, "connection not upgraded: {rejection}");
+                    reject(&shared, &rejection, client);
                 }
             }
             drop(admitted);
         });
     }
     tracing::info!("listener closed: no new connections");
+}
+
+/// The first steps after accept, before any TLS work: the client's
+/// address (from a PROXY header when the peer is a trusted balancer) and
+/// one of that address's handshake places. `None` when the socket is
+/// refused; dropping it closes it at once.
+async fn admit_socket(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Option<(TcpStream, SocketAddr, HandshakeSlot)> {
+    let client = if proxy_protocol::required_from(peer.ip(), &shared.proxy_protocol_from) {
+        let header = tokio::time::timeout(
+            shared.handshake_timeout,
+            proxy_protocol::read_header(&mut tcp),
+        )
+        .await;
+        match header {
+            Ok(Ok(client)) => client.unwrap_or(peer),
+            Ok(Err(e)) => {
+                reject(shared, &Rejection::ProxyHeader(e), peer);
+                return None;
+            }
+            Err(_) => {
+                reject(shared, &Rejection::Timeout, peer);
+                return None;
+            }
+        }
+    } else {
+        peer
+    };
+    let Some(slot) = shared.admission.handshake_slot(client.ip()) else {
+        reject(shared, &Rejection::HandshakesPerAddress, client);
+        return None;
+    };
+    Some((tcp, client, slot))
+}
+
+fn reject(shared: &Shared, rejection: &Rejection, client: SocketAddr) {
+    let reason = rejection.reason();
+    shared
+        .metrics
+        .connections_rejected
+        .with_label_values(&[reason])
+        .inc();
+    tracing::debug!(%client, reason, "connection not upgraded: {rejection}");
 }
 
 type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
@@ -157,6 +205,12 @@ enum Rejection {
     Timeout,
     #[error(transparent)]
     Upgrade(Refusal),
+    #[error(transparent)]
+    ProxyHeader(ProxyHeaderError),
+    #[error(
+        "the client's address already holds server.max_handshakes_per_ip handshakes: closed without TLS"
+    )]
+    HandshakesPerAddress,
 }
 
 impl Rejection {
@@ -166,6 +220,8 @@ impl Rejection {
             Rejection::TlsTimeout => "tls_handshake_timeout",
             Rejection::Timeout => "handshake_timeout",
             Rejection::Upgrade(refusal) => refusal.reason(),
+            Rejection::ProxyHeader(_) => "proxy_protocol",
+            Rejection::HandshakesPerAddress => "per_ip_handshake_limit",
         }
     }
 }

@@ -37,6 +37,8 @@ pub struct Shared {
     pub handshake_timeout: Duration,
     /// Connection limits.
     pub admission: Admission,
+    /// Balancers whose connections start with a PROXY protocol header.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
     /// Where tokens are, and the authorizer function.
     pub auth: AuthSettings,
     /// JWT validation, when configured.
@@ -156,6 +158,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tls_handshake_timeout: settings.server.tls_handshake_timeout,
         handshake_timeout: settings.server.handshake_timeout,
         admission: Admission::new(&settings.server),
+        proxy_protocol_from: settings.server.proxy_protocol_from.clone(),
         auth: settings.auth.clone(),
         jwt,
         queue_mode: settings.queue.mode,

@@ -391,8 +391,19 @@ impl Endpoint {
         &self,
         path: &str,
     ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
-        let connector = tls_connector(&self.cert);
         let tcp = TcpStream::connect(self.wss).await?;
+        self.connect_on(tcp, path).await
+    }
+
+    /// Connect a client to `path` over TLS on a TCP connection the test
+    /// opened itself (from another source address, or after a PROXY
+    /// header).
+    pub async fn connect_on(
+        &self,
+        tcp: TcpStream,
+        path: &str,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let connector = tls_connector(&self.cert);
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let tls = connector.connect(name, tcp).await?;
         let request = format!("wss://localhost:{}{path}", self.wss.port())
@@ -401,6 +412,16 @@ impl Endpoint {
         let (ws, _) = tokio_tungstenite::client_async(request, tls).await?;
         Ok(ws)
     }
+}
+
+/// A TCP connection to `to` from the loopback address `from` (any of
+/// 127.0.0.0/8), so a test can be several clients.
+pub async fn tcp_from(from: &str, to: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::new(from.parse().expect("address"), 0))
+        .expect("bind the client address");
+    socket.connect(to).await.expect("tcp connect")
 }
 
 /// A TLS connection to the gateway, without a WebSocket upgrade.

@@ -302,3 +302,58 @@ async fn a_client_that_does_not_read_is_dropped_as_a_slow_consumer() {
     crate::harness::all_released(&gateway, Duration::from_secs(10)).await;
     still_serves(&gateway).await;
 }
+
+/// Wait until the gateway closes `tcp` without a byte; `None` if it is
+/// still open after `limit`.
+async fn closed_within(tcp: &mut TcpStream, limit: Duration) -> Option<()> {
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(limit, tcp.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => Some(()),
+        Ok(Ok(n)) => panic!("the gateway sent {n} bytes to a refused socket"),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_hold_every_handshake_place() {
+    let gateway = gateway(&[
+        ("TIDEGATE__SERVER__MAX_HANDSHAKES", "8"),
+        ("TIDEGATE__SERVER__MAX_HANDSHAKES_PER_IP", "4"),
+        ("TIDEGATE__SERVER__TLS_HANDSHAKE_TIMEOUT", "60s"),
+    ]);
+    // Eight silent sockets from one address: four hold handshake places,
+    // the other four are closed at once, without TLS.
+    let mut silent = Vec::new();
+    for _ in 0..8 {
+        silent.push(crate::harness::tcp_from("127.0.0.1", gateway.wss).await);
+    }
+    let mut closed = 0;
+    for tcp in &mut silent {
+        if closed_within(tcp, Duration::from_millis(500))
+            .await
+            .is_some()
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 4, "sockets over the per-address limit are closed");
+    gateway
+        .metric_reaches(
+            "tidegate_connections_rejected_total{reason=\"per_ip_handshake_limit\"}",
+            4.0,
+        )
+        .await;
+    // A client from another address still finds a place, long before the
+    // silent sockets' TLS handshake timeout.
+    let endpoint = gateway.endpoint();
+    let mut client = tokio::time::timeout(Duration::from_secs(20), async {
+        let tcp = crate::harness::tcp_from("127.0.0.2", gateway.wss).await;
+        endpoint.connect_on(tcp, "/").await.expect("served")
+    })
+    .await
+    .expect("a client from another address is served at once");
+    assert_eq!(
+        round_trip(&mut client, Message::Text("still here".into())).await,
+        Message::Text("still here".into())
+    );
+}

@@ -10,6 +10,7 @@ mod proxy;
 
 mod admin;
 mod auth;
+mod client_address;
 mod echo;
 mod faults;
 mod idle;

@@ -12,12 +12,29 @@
 //! - `silent`: return no effect at all (no reply);
 //! - `log`: print a line to stdout and log one through the logging import;
 //! - anything else (and every binary message) is echoed.
+//!
+//! A client that connects with `?show=remote-addr` gets the claim
+//! `remote-addr` = the address the gateway saw it connect from.
 
-use tidegate_sdk::{Context, Effect, Function, HandlerError, Level, Payload, log};
+use tidegate_sdk::{
+    ConnectDecision, Connection, Context, Effect, Function, HandlerError, Level, Payload, log,
+};
 
 struct Faulty;
 
 impl Function for Faulty {
+    fn on_connect(conn: Connection) -> ConnectDecision {
+        let show_remote = conn
+            .query
+            .iter()
+            .any(|(name, value)| name == "show" && value == "remote-addr");
+        let claims = match show_remote {
+            true => vec![("remote-addr".into(), conn.remote_addr)],
+            false => Vec::new(),
+        };
+        ConnectDecision::accept().with_claims(claims)
+    }
+
     fn on_message(ctx: Context, message: Payload) -> Result<Vec<Effect>, HandlerError> {
         if let Payload::Text(command) = &message {
             match command.as_str() {
