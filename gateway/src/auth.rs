@@ -11,7 +11,7 @@ use std::time::Duration;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
-use crate::config::JwtSettings;
+use crate::config::{JwtSettings, TokenSource};
 
 /// Why the JWT set-up failed; each names the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -202,17 +202,8 @@ fn flatten(claims: serde_json::Map<String, serde_json::Value>) -> Vec<(String, S
         .collect()
 }
 
-/// Where a client's token is, as configured.
-#[derive(Debug, Clone)]
-pub struct TokenSource {
-    /// Request header (lower case); for `authorization`, the `Bearer `
-    /// scheme is stripped.
-    pub header: String,
-    /// Query-string parameter, for browsers (which cannot set headers on a
-    /// WebSocket). Removed from the query the function sees.
-    pub query: String,
-}
-
+// The settings type lives in config, which must not depend on auth; what
+// it does with a request lives here.
 impl TokenSource {
     /// The token from the header or, failing that, the query (whose token
     /// parameter is taken out).

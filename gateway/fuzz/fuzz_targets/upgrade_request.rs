@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
-use gateway::auth::TokenSource;
+use gateway::config::TokenSource;
 use gateway::handshake::{check_origin, parse_head};
 use gateway::router::Router;
 use libfuzzer_sys::fuzz_target;
