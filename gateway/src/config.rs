@@ -75,6 +75,9 @@ struct RawServer {
     max_connections: Option<usize>,
     max_connections_per_ip: Option<usize>,
     max_handshakes: Option<usize>,
+    max_handshakes_per_ip: Option<usize>,
+    ipv6_client_prefix: Option<u8>,
+    proxy_protocol_from: Option<Vec<String>>,
     #[serde(default, with = "humantime_serde")]
     tls_handshake_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -254,6 +257,21 @@ pub struct ServerSettings {
     /// (`server.max_handshakes`); further clients wait in the accept
     /// backlog.
     pub max_handshakes: NonZeroUsize,
+    /// Most connections from one client address in their TLS or upgrade
+    /// handshake at once (`server.max_handshakes_per_ip`); further sockets
+    /// from it are closed at once, without TLS, so one host cannot hold
+    /// every handshake place.
+    pub max_handshakes_per_ip: NonZeroUsize,
+    /// IPv6 clients are counted per network of this prefix length
+    /// (`server.ipv6_client_prefix`, 64 by default): one host usually holds
+    /// a whole /64, so counting single addresses would not limit it.
+    pub ipv6_client_prefix: u8,
+    /// Peers that must begin every connection with a PROXY protocol header
+    /// (v1 or v2) giving the real client's address
+    /// (`server.proxy_protocol_from`, networks such as `10.0.0.0/8`): the
+    /// load balancers in front of the gateway. Empty: no PROXY header is
+    /// read from anyone.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
     /// Longest a client may take for the TLS handshake, from accept.
     pub tls_handshake_timeout: Duration,
     /// Longest a client may take to send its upgrade request after TLS.
@@ -262,6 +280,15 @@ pub struct ServerSettings {
     pub shutdown_grace_period: Duration,
     /// Where state (spool, artifacts, dev certificate) lives by default.
     pub state_dir: PathBuf,
+}
+
+impl ServerSettings {
+    /// Default of `server.max_handshakes_per_ip`: an eighth of the default
+    /// `server.max_handshakes`, room for a burst of reconnects behind one
+    /// NAT address while other clients still find places.
+    pub const MAX_HANDSHAKES_PER_IP: usize = 128;
+    /// Default of `server.ipv6_client_prefix`.
+    pub const IPV6_CLIENT_PREFIX: u8 = 64;
 }
 
 /// The certificates, as PEM files.
@@ -514,6 +541,7 @@ impl Settings {
             .and_then(|c| c.try_deserialize())
             .map_err(|e| ConfigError::Read(format!("configuration: {e}")))?;
         raw.validate(dev)
+                .with_list_parse_key("server.proxy_protocol_from")
     }
 }
 
@@ -751,6 +779,27 @@ impl RawServer {
             )?,
             shutdown_grace_period: positive(
                 "server.shutdown_grace_period",
+            max_handshakes_per_ip: non_zero(
+                "server.max_handshakes_per_ip",
+                self.max_handshakes_per_ip,
+                ServerSettings::MAX_HANDSHAKES_PER_IP,
+            )?,
+            ipv6_client_prefix: match self.ipv6_client_prefix {
+                None => ServerSettings::IPV6_CLIENT_PREFIX,
+                Some(prefix @ 1..=128) => prefix,
+                Some(other) => {
+                    return Err(invalid(
+                        "server.ipv6_client_prefix",
+                        format!("{other} is not a prefix length; expected 1 to 128"),
+                    ));
+                }
+            },
+            proxy_protocol_from: self
+                .proxy_protocol_from
+                .unwrap_or_default()
+                .iter()
+                .map(|net| parse_net("server.proxy_protocol_from", net))
+                .collect::<Result<_, _>>()?,
                 self.shutdown_grace_period,
                 Duration::from_secs(30),
             )?,
@@ -1083,6 +1132,21 @@ fn at_least(
 ) -> Result<usize, ConfigError> {
     let value = value.unwrap_or(default);
     if value < min {
+/// A network (`10.0.0.0/8`, `fd00::/8`) or a single address (`10.1.2.3`).
+fn parse_net(key: &str, value: &str) -> Result<ipnet::IpNet, ConfigError> {
+    let value = value.trim();
+    value
+        .parse::<ipnet::IpNet>()
+        .or_else(|_| value.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map(|net| net.trunc())
+        .map_err(|_| {
+            invalid(
+                key,
+                format!("{value:?} is not a network; expected an address or CIDR, e.g. 10.0.0.0/8"),
+            )
+        })
+}
+
         return Err(invalid(
             key,
             format!("{value} is below the minimum of {min}"),
@@ -1195,6 +1259,27 @@ mod tests {
             ("TIDEGATE__QUEUE__URL", "http://x", "queue.url"),
             (
                 "TIDEGATE__SERVER__MAX_CONNECTIONS",
+    #[test]
+    fn client_address_settings_have_defaults_and_take_networks() {
+        let file = write(MINIMAL);
+        let settings = Settings::from_sources(Some(file.path()), vec![], false).unwrap();
+        assert_eq!(settings.server.max_handshakes_per_ip.get(), 128);
+        assert_eq!(settings.server.ipv6_client_prefix, 64);
+        assert!(settings.server.proxy_protocol_from.is_empty());
+        let env = vec![(
+            "TIDEGATE__SERVER__PROXY_PROTOCOL_FROM".into(),
+            "10.0.0.0/8, 192.0.2.7,fd00::/8".into(),
+        )];
+        let settings = Settings::from_sources(Some(file.path()), env, false).unwrap();
+        let nets: Vec<String> = settings
+            .server
+            .proxy_protocol_from
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.0.2.7/32", "fd00::/8"]);
+    }
+
                 "0",
                 "server.max_connections",
             ),
@@ -1244,6 +1329,21 @@ mod tests {
                 "{var}={value}: {error:?} does not name {key}"
             );
         }
+            (
+                "TIDEGATE__SERVER__MAX_HANDSHAKES_PER_IP",
+                "0",
+                "server.max_handshakes_per_ip",
+            ),
+            (
+                "TIDEGATE__SERVER__IPV6_CLIENT_PREFIX",
+                "129",
+                "server.ipv6_client_prefix",
+            ),
+            (
+                "TIDEGATE__SERVER__PROXY_PROTOCOL_FROM",
+                "10.0.0.0/8,balancer.local",
+                "server.proxy_protocol_from",
+            ),
     }
 
     #[test]
