@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 use crate::config::{JwtSettings, TokenSource};
@@ -67,45 +67,20 @@ impl JwtVerifier {
         let mut rs256_by_kid = HashMap::new();
         if let Some(path) = &settings.jwks_file {
             let text = read("auth.jwt.jwks_file", path)?;
-            let set: JwkSet = serde_json::from_slice(&text).map_err(|e| {
+            let set = parse_jwks(&text).map_err(|message| {
                 config_error(
                     "auth.jwt.jwks_file",
-                    format!("{}: not a JWKS document: {e}", path.display()),
+                    format!("{}: {message}", path.display()),
                 )
             })?;
-            let mut usable = 0;
-            for jwk in &set.keys {
-                // Only RSA keys for RS256 (or with no `alg`) are used.
-                let rsa = matches!(
-                    jwk.algorithm,
-                    jsonwebtoken::jwk::AlgorithmParameters::RSA(_)
-                );
-                let alg_ok = jwk
-                    .common
-                    .key_algorithm
-                    .is_none_or(|alg| alg == jsonwebtoken::jwk::KeyAlgorithm::RS256);
-                if !rsa || !alg_ok {
-                    continue;
-                }
-                let key = DecodingKey::from_jwk(jwk).map_err(|e| {
-                    config_error(
-                        "auth.jwt.jwks_file",
-                        format!("{}: unusable key: {e}", path.display()),
-                    )
-                })?;
-                usable += 1;
-                match &jwk.common.key_id {
+            set.log_skipped(path);
+            for key in set.keys {
+                match key.kid {
                     Some(kid) => {
-                        rs256_by_kid.insert(kid.clone(), key);
+                        rs256_by_kid.insert(kid, key.key);
                     }
-                    None => rs256.push(key),
+                    None => rs256.push(key.key),
                 }
-            }
-            if usable == 0 {
-                return Err(config_error(
-                    "auth.jwt.jwks_file",
-                    format!("{}: no RS256 (RSA) key in the set", path.display()),
-                ));
             }
         }
         Ok(Self {
@@ -190,6 +165,133 @@ impl JwtVerifier {
 
 fn read(key: &str, path: &Path) -> Result<Vec<u8>, AuthConfigError> {
     std::fs::read(path).map_err(|e| config_error(key, format!("{}: {e}", path.display())))
+}
+
+/// An RS256 key and the `kid` tokens name it by, if any.
+struct NamedKey {
+    kid: Option<String>,
+    key: DecodingKey,
+}
+
+/// A key of a JWKS document that is not used, and why.
+#[derive(Debug, PartialEq, Eq)]
+struct Skipped {
+    kid: Option<String>,
+    reason: String,
+    /// The key looked meant for this gateway (RSA, RS256, for signatures)
+    /// but is unusable: worth a warning, where a key for another algorithm
+    /// or for encryption is a normal part of a provider's set.
+    broken: bool,
+}
+
+/// What a JWKS document gives: its usable RS256 keys and the rest.
+struct JwksKeys {
+    keys: Vec<NamedKey>,
+    skipped: Vec<Skipped>,
+}
+
+impl JwksKeys {
+    fn log_skipped(&self, path: &Path) {
+        for skipped in &self.skipped {
+            if skipped.broken {
+                tracing::warn!(
+                    file = %path.display(),
+                    kid = ?skipped.kid,
+                    "auth.jwt.jwks_file: key skipped: {}",
+                    skipped.reason
+                );
+            } else {
+                tracing::info!(
+                    file = %path.display(),
+                    kid = ?skipped.kid,
+                    "auth.jwt.jwks_file: key skipped: {}",
+                    skipped.reason
+                );
+            }
+        }
+    }
+}
+
+/// The RS256 keys of a JWKS document. Each other key (another algorithm
+/// or key type, an encryption key, a malformed one, a repeated `kid`) is
+/// skipped with its reason, so that one key the gateway cannot use does
+/// not make it refuse the whole set.
+///
+/// # Errors
+/// When the text is not a JWKS document or holds no usable key.
+fn parse_jwks(text: &[u8]) -> Result<JwksKeys, String> {
+    /// Only the envelope is parsed as a whole; each key is parsed alone.
+    #[derive(serde::Deserialize)]
+    struct Document {
+        keys: Vec<serde_json::Value>,
+    }
+    let document: Document =
+        serde_json::from_slice(text).map_err(|e| format!("not a JWKS document: {e}"))?;
+    let mut set = JwksKeys {
+        keys: Vec::new(),
+        skipped: Vec::new(),
+    };
+    for entry in &document.keys {
+        let kid = entry
+            .get("kid")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned);
+        let repeated = kid
+            .as_ref()
+            .is_some_and(|kid| set.keys.iter().any(|k| k.kid.as_ref() == Some(kid)));
+        let outcome = if repeated {
+            Err(("another key of the set has the same kid".to_owned(), true))
+        } else {
+            rs256_key(entry)
+        };
+        match outcome {
+            Ok(key) => set.keys.push(NamedKey { kid, key }),
+            Err((reason, broken)) => set.skipped.push(Skipped {
+                kid,
+                reason,
+                broken,
+            }),
+        }
+    }
+    if set.keys.is_empty() {
+        return Err("no RS256 (RSA) key in the set".into());
+    }
+    Ok(set)
+}
+
+/// One JWKS entry as an RS256 key, or why not (and whether it looked
+/// meant for RS256).
+fn rs256_key(entry: &serde_json::Value) -> Result<DecodingKey, (String, bool)> {
+    use serde_json::Value;
+    let field = |name: &str| entry.get(name);
+    match field("kty") {
+        Some(Value::String(kty)) if kty == "RSA" => {}
+        Some(kty) => {
+            return Err((
+                format!("key type {kty} is not supported (only RSA, for RS256)"),
+                false,
+            ));
+        }
+        None => return Err(("no key type (kty)".into(), true)),
+    }
+    match field("alg") {
+        None => {}
+        Some(Value::String(alg)) if alg == "RS256" => {}
+        Some(alg) => {
+            return Err((
+                format!("algorithm {alg} is not supported (only RS256)"),
+                false,
+            ));
+        }
+    }
+    match field("use") {
+        None => {}
+        Some(Value::String(usage)) if usage == "sig" => {}
+        Some(usage) => return Err((format!("use {usage} is not for signatures"), false)),
+    }
+    let unusable = |e: &dyn std::fmt::Display| (format!("unusable RSA key: {e}"), true);
+    let jwk: Jwk = serde_json::from_value(entry.clone()).map_err(|e| unusable(&e))?;
+    DecodingKey::from_jwk(&jwk).map_err(|e| unusable(&e))
 }
 
 fn flatten(claims: serde_json::Map<String, serde_json::Value>) -> Vec<(String, String)> {
@@ -330,6 +432,87 @@ mod tests {
         );
         assert_eq!(query, vec![("room".to_owned(), "1".to_owned())]);
         assert_eq!(source.take(&HeaderMap::new(), &mut Vec::new()), None);
+    }
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/e2e/fixtures")
+            .join(name)
+    }
+
+    /// An RS256 token signed with the test key pair's private key.
+    fn rs256(claims: &serde_json::Value, kid: Option<&str>) -> String {
+        let pem = std::fs::read(fixture("jwt-test-rsa.key")).unwrap();
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = kid.map(str::to_owned);
+        jsonwebtoken::encode(&header, claims, &EncodingKey::from_rsa_pem(&pem).unwrap()).unwrap()
+    }
+
+    /// The test key pair's public key as a JWKS entry with this `kid`.
+    fn jwk(kid: &str) -> serde_json::Value {
+        let set: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fixture("jwt-test-jwks.json")).unwrap()).unwrap();
+        let mut key = set["keys"][0].clone();
+        key["kid"] = json!(kid);
+        key
+    }
+
+    #[test]
+    fn jwks_keys_of_other_algorithms_or_types_are_skipped_with_their_kid() {
+        let usable = jwk("test-1");
+        let jwks = json!({"keys": [
+            // Algorithms and curves the JWT library does not even parse.
+            {"kty": "EC", "crv": "P-521", "alg": "ES512", "kid": "ec-512", "x": "AQ", "y": "AQ"},
+            {"kty": "OKP", "crv": "X25519", "kid": "x25519", "x": "AQ"},
+            // An encryption key, and a shared secret.
+            {"kty": "RSA", "alg": "RSA-OAEP-256", "use": "enc", "kid": "oaep",
+             "n": usable["n"], "e": usable["e"]},
+            {"kty": "RSA", "use": "enc", "kid": "enc", "n": usable["n"], "e": usable["e"]},
+            {"kty": "oct", "alg": "HS256", "kid": "oct", "k": "c2VjcmV0LXNlY3JldA"},
+            // Meant for RS256 but malformed.
+            {"kty": "RSA", "alg": "RS256", "kid": "broken", "n": "!!", "e": "AQAB"},
+            usable,
+            // A second key under a kid already taken.
+            jwk("test-1"),
+        ]});
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), jwks.to_string()).unwrap();
+        let mut with_jwks = settings();
+        with_jwks.jwks_file = Some(file.path().to_path_buf());
+        with_jwks.audience = Vec::new();
+        with_jwks.issuer = Vec::new();
+        let verifier = JwtVerifier::new(&with_jwks).unwrap();
+        let claims = json!({"sub": "lin", "exp": now() + 60});
+        assert!(verifier.verify(&rs256(&claims, Some("test-1"))).is_ok());
+        let error = verifier
+            .verify(&rs256(&claims, Some("ec-512")))
+            .unwrap_err();
+        assert!(error.contains("ec-512"), "{error}");
+
+        let set = parse_jwks(jwks.to_string().as_bytes()).unwrap();
+        let skipped: Vec<(Option<&str>, bool)> = set
+            .skipped
+            .iter()
+            .map(|s| (s.kid.as_deref(), s.broken))
+            .collect();
+        assert_eq!(
+            skipped,
+            [
+                (Some("ec-512"), false),
+                (Some("x25519"), false),
+                (Some("oaep"), false),
+                (Some("enc"), false),
+                (Some("oct"), false),
+                (Some("broken"), true),
+                (Some("test-1"), true),
+            ]
+        );
+        let reasons: Vec<&str> = set.skipped.iter().map(|s| s.reason.as_str()).collect();
+        assert!(reasons[0].contains("\"EC\""), "{reasons:?}");
+        assert!(reasons[2].contains("\"RSA-OAEP-256\""), "{reasons:?}");
+        assert!(reasons[3].contains("\"enc\""), "{reasons:?}");
+        assert!(reasons[5].contains("unusable RSA key"), "{reasons:?}");
+        assert!(reasons[6].contains("same kid"), "{reasons:?}");
     }
 
     #[test]
