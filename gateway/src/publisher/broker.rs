@@ -1,11 +1,16 @@
 //! The link to RabbitMQ: one connection, one channel in confirm mode, and
 //! the durable queue declared on every (re)connect.
+//!
+//! The publisher's worker sees the link only through [`Broker`], [`Link`]
+//! and the [`Confirm`]/[`LinkError`] types defined here, so lapin stays in
+//! this file and unit tests can put a scripted broker in its place.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Connection, ConnectionProperties, PublisherConfirm};
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 
 use super::message::QueueMessage;
 use crate::config::QueueSettings;
@@ -13,8 +18,103 @@ use crate::config::QueueSettings;
 /// AMQP delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
 
-/// An open connection and confirm-mode channel.
-pub struct Link {
+/// The broker's answer to one published copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confirm {
+    /// The broker has the copy (persistent, on a durable queue).
+    Ack,
+    /// The broker took the copy but could not route it to the queue (was
+    /// the queue deleted?): it came back instead of vanishing.
+    Unroutable,
+    /// The broker refused the copy.
+    Nack,
+}
+
+/// The link failed while a copy was on its way or waiting for its confirm:
+/// the broker may or may not have it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct LinkError(String);
+
+impl LinkError {
+    /// A link error with a readable reason.
+    pub fn new(reason: impl Into<String>) -> Self {
+        Self(reason.into())
+    }
+}
+
+/// One published copy on its way: resolves with the broker's confirm.
+///
+/// Its first poll hands the copy to the link (so copies leave in the order
+/// their futures are first polled); later polls wait for the confirm.
+pub type Confirming = Pin<Box<dyn Future<Output = Result<Confirm, LinkError>> + Send>>;
+
+/// How the publisher reaches a broker.
+pub enum Broker {
+    /// RabbitMQ at `queue.url`.
+    Amqp,
+    /// A broker a unit test scripts (confirms, nacks, drops, stalls).
+    #[cfg(test)]
+    Scripted(super::scripted::Broker),
+}
+
+impl Broker {
+    /// Open a link: connect, open a confirm-mode channel, declare the queue.
+    ///
+    /// # Errors
+    /// A readable reason when the broker cannot be reached or refuses.
+    pub async fn open(&self, settings: &QueueSettings, node: &str) -> Result<Link, String> {
+        match self {
+            Self::Amqp => AmqpLink::open(settings, node)
+                .await
+                .map(|link| Link::Amqp(Box::new(link))),
+            #[cfg(test)]
+            Self::Scripted(broker) => broker.open().map(Link::Scripted),
+        }
+    }
+}
+
+/// An open link to the broker.
+pub enum Link {
+    /// A RabbitMQ connection and channel (boxed: it is far larger than a
+    /// scripted link, and opened once per connection to the broker).
+    Amqp(Box<AmqpLink>),
+    /// A link of a scripted test broker.
+    #[cfg(test)]
+    Scripted(super::scripted::Link),
+}
+
+impl Link {
+    /// Whether the link is still up.
+    pub fn is_connected(&self) -> bool {
+        match self {
+            Self::Amqp(link) => link.is_connected(),
+            #[cfg(test)]
+            Self::Scripted(link) => link.is_connected(),
+        }
+    }
+
+    /// Publish one copy; see [`Confirming`].
+    pub fn publish(&self, message: Arc<QueueMessage>) -> Confirming {
+        match self {
+            Self::Amqp(link) => link.publish(message),
+            #[cfg(test)]
+            Self::Scripted(link) => link.publish(message),
+        }
+    }
+
+    /// Close the link politely.
+    pub async fn close(self) {
+        match self {
+            Self::Amqp(link) => (*link).close().await,
+            #[cfg(test)]
+            Self::Scripted(_) => {}
+        }
+    }
+}
+
+/// An open RabbitMQ connection and confirm-mode channel.
+pub struct AmqpLink {
     /// The AMQP connection; checked for liveness between publishes.
     connection: Connection,
     /// The channel copies are published on, in confirm mode.
@@ -23,12 +123,12 @@ pub struct Link {
     queue: ShortString,
 }
 
-impl Link {
+impl AmqpLink {
     /// Connect, open a confirm-mode channel and declare the durable queue.
     ///
     /// # Errors
     /// A readable reason when the broker cannot be reached or refuses.
-    pub async fn open(settings: &QueueSettings, node: &str) -> Result<Self, String> {
+    async fn open(settings: &QueueSettings, node: &str) -> Result<Self, String> {
         let properties = ConnectionProperties::default()
             .with_connection_name(LongString::from(format!("tidegate {node}")));
         let connect = Connection::connect(&settings.url, properties);
@@ -79,7 +179,7 @@ impl Link {
     }
 
     /// Whether the connection is still up.
-    pub fn is_connected(&self) -> bool {
+    fn is_connected(&self) -> bool {
         self.connection.status().connected() && self.channel.status().connected()
     }
 
@@ -88,12 +188,8 @@ impl Link {
     ///
     /// The returned future owns what it needs. Its first poll hands the
     /// frames to lapin's I/O loop (so copies leave in the order their
-    /// futures are first polled); it completes once they are written, with
-    /// the confirm to wait for.
-    pub fn publish(
-        &self,
-        message: Arc<QueueMessage>,
-    ) -> impl Future<Output = lapin::Result<PublisherConfirm>> + Send + 'static {
+    /// futures are first polled); it completes with the broker's confirm.
+    fn publish(&self, message: Arc<QueueMessage>) -> Confirming {
         let mut headers = FieldTable::default();
         for (name, value) in [
             ("connection-id", &message.connection_id),
@@ -112,8 +208,8 @@ impl Link {
             .with_headers(headers);
         let channel = self.channel.clone();
         let queue = self.queue.clone();
-        async move {
-            channel
+        Box::pin(async move {
+            let confirm = channel
                 .basic_publish(
                     ShortString::from(""),
                     queue,
@@ -125,11 +221,18 @@ impl Link {
                     properties,
                 )
                 .await
-        }
+                .map_err(|e| LinkError(format!("publishing: {e}")))?;
+            match confirm.await {
+                Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => Ok(Confirm::Ack),
+                Ok(Confirmation::Ack(Some(_))) => Ok(Confirm::Unroutable),
+                Ok(Confirmation::Nack(_)) => Ok(Confirm::Nack),
+                Err(e) => Err(LinkError(format!("waiting for a confirm: {e}"))),
+            }
+        })
     }
 
     /// Close the connection politely.
-    pub async fn close(self) {
+    async fn close(self) {
         let _ = self
             .connection
             .close(200, "tidegate shutting down".into())

@@ -10,31 +10,36 @@
 //! copies in order.
 //!
 //! - [`message`]: the copy ([`QueueMessage`]).
-//! - [`broker`]: the AMQP link.
+//! - [`broker`]: the link to the broker (RabbitMQ, or in unit tests a
+//!   scripted one).
 //! - [`spool`]: the on-disk spool.
 
 pub mod broker;
 pub mod message;
+#[cfg(test)]
+mod scripted;
 pub mod spool;
+#[cfg(test)]
+mod tests;
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use lapin::{Confirmation, PublisherConfirm};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+// Tokio's clock, so tests can run the publisher under paused time.
+use tokio::time::Instant;
 
 pub use message::QueueMessage;
 pub use spool::{Spool, SpoolError};
 
 use crate::config::QueueSettings;
 use crate::metrics::Metrics;
-use broker::{Link, redact};
+use broker::{Broker, Confirm, Confirming, Link, LinkError, redact};
 
 /// Most spooled copies written (and fsync'ed) together.
 const SPOOL_BATCH: usize = 512;
@@ -115,7 +120,9 @@ pub struct Publisher {
 
 /// The running publisher task; [`PublisherTask::flush`] ends it.
 pub struct PublisherTask {
+    /// Tells the task to flush, with the deadline.
     close: oneshot::Sender<Instant>,
+    /// The task, awaited by [`PublisherTask::flush`].
     handle: JoinHandle<()>,
 }
 
@@ -130,6 +137,16 @@ impl Publisher {
         node: String,
         metrics: Metrics,
     ) -> Result<(Self, PublisherTask), SpoolError> {
+        Self::start_with(settings, node, metrics, Broker::Amqp)
+    }
+
+    /// [`Publisher::start`] with the broker to reach.
+    fn start_with(
+        settings: QueueSettings,
+        node: String,
+        metrics: Metrics,
+        broker: Broker,
+    ) -> Result<(Self, PublisherTask), SpoolError> {
         let spool = Spool::open(&settings.spool_dir, settings.spool_max_bytes)?;
         let status = Arc::new(Status::default());
         status
@@ -142,6 +159,7 @@ impl Publisher {
             settings,
             node,
             spool,
+            broker,
             link: None,
             in_flight: VecDeque::new(),
             requests: receiver,
@@ -188,8 +206,8 @@ impl Publisher {
 impl PublisherTask {
     /// Stop taking copies, wait (until `deadline`) for outstanding confirms,
     /// spool whatever is still unconfirmed, and close the broker link.
-    pub async fn flush(self, deadline: Instant) {
-        let _ = self.close.send(deadline);
+    pub async fn flush(self, deadline: std::time::Instant) {
+        let _ = self.close.send(Instant::from_std(deadline));
         if let Err(e) = self.handle.await {
             tracing::error!("the publisher task failed: {e}");
         }
@@ -198,16 +216,12 @@ impl PublisherTask {
 
 /// A copy published and not yet confirmed.
 struct InFlight {
-    stage: Stage,
+    /// Its confirm to come.
+    confirming: Confirming,
+    /// Whose copy it is.
     origin: Origin,
+    /// When it was published, for `queue.confirm_timeout` and the metric.
     published: Instant,
-}
-
-/// Where a published copy is: still being written by lapin's I/O loop, or
-/// waiting for the broker's confirm.
-enum Stage {
-    Sending(Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send>>),
-    Confirming(PublisherConfirm),
 }
 
 enum Origin {
@@ -218,17 +232,28 @@ enum Origin {
 }
 
 struct Worker {
+    /// The `queue.*` settings.
     settings: QueueSettings,
+    /// This node's id, in the link's name.
     node: String,
+    /// Where copies wait while the broker is away.
     spool: Spool,
+    /// How to reach the broker.
+    broker: Broker,
+    /// The open link, if any.
     link: Option<Link>,
+    /// Copies published and not yet confirmed, oldest first.
     in_flight: VecDeque<InFlight>,
     /// While replaying: the spool offset of the next record to publish.
     /// New copies go to the spool while this is set, to keep the order.
     replay_from: Option<u64>,
+    /// Copies handed in by connections.
     requests: mpsc::Receiver<Request>,
+    /// What [`Publisher`] handles read.
     status: Arc<Status>,
+    /// The gateway's metrics.
     metrics: Metrics,
+    /// When to try to reach the broker again.
     next_attempt: Instant,
     /// Consecutive failed connection attempts (for quieter logs).
     failures: u32,
@@ -269,7 +294,7 @@ impl Worker {
                     // Copies already handed in are still received.
                     self.requests.close();
                 }
-                _ = tokio::time::sleep_until(self.next_attempt.into()), if wait_for_link => {
+                _ = tokio::time::sleep_until(self.next_attempt), if wait_for_link => {
                     self.connect().await;
                 }
                 _ = health.tick() => {
@@ -319,43 +344,46 @@ impl Worker {
         }
     }
 
-    /// Hand a copy to lapin and keep it in flight. It is not awaited here:
-    /// one poll puts its frames in lapin's queue (keeping the order), so
-    /// many copies can be on their way at once.
+    /// Hand a copy to the link and keep it in flight. It is not awaited
+    /// here: one poll puts its frames in the link's queue (keeping the
+    /// order), so many copies can be on their way at once.
     async fn start_publish(
         &mut self,
         message: Arc<QueueMessage>,
         origin: Origin,
-    ) -> lapin::Result<()> {
+    ) -> Result<(), LinkError> {
         let Some(link) = &self.link else {
-            return Err(
-                lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed).into(),
-            );
+            return Err(LinkError::new("the link is closed"));
         };
-        let mut sending: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(link.publish(message));
-        let first = poll_fn(|cx| Poll::Ready(sending.as_mut().poll(cx))).await;
-        let (stage, result) = match first {
-            Poll::Ready(Ok(confirm)) => (Stage::Confirming(confirm), Ok(())),
-            Poll::Ready(Err(e)) => (Stage::Sending(Box::pin(std::future::pending())), Err(e)),
-            Poll::Pending => (Stage::Sending(sending), Ok(())),
+        let mut confirming = link.publish(message);
+        let first = poll_fn(|cx| Poll::Ready(confirming.as_mut().poll(cx))).await;
+        let result = match first {
+            Poll::Pending => Ok(()),
+            Poll::Ready(result) => {
+                // Keep the outcome for its turn: confirms are taken in
+                // publish order.
+                let error = result.as_ref().err().cloned();
+                confirming = Box::pin(std::future::ready(result));
+                error.map_or(Ok(()), Err)
+            }
         };
         self.in_flight.push_back(InFlight {
-            stage,
+            confirming,
             origin,
             published: Instant::now(),
         });
         result
     }
 
-    async fn on_confirm(&mut self, confirmed: lapin::Result<Confirmation>) {
+    async fn on_confirm(&mut self, confirmed: Result<Confirm, LinkError>) {
         let failure = match &confirmed {
-            Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => None,
-            Ok(Confirmation::Ack(Some(_))) => Some(format!(
+            Ok(Confirm::Ack) => None,
+            Ok(Confirm::Unroutable) => Some(format!(
                 "the broker could not route a copy to queue {:?} (was it deleted?)",
                 self.settings.queue
             )),
-            Ok(Confirmation::Nack(_)) => Some("the broker refused a copy (nack)".to_owned()),
-            Err(e) => Some(format!("waiting for a confirm: {e}")),
+            Ok(Confirm::Nack) => Some("the broker refused a copy (nack)".to_owned()),
+            Err(e) => Some(e.to_string()),
         };
         if let Some(reason) = failure {
             // The copy stays at the front; dropping the link spools it.
@@ -515,7 +543,7 @@ impl Worker {
     }
 
     async fn connect(&mut self) {
-        match Link::open(&self.settings, &self.node).await {
+        match self.broker.open(&self.settings, &self.node).await {
             Ok(link) => {
                 tracing::info!(
                     broker = %redact(&self.settings.url),
@@ -579,28 +607,17 @@ impl Worker {
 
 /// The oldest in-flight copy's confirm. Confirms are awaited in publish
 /// order, so a receipt never resolves before those of earlier copies.
-async fn front_confirm(in_flight: &mut VecDeque<InFlight>) -> lapin::Result<Confirmation> {
-    poll_fn(|cx| {
-        let Some(entry) = in_flight.front_mut() else {
-            return Poll::Pending;
-        };
-        loop {
-            match &mut entry.stage {
-                Stage::Sending(sending) => match sending.as_mut().poll(cx) {
-                    Poll::Ready(Ok(confirm)) => entry.stage = Stage::Confirming(confirm),
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => return Poll::Pending,
-                },
-                Stage::Confirming(confirm) => return Pin::new(confirm).poll(cx),
-            }
-        }
+async fn front_confirm(in_flight: &mut VecDeque<InFlight>) -> Result<Confirm, LinkError> {
+    poll_fn(|cx| match in_flight.front_mut() {
+        Some(entry) => entry.confirming.as_mut().poll(cx),
+        None => Poll::Pending,
     })
     .await
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
 }

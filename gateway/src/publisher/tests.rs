@@ -1,0 +1,363 @@
+//! The copy path against a scripted broker, under paused time: the order of
+//! confirms and receipts, copies in doubt, stalled confirms and the replay
+//! of the spool. What RabbitMQ itself does is tested end to end.
+
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::scripted::{self, Control, Published};
+use super::*;
+use crate::config::QueueMode;
+
+/// Settings for a publisher on `dir`, with a small window and round timers.
+fn settings(dir: &Path) -> QueueSettings {
+    QueueSettings {
+        url: "amqp://scripted".into(),
+        queue: "tidegate.test".into(),
+        mode: QueueMode::Receipt,
+        max_in_flight: NonZeroUsize::new(8).unwrap(),
+        spool_dir: dir.to_path_buf(),
+        spool_max_bytes: 1 << 20,
+        connect_timeout: Duration::from_secs(5),
+        reconnect_interval: Duration::from_secs(1),
+        confirm_timeout: Duration::from_secs(10),
+    }
+}
+
+/// The copy of message `n` (its body is `copy n`).
+fn copy(n: usize) -> QueueMessage {
+    QueueMessage::new(
+        true,
+        format!("copy {n}").into_bytes(),
+        "node.conn",
+        "/",
+        "echo",
+        "v1",
+        "node",
+    )
+}
+
+/// A publisher on a scripted broker.
+struct Harness {
+    publisher: Publisher,
+    task: PublisherTask,
+    broker: Control,
+    metrics: Metrics,
+    dir: tempfile::TempDir,
+}
+
+impl Harness {
+    /// Start a publisher; the broker is reachable when `reachable`.
+    async fn start(reachable: bool, tweak: impl FnOnce(&mut QueueSettings)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = settings(dir.path());
+        tweak(&mut settings);
+        let (broker, control) = scripted::broker();
+        control.set_reachable(reachable);
+        let metrics = Metrics::new().unwrap();
+        let (publisher, task) = Publisher::start_with(
+            settings,
+            "node".into(),
+            metrics.clone(),
+            Broker::Scripted(broker),
+        )
+        .unwrap();
+        let harness = Self {
+            publisher,
+            task,
+            broker: control,
+            metrics,
+            dir,
+        };
+        if reachable {
+            harness.until(|h| h.publisher.is_connected()).await;
+        }
+        harness
+    }
+
+    /// Wait (in paused time) until `done` holds.
+    async fn until(&self, done: impl Fn(&Self) -> bool) {
+        let start = Instant::now();
+        while !done(self) {
+            assert!(
+                start.elapsed() < Duration::from_secs(600),
+                "the condition never held"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Hand in the copies `range` and return their receipts.
+    async fn publish(&self, range: std::ops::Range<usize>) -> Vec<Receipt> {
+        let mut receipts = Vec::new();
+        for n in range {
+            receipts.push(self.publisher.publish(copy(n)).await.unwrap());
+        }
+        receipts
+    }
+
+    fn spooled(&self) -> i64 {
+        self.metrics.spool_messages.get()
+    }
+
+    fn outcome(&self, outcome: &str) -> u64 {
+        self.metrics
+            .queue_publishes
+            .with_label_values(&[outcome])
+            .get()
+    }
+
+    /// Flush the publisher and return the spool's records, in order.
+    async fn finish(self) -> Vec<String> {
+        self.task.flush(std::time::Instant::now()).await;
+        spool_bodies(self.dir.path())
+    }
+}
+
+/// The bodies of the records waiting in the spool at `dir`.
+fn spool_bodies(dir: &Path) -> Vec<String> {
+    let mut spool = Spool::open(dir, 1 << 20).unwrap();
+    let mut offset = spool.head();
+    let mut out = Vec::new();
+    while let Some((message, next)) = spool.read_at(offset).unwrap() {
+        out.push(String::from_utf8(message.body).unwrap());
+        offset = next;
+    }
+    out
+}
+
+fn bodies(published: &[Published]) -> Vec<String> {
+    published.iter().map(Published::body).collect()
+}
+
+fn names(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|n| format!("copy {n}")).collect()
+}
+
+/// Let the publisher task run (paused time advances only when all wait).
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn receipts_resolve_in_publish_order_even_when_confirms_do_not() {
+    let mut h = Harness::start(true, |_| {}).await;
+    let mut receipts = h.publish(0..3).await;
+    let mut published = h.broker.take(3).await;
+    assert_eq!(bodies(&published), names(0..3));
+    let third = published.pop().unwrap();
+    let second = published.pop().unwrap();
+    third.ack();
+    second.ack();
+    settle().await;
+    for receipt in &mut receipts {
+        assert!(
+            receipt.try_durable().is_none(),
+            "a receipt resolved before the first copy's"
+        );
+    }
+    published.pop().unwrap().ack();
+    for receipt in receipts {
+        assert!(matches!(receipt.durable().await, Ok(Durability::Confirmed)));
+    }
+    assert_eq!(h.outcome("confirmed"), 3);
+    assert_eq!(h.spooled(), 0);
+    assert!(h.finish().await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_nacked_copy_is_kept_in_doubt_and_published_again_after_reconnect() {
+    let mut h = Harness::start(true, |_| {}).await;
+    let receipts = h.publish(0..2).await;
+    let mut published = h.broker.take(2).await;
+    let nacked_id = published[1].message.message_id.clone();
+    published.pop().unwrap().nack();
+    published.pop().unwrap().ack();
+    let mut receipts = receipts.into_iter();
+    assert!(matches!(
+        receipts.next().unwrap().durable().await,
+        Ok(Durability::Confirmed)
+    ));
+    assert!(matches!(
+        receipts.next().unwrap().durable().await,
+        Err(PublishError::InDoubt)
+    ));
+    assert_eq!(h.spooled(), 1);
+    // Published again on the next link, with the same message id.
+    let again = h.broker.next().await;
+    assert_eq!(again.link, 2);
+    assert_eq!(again.message.message_id, nacked_id);
+    again.ack();
+    h.until(|h| h.spooled() == 0).await;
+    assert!(h.finish().await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn copies_unconfirmed_when_the_link_drops_are_spooled_in_doubt_and_replayed_once_in_order() {
+    let mut h = Harness::start(true, |_| {}).await;
+    let receipts = h.publish(0..4).await;
+    let mut published = h.broker.take(4).await.into_iter();
+    published.next().unwrap().ack();
+    // The link drops with three copies unconfirmed.
+    h.broker.cut();
+    drop(published);
+    let mut receipts = receipts.into_iter();
+    assert!(matches!(
+        receipts.next().unwrap().durable().await,
+        Ok(Durability::Confirmed)
+    ));
+    for receipt in receipts {
+        assert!(matches!(
+            receipt.durable().await,
+            Err(PublishError::InDoubt)
+        ));
+    }
+    assert_eq!(h.spooled(), 3);
+    // After reconnecting, each is published once more, in order.
+    let replayed = h.broker.take(3).await;
+    assert!(replayed.iter().all(|p| p.link == 2));
+    assert_eq!(h.broker.links_opened(), 2);
+    assert_eq!(bodies(&replayed), names(1..4));
+    replayed.into_iter().for_each(Published::ack);
+    h.until(|h| h.spooled() == 0).await;
+    assert_eq!(h.outcome("replayed"), 3);
+    // Nothing is published twice.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(h.broker.try_next().is_none());
+    assert!(h.finish().await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_confirm_breaks_the_link_after_confirm_timeout() {
+    let mut h = Harness::start(true, |s| s.confirm_timeout = Duration::from_secs(3)).await;
+    let start = Instant::now();
+    let receipt = h.publish(0..1).await.pop().unwrap();
+    // The broker never answers.
+    let stalled = h.broker.next().await;
+    assert!(matches!(
+        receipt.durable().await,
+        Err(PublishError::InDoubt)
+    ));
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_secs(3) && waited < Duration::from_millis(3500),
+        "gave up after {waited:?}"
+    );
+    assert_eq!(h.spooled(), 1);
+    let again = h.broker.next().await;
+    assert_eq!(again.link, 2);
+    assert_eq!(again.message.message_id, stalled.message.message_id);
+    again.ack();
+    h.until(|h| h.spooled() == 0).await;
+    assert!(h.finish().await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_spool_is_replayed_once_in_order_and_its_head_advances() {
+    let mut h = Harness::start(false, |_| {}).await;
+    for receipt in h.publish(0..20).await {
+        assert!(matches!(receipt.durable().await, Ok(Durability::Spooled)));
+    }
+    assert_eq!(h.spooled(), 20);
+    h.broker.set_reachable(true);
+    // The window (8) is refilled as copies are confirmed.
+    let mut seen = Vec::new();
+    while seen.len() < 20 {
+        let published = h.broker.next().await;
+        seen.push(published.body());
+        published.ack();
+    }
+    assert_eq!(seen, names(0..20));
+    h.until(|h| h.spooled() == 0).await;
+    assert_eq!(h.outcome("replayed"), 20);
+    // Replay is over: a new copy goes straight to the broker.
+    let receipt = h.publish(20..21).await.pop().unwrap();
+    let direct = h.broker.next().await;
+    assert_eq!(direct.body(), "copy 20");
+    direct.ack();
+    assert!(matches!(receipt.durable().await, Ok(Durability::Confirmed)));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(h.broker.try_next().is_none(), "a copy was published twice");
+    assert!(h.finish().await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replay_cut_short_resumes_at_the_first_unconfirmed_copy() {
+    let mut h = Harness::start(false, |_| {}).await;
+    h.publish(0..12).await;
+    h.until(|h| h.spooled() == 12).await;
+    h.broker.set_reachable(true);
+    for n in 0..3 {
+        let published = h.broker.next().await;
+        assert_eq!(published.body(), format!("copy {n}"));
+        published.ack();
+    }
+    h.until(|h| h.spooled() == 9).await;
+    // The link drops before the fourth copy is confirmed.
+    h.broker.cut();
+    let mut replayed = Vec::new();
+    while replayed.len() < 9 {
+        let published = h.broker.next().await;
+        // Copies published on the first link get no answer.
+        if published.link == 1 {
+            continue;
+        }
+        replayed.push(published.body());
+        published.ack();
+    }
+    assert_eq!(replayed, names(3..12));
+    h.until(|h| h.spooled() == 0).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(h.broker.try_next().is_none(), "a copy was published twice");
+    assert!(h.finish().await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn copies_handed_in_during_a_replay_follow_it_in_order() {
+    let mut h = Harness::start(false, |_| {}).await;
+    h.publish(0..5).await;
+    h.until(|h| h.spooled() == 5).await;
+    h.broker.set_reachable(true);
+    let first = h.broker.next().await;
+    // While the replay is on, new copies go to the spool behind it.
+    for receipt in h.publish(5..8).await {
+        assert!(matches!(receipt.durable().await, Ok(Durability::Spooled)));
+    }
+    let mut seen = vec![first.body()];
+    first.ack();
+    while seen.len() < 8 {
+        let published = h.broker.next().await;
+        seen.push(published.body());
+        published.ack();
+    }
+    assert_eq!(seen, names(0..8));
+    h.until(|h| h.spooled() == 0).await;
+    assert!(h.finish().await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn flushing_spools_what_the_broker_has_not_confirmed() {
+    let mut h = Harness::start(true, |_| {}).await;
+    let receipts = h.publish(0..3).await;
+    let mut published = h.broker.take(3).await.into_iter();
+    published.next().unwrap().ack();
+    let _unanswered: Vec<_> = published.collect();
+    h.until(|h| h.outcome("confirmed") == 1).await;
+    let Harness { task, dir, .. } = h;
+    task.flush(std::time::Instant::now()).await;
+    let mut receipts = receipts.into_iter();
+    assert!(matches!(
+        receipts.next().unwrap().durable().await,
+        Ok(Durability::Confirmed)
+    ));
+    for receipt in receipts {
+        assert!(matches!(
+            receipt.durable().await,
+            Err(PublishError::InDoubt)
+        ));
+    }
+    assert_eq!(spool_bodies(dir.path()), names(1..3));
+}
