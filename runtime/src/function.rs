@@ -643,7 +643,10 @@ fn load_artifact(
     // of this process, from this engine, into the artifact directory that
     // only Tidegate writes; wasmtime still checks its header and engine
     // compatibility and refuses a mismatch.
-    #[allow(unsafe_code)]
+    #[expect(
+        unsafe_code,
+        reason = "wasmtime can only load precompiled code through an unsafe call"
+    )]
     let component = unsafe { Component::deserialize_file(&engine.engine, path) };
     let component = component.map_err(|e| InvokeError::Instantiate {
         function: name.to_owned(),

@@ -24,6 +24,7 @@
 //! - [`error`]: what can go wrong, typed for the gateway to act on.
 
 #![deny(unsafe_code)]
+#![warn(missing_docs)]
 
 mod background;
 mod bindings;
