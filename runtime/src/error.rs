@@ -97,6 +97,23 @@ pub enum InvokeError {
 }
 
 impl InvokeError {
+    /// A short message for the client whose message or connection the
+    /// error is about: what happened, in words that hold no detail of the
+    /// gateway (no wasmtime message, no file path, no limit's value).
+    /// `Display` keeps the detail, for the log.
+    pub fn client_message(&self) -> &'static str {
+        match self {
+            InvokeError::Trap { .. } => "the function failed",
+            InvokeError::StackOverflow { .. } => "the function overflowed its call stack",
+            InvokeError::Panic { .. } => "the function aborted",
+            InvokeError::Overloaded { .. } => "the function is overloaded; try again later",
+            InvokeError::Timeout { .. } => "the function ran past its time limit",
+            InvokeError::MemoryLimit { .. } => "the function exceeded its memory limit",
+            InvokeError::Load(_) => "the function could not be loaded",
+            InvokeError::Instantiate { .. } => "the function could not be started",
+        }
+    }
+
     /// A short, fixed label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -108,6 +125,45 @@ impl InvokeError {
             InvokeError::MemoryLimit { .. } => "memory_limit",
             InvokeError::Load(_) => "load_error",
             InvokeError::Instantiate { .. } => "instantiate_error",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::{InvokeError, LoadError};
+
+    #[test]
+    fn client_messages_hold_no_internal_detail() {
+        let errors = [
+            InvokeError::Trap {
+                function: "f".into(),
+                reason: "wasm trap: out of bounds memory access\n0: 0x1234 - <unknown>!f".into(),
+            },
+            InvokeError::Load(LoadError::Artifact {
+                name: "f".into(),
+                path: PathBuf::from("/var/lib/tidegate/artifacts/f-0123.cwasm"),
+                source: std::io::Error::other("permission denied"),
+            }),
+            InvokeError::Instantiate {
+                function: "f".into(),
+                reason: "maximum concurrent instance limit of 1000 reached".into(),
+            },
+            InvokeError::Timeout {
+                function: "f".into(),
+                limit_ms: 5000,
+            },
+        ];
+        for error in errors {
+            let detailed = error.to_string();
+            let short = error.client_message();
+            for secret in ["wasm", "0x1234", "/var/lib", "permission", "1000", "5000"] {
+                assert!(!short.contains(secret), "{short:?} holds {secret:?}");
+            }
+            // The log keeps what the client is not told.
+            assert_ne!(short, detailed);
         }
     }
 }
