@@ -1,17 +1,24 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz`, and the
 //! management API under `/v1/` behind a bearer token.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use runtime::Registry;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -32,19 +39,98 @@ pub struct AdminState {
     pub token: Option<Arc<str>>,
 }
 
-/// Serve the admin endpoints on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
-    let app = Router::new()
+/// How many admin connections, and how patient with each.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminLimits {
+    /// Most connections open at once; more wait in the accept backlog.
+    pub max_connections: usize,
+    /// Longest a client may take to send a request head (also while a
+    /// kept-alive connection sits idle between requests).
+    pub header_timeout: Duration,
+}
+
+/// How long open admin connections get to finish at shutdown.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// The warning for an admin listener reachable from other hosts without
+/// a token, if `listen` is one.
+pub fn exposure_warning(listen: SocketAddr, token: Option<&str>) -> Option<String> {
+    (token.is_none() && !listen.ip().is_loopback()).then(|| {
+        format!(
+            "the admin listener on {listen} is reachable from other hosts and has no admin.token: \
+             anyone who reaches it reads /metrics; bind admin.listen to 127.0.0.1, or set \
+             admin.token and restrict access to the port"
+        )
+    })
+}
+
+/// The admin endpoints, as a router.
+fn router(state: AdminState) -> Router {
+    Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/v1/functions", get(functions))
-        .with_state(state);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .with_state(state)
+}
+
+/// Serve the admin endpoints on `listener` until `shutdown`: a place is
+/// taken before each accept (at most `limits.max_connections` open), and a
+/// client that does not send a request head within `limits.header_timeout`
+/// is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    limits: AdminLimits,
+    shutdown: CancellationToken,
+) {
+    serve_router(listener, router(state), limits, shutdown).await;
+}
+
+async fn serve_router(
+    listener: TcpListener,
+    app: Router,
+    limits: AdminLimits,
+    shutdown: CancellationToken,
+) {
+    let places = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let place = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            place = places.clone().acquire_owned() => match place {
+                Ok(place) => place,
+                Err(_) => break,
+            },
+        };
+        let tcp = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!("admin accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("admin connection: {e}");
+            }
+            drop(place);
+        });
+    }
+    if tokio::time::timeout(SHUTDOWN_WAIT, graceful.shutdown())
         .await
+        .is_err()
     {
-        tracing::error!("admin listener failed: {e}");
+        tracing::debug!("admin connections still open at shutdown are closed");
     }
 }
 
@@ -131,5 +217,86 @@ fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Response> {
             "missing or wrong bearer token\n",
         )
             .into_response())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    /// An admin listener with only `/healthz`, on a free port.
+    async fn start(limits: AdminLimits) -> (SocketAddr, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/healthz", get(|| async { "ok\n" }));
+        let stop = CancellationToken::new();
+        tokio::spawn(serve_router(listener, app, limits, stop.clone()));
+        (addr, stop)
+    }
+
+    /// `GET /healthz`: the response's first line.
+    async fn healthz(addr: SocketAddr) -> String {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        tcp.read_to_string(&mut response).await.unwrap();
+        response.lines().next().unwrap_or_default().to_owned()
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_no_request_head_is_dropped() {
+        let limits = AdminLimits {
+            max_connections: 4,
+            header_timeout: Duration::from_millis(200),
+        };
+        let (addr, _stop) = start(limits).await;
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 256];
+        let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf))
+            .await
+            .expect("dropped after admin.header_timeout");
+        // hyper may answer 408 before closing; either way the socket ends.
+        if let Ok(n) = read
+            && n > 0
+        {
+            assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"));
+        }
+        assert_eq!(healthz(addr).await, "HTTP/1.1 200 OK");
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_cap_wait_until_one_closes() {
+        let limits = AdminLimits {
+            max_connections: 2,
+            header_timeout: Duration::from_secs(60),
+        };
+        let (addr, _stop) = start(limits).await;
+        let first = TcpStream::connect(addr).await.unwrap();
+        let _second = TcpStream::connect(addr).await.unwrap();
+        let waiting = tokio::spawn(healthz(addr));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!waiting.is_finished(), "a third connection is not served");
+        drop(first);
+        let answer = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("served once a place is free")
+            .unwrap();
+        assert_eq!(answer, "HTTP/1.1 200 OK");
+    }
+
+    #[test]
+    fn an_admin_listener_beyond_loopback_without_a_token_is_warned_about() {
+        let public: SocketAddr = "0.0.0.0:9090".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:9090".parse().unwrap();
+        let warning = exposure_warning(public, None).expect("warned");
+        assert!(warning.contains("admin.token"), "{warning}");
+        assert!(exposure_warning(public, Some("a-long-enough-token")).is_none());
+        assert!(exposure_warning(local, None).is_none());
+        assert!(exposure_warning("[::1]:9090".parse().unwrap(), None).is_none());
     }
 }

@@ -130,6 +130,9 @@ struct RawWebSocket {
 struct RawAdmin {
     listen: Option<String>,
     token: Option<String>,
+    max_connections: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    header_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -356,6 +359,21 @@ pub struct AdminSettings {
     pub listen: SocketAddr,
     /// Bearer token of the management API; without one `/v1/` is off.
     pub token: Option<String>,
+    /// Most admin connections open at once (`admin.max_connections`);
+    /// further ones wait in the accept backlog, so the admin listener
+    /// cannot use up the process's file descriptors.
+    pub max_connections: NonZeroUsize,
+    /// Longest a client may take to send a request head, also between
+    /// requests on a kept-alive connection (`admin.header_timeout`).
+    pub header_timeout: Duration,
+}
+
+impl AdminSettings {
+    /// Default of `admin.max_connections`: probes, a scraper and a few
+    /// operators, with room to spare.
+    pub const MAX_CONNECTIONS: usize = 64;
+    /// Default of `admin.header_timeout`.
+    pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 }
 
 /// When a client gets the reply to a message.
@@ -529,6 +547,7 @@ impl Settings {
                 .separator("__")
                 .try_parsing(true)
                 .list_separator(",")
+                .with_list_parse_key("server.proxy_protocol_from")
                 .with_list_parse_key("websocket.forward_headers")
                 .with_list_parse_key("websocket.allowed_origins")
                 .with_list_parse_key("auth.jwt.rs256_public_keys")
@@ -541,7 +560,6 @@ impl Settings {
             .and_then(|c| c.try_deserialize())
             .map_err(|e| ConfigError::Read(format!("configuration: {e}")))?;
         raw.validate(dev)
-                .with_list_parse_key("server.proxy_protocol_from")
     }
 }
 
@@ -604,6 +622,16 @@ impl RawConfig {
                 }
                 token => token,
             },
+            max_connections: non_zero(
+                "admin.max_connections",
+                self.admin.max_connections,
+                AdminSettings::MAX_CONNECTIONS,
+            )?,
+            header_timeout: positive(
+                "admin.header_timeout",
+                self.admin.header_timeout,
+                AdminSettings::HEADER_TIMEOUT,
+            )?,
         };
         let queue = self.queue.validate(&server.state_dir)?;
         let on_error = match self.runtime.on_error.as_deref().unwrap_or("reply") {
@@ -711,6 +739,31 @@ impl RawConfig {
     }
 }
 
+/// The state directory of `--dev` without `server.state_dir`: the user's
+/// own (`$XDG_STATE_HOME/tidegate/dev/<port>`, else
+/// `~/.local/state/tidegate/dev/<port>`), never a shared temporary
+/// directory where another user could plant files.
+fn dev_state_dir(
+    xdg_state_home: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+    port: u16,
+) -> Result<PathBuf, ConfigError> {
+    let base = match (xdg_state_home, home) {
+        (Some(state), _) if Path::new(&state).is_absolute() => PathBuf::from(state),
+        (_, Some(home)) if Path::new(&home).is_absolute() => {
+            PathBuf::from(home).join(".local").join("state")
+        }
+        _ => {
+            return Err(invalid(
+                "server.state_dir",
+                "--dev keeps its state in $XDG_STATE_HOME or $HOME, and neither is set: \
+                 set server.state_dir (TIDEGATE__SERVER__STATE_DIR) to a directory of your own",
+            ));
+        }
+    };
+    Ok(base.join("tidegate").join("dev").join(port.to_string()))
+}
+
 /// Default listen address in `--dev`: unprivileged, loopback only.
 pub const DEV_LISTEN: &str = "127.0.0.1:8443";
 
@@ -740,9 +793,11 @@ impl RawServer {
         }
         let state_dir = match self.state_dir {
             Some(dir) => dir,
-            None if dev => std::env::temp_dir()
-                .join("tidegate-dev")
-                .join(listen.port().to_string()),
+            None if dev => dev_state_dir(
+                std::env::var_os("XDG_STATE_HOME"),
+                std::env::var_os("HOME"),
+                listen.port(),
+            )?,
             None => PathBuf::from("/var/lib/tidegate"),
         };
         let plain_listen = self
@@ -767,18 +822,6 @@ impl RawServer {
                 1_000,
             )?,
             max_handshakes: non_zero("server.max_handshakes", self.max_handshakes, 1_024)?,
-            tls_handshake_timeout: positive(
-                "server.tls_handshake_timeout",
-                self.tls_handshake_timeout,
-                Duration::from_secs(5),
-            )?,
-            handshake_timeout: positive(
-                "server.handshake_timeout",
-                self.handshake_timeout,
-                Duration::from_secs(10),
-            )?,
-            shutdown_grace_period: positive(
-                "server.shutdown_grace_period",
             max_handshakes_per_ip: non_zero(
                 "server.max_handshakes_per_ip",
                 self.max_handshakes_per_ip,
@@ -800,6 +843,18 @@ impl RawServer {
                 .iter()
                 .map(|net| parse_net("server.proxy_protocol_from", net))
                 .collect::<Result<_, _>>()?,
+            tls_handshake_timeout: positive(
+                "server.tls_handshake_timeout",
+                self.tls_handshake_timeout,
+                Duration::from_secs(5),
+            )?,
+            handshake_timeout: positive(
+                "server.handshake_timeout",
+                self.handshake_timeout,
+                Duration::from_secs(10),
+            )?,
+            shutdown_grace_period: positive(
+                "server.shutdown_grace_period",
                 self.shutdown_grace_period,
                 Duration::from_secs(30),
             )?,
@@ -1120,18 +1175,6 @@ fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
-fn non_zero(key: &str, value: Option<usize>, default: usize) -> Result<NonZeroUsize, ConfigError> {
-    NonZeroUsize::new(value.unwrap_or(default)).ok_or_else(|| invalid(key, "must be at least 1"))
-}
-
-fn at_least(
-    key: &str,
-    value: Option<usize>,
-    default: usize,
-    min: usize,
-) -> Result<usize, ConfigError> {
-    let value = value.unwrap_or(default);
-    if value < min {
 /// A network (`10.0.0.0/8`, `fd00::/8`) or a single address (`10.1.2.3`).
 fn parse_net(key: &str, value: &str) -> Result<ipnet::IpNet, ConfigError> {
     let value = value.trim();
@@ -1147,6 +1190,18 @@ fn parse_net(key: &str, value: &str) -> Result<ipnet::IpNet, ConfigError> {
         })
 }
 
+fn non_zero(key: &str, value: Option<usize>, default: usize) -> Result<NonZeroUsize, ConfigError> {
+    NonZeroUsize::new(value.unwrap_or(default)).ok_or_else(|| invalid(key, "must be at least 1"))
+}
+
+fn at_least(
+    key: &str,
+    value: Option<usize>,
+    default: usize,
+    min: usize,
+) -> Result<usize, ConfigError> {
+    let value = value.unwrap_or(default);
+    if value < min {
         return Err(invalid(
             key,
             format!("{value} is below the minimum of {min}"),
@@ -1248,17 +1303,28 @@ mod tests {
     }
 
     #[test]
-    fn errors_name_the_key() {
-        let cases = [
-            (
-                "TIDEGATE__SERVER__LISTEN",
-                "not-an-address",
-                "server.listen",
-            ),
-            ("TIDEGATE__QUEUE__MODE", "sometimes", "queue.mode"),
-            ("TIDEGATE__QUEUE__URL", "http://x", "queue.url"),
-            (
-                "TIDEGATE__SERVER__MAX_CONNECTIONS",
+    fn dev_state_is_kept_in_the_users_own_directory() {
+        let dir = dev_state_dir(None, Some("/home/ann".into()), 8443).unwrap();
+        assert_eq!(
+            dir,
+            PathBuf::from("/home/ann/.local/state/tidegate/dev/8443")
+        );
+        let dir = dev_state_dir(Some("/xdg".into()), Some("/home/ann".into()), 8443).unwrap();
+        assert_eq!(dir, PathBuf::from("/xdg/tidegate/dev/8443"));
+        // A relative XDG_STATE_HOME is invalid by the XDG rules: ignored.
+        let dir = dev_state_dir(Some("rel".into()), Some("/home/ann".into()), 1).unwrap();
+        assert_eq!(dir, PathBuf::from("/home/ann/.local/state/tidegate/dev/1"));
+        let error = dev_state_dir(None, None, 8443).unwrap_err();
+        assert!(error.to_string().contains("server.state_dir"), "{error}");
+        // And never the shared temporary directory.
+        let settings = Settings::from_toml("", vec![], true).unwrap();
+        assert!(
+            !settings.server.state_dir.starts_with(std::env::temp_dir()),
+            "{}",
+            settings.server.state_dir.display()
+        );
+    }
+
     #[test]
     fn client_address_settings_have_defaults_and_take_networks() {
         let file = write(MINIMAL);
@@ -1280,6 +1346,18 @@ mod tests {
         assert_eq!(nets, ["10.0.0.0/8", "192.0.2.7/32", "fd00::/8"]);
     }
 
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (
+                "TIDEGATE__SERVER__LISTEN",
+                "not-an-address",
+                "server.listen",
+            ),
+            ("TIDEGATE__QUEUE__MODE", "sometimes", "queue.mode"),
+            ("TIDEGATE__QUEUE__URL", "http://x", "queue.url"),
+            (
+                "TIDEGATE__SERVER__MAX_CONNECTIONS",
                 "0",
                 "server.max_connections",
             ),
@@ -1317,18 +1395,16 @@ mod tests {
                 "0s",
                 "websocket.idle_timeout",
             ),
-        ];
-        for (var, value, key) in cases {
-            let file = write(MINIMAL);
-            let error =
-                Settings::from_sources(Some(file.path()), vec![(var.into(), value.into())], false)
-                    .unwrap_err()
-                    .to_string();
-            assert!(
-                error.contains(key),
-                "{var}={value}: {error:?} does not name {key}"
-            );
-        }
+            (
+                "TIDEGATE__ADMIN__MAX_CONNECTIONS",
+                "0",
+                "admin.max_connections",
+            ),
+            (
+                "TIDEGATE__ADMIN__HEADER_TIMEOUT",
+                "0s",
+                "admin.header_timeout",
+            ),
             (
                 "TIDEGATE__SERVER__MAX_HANDSHAKES_PER_IP",
                 "0",
@@ -1344,6 +1420,18 @@ mod tests {
                 "10.0.0.0/8,balancer.local",
                 "server.proxy_protocol_from",
             ),
+        ];
+        for (var, value, key) in cases {
+            let file = write(MINIMAL);
+            let error =
+                Settings::from_sources(Some(file.path()), vec![(var.into(), value.into())], false)
+                    .unwrap_err()
+                    .to_string();
+            assert!(
+                error.contains(key),
+                "{var}={value}: {error:?} does not name {key}"
+            );
+        }
     }
 
     #[test]

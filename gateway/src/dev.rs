@@ -41,10 +41,17 @@ pub fn generate_certificate(dir: &Path) -> anyhow::Result<DevCertificate> {
     let key = KeyPair::generate()?;
     let cert = params.self_signed(&key)?;
 
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
     let cert_path = dir.join("dev-cert.pem");
     let key_path = dir.join("dev-key.pem");
-    std::fs::write(&cert_path, cert.pem())
+    write_private(&cert_path, cert.pem().as_bytes())
         .with_context(|| format!("writing {}", cert_path.display()))?;
     write_private(&key_path, key.serialize_pem().as_bytes())
         .with_context(|| format!("writing {}", key_path.display()))?;
@@ -64,14 +71,49 @@ pub fn generate_certificate(dir: &Path) -> anyhow::Result<DevCertificate> {
     })
 }
 
+/// Write `bytes` to `path` (mode 0600) through a new file renamed into
+/// place: a symbolic link planted at `path` is replaced, never written
+/// through.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("pem.new");
+    // A leftover from an interrupted start (or a planted link) goes first;
+    // create_new with O_NOFOLLOW then refuses anything else in the way.
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
-        .open(path)?;
-    file.write_all(bytes)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_planted_link_is_replaced_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep me").unwrap();
+        let tls = dir.path().join("tls");
+        std::fs::create_dir(&tls).unwrap();
+        std::os::unix::fs::symlink(&victim, tls.join("dev-key.pem")).unwrap();
+        std::os::unix::fs::symlink(&victim, tls.join("dev-key.pem.new")).unwrap();
+        let cert = generate_certificate(&tls).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+        let key = std::fs::symlink_metadata(&cert.files.key).unwrap();
+        assert!(key.is_file(), "the key is a file of its own");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(key.permissions().mode() & 0o777, 0o600);
+    }
 }

@@ -6,6 +6,7 @@
 //! - [`listener`]: accept, admission, TLS and upgrade under timeouts.
 //! - [`limits`]: connection limits in total, per address, in handshakes.
 //! - [`proxy_protocol`]: the real client address from a load balancer.
+//! - [`state_dir`]: the state directory, the gateway user's own.
 //! - [`tls`]: rustls (ring) from PEM files; [`dev`]: the `--dev` certificate.
 //! - [`handshake`]: the HTTP upgrade, routing, authentication, `on-connect`.
 //! - [`auth`]: JWT validation of the token a client connects with.
@@ -33,4 +34,5 @@ pub mod proxy_protocol;
 pub mod publisher;
 pub mod router;
 pub mod server;
+pub mod state_dir;
 pub mod tls;

@@ -70,6 +70,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let metrics = Metrics::new().context("registering metrics")?;
     raise_file_limit(settings.server.max_connections.get());
 
+    crate::state_dir::prepare(&settings.server.state_dir)?;
     let tls_settings = match &settings.tls {
         Some(tls) => tls.clone(),
         None => {
@@ -182,8 +183,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             accepting: accepting.clone(),
             token: settings.admin.token.as_deref().map(Arc::from),
         },
+        admin::AdminLimits {
+            max_connections: settings.admin.max_connections.get(),
+            header_timeout: settings.admin.header_timeout,
+        },
         admin_stop.clone(),
     ));
+    if let Some(warning) = admin::exposure_warning(admin_local, settings.admin.token.as_deref()) {
+        tracing::warn!("{warning}");
+    }
     let scaler = tokio::spawn(scale_down_loop(registry.clone(), shutdown.clone()));
     let tls_watch = tokio::spawn(tls::watch(
         tls_settings,

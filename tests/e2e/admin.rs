@@ -120,3 +120,14 @@ async fn an_unknown_route_is_refused_with_404_before_upgrading() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_listener_beyond_loopback_without_a_token_is_warned_about() {
+    let gateway = Gateway::start(Options::default().env("TIDEGATE__ADMIN__LISTEN", "0.0.0.0:0"));
+    eventually("the warning is logged", Duration::from_secs(10), || async {
+        gateway.log().contains("has no admin.token")
+    })
+    .await;
+    let (status, _) = gateway.admin_get("/healthz").await;
+    assert_eq!(status, 200);
+}
