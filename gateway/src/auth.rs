@@ -3,6 +3,12 @@
 //! checked) of a token sent in a header or the query string. Its claims go
 //! to the function. An authorizer function (see the handshake) is the
 //! alternative, or a second step.
+//!
+//! A token with a `kid` is checked with the key of that `kid` alone (a
+//! JWKS key, or a PEM key configured with one); a token without one with
+//! every RS256 key. A JWKS key the gateway cannot use (another algorithm or
+//! key type, an encryption key, a malformed key) is skipped and logged, not
+//! fatal to the whole set.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -33,10 +39,8 @@ fn config_error(key: &str, message: impl Into<String>) -> AuthConfigError {
 /// Validates tokens with the configured keys.
 pub struct JwtVerifier {
     hs256: Option<DecodingKey>,
-    /// RS256 keys by `kid` (JWKS keys that have one).
-    rs256_by_kid: HashMap<String, DecodingKey>,
-    /// RS256 keys without a `kid`: PEM files and JWKS keys without one.
-    rs256: Vec<DecodingKey>,
+    /// The PEM files' and the JWKS file's RS256 keys.
+    rs256: Rs256Keys,
     audience: Vec<String>,
     issuer: Vec<String>,
     leeway: Duration,
@@ -53,40 +57,38 @@ impl JwtVerifier {
             .hs256_secret
             .as_ref()
             .map(|secret| DecodingKey::from_secret(secret.as_bytes()));
-        let mut rs256 = Vec::new();
-        for path in &settings.rs256_public_keys {
-            let pem = read("auth.jwt.rs256_public_keys", path)?;
-            let key = DecodingKey::from_rsa_pem(&pem).map_err(|e| {
+        let mut pem = Vec::with_capacity(settings.rs256_public_keys.len());
+        for entry in &settings.rs256_public_keys {
+            let text = read("auth.jwt.rs256_public_keys", &entry.file)?;
+            let key = DecodingKey::from_rsa_pem(&text).map_err(|e| {
                 config_error(
                     "auth.jwt.rs256_public_keys",
-                    format!("{}: not an RSA public key in PEM: {e}", path.display()),
+                    format!(
+                        "{}: not an RSA public key in PEM: {e}",
+                        entry.file.display()
+                    ),
                 )
             })?;
-            rs256.push(key);
+            pem.push(NamedKey {
+                kid: entry.kid.clone(),
+                key,
+            });
         }
-        let mut rs256_by_kid = HashMap::new();
+        let mut jwks = Vec::new();
         if let Some(path) = &settings.jwks_file {
             let text = read("auth.jwt.jwks_file", path)?;
-            let set = parse_jwks(&text).map_err(|message| {
+            let set = parse_jwks(&text, &pem).map_err(|message| {
                 config_error(
                     "auth.jwt.jwks_file",
                     format!("{}: {message}", path.display()),
                 )
             })?;
             set.log_skipped(path);
-            for key in set.keys {
-                match key.kid {
-                    Some(kid) => {
-                        rs256_by_kid.insert(kid, key.key);
-                    }
-                    None => rs256.push(key.key),
-                }
-            }
+            jwks = set.keys;
         }
         Ok(Self {
             hs256,
-            rs256_by_kid,
-            rs256,
+            rs256: Rs256Keys::new(&pem, &jwks),
             audience: settings.audience.clone(),
             issuer: settings.issuer.clone(),
             leeway: settings.leeway,
@@ -103,12 +105,14 @@ impl JwtVerifier {
             jsonwebtoken::decode_header(token).map_err(|e| format!("malformed token: {e}"))?;
         let keys: Vec<&DecodingKey> = match header.alg {
             Algorithm::HS256 => self.hs256.iter().collect(),
+            // A kid names one key; a token without one may be signed by
+            // any of them.
             Algorithm::RS256 => match &header.kid {
-                Some(kid) => match self.rs256_by_kid.get(kid) {
+                Some(kid) => match self.rs256.by_kid.get(kid) {
                     Some(key) => vec![key],
                     None => return Err(format!("unknown key id {kid:?}")),
                 },
-                None => self.rs256.iter().collect(),
+                None => self.rs256.all.iter().collect(),
             },
             other => return Err(format!("algorithm {other:?} is not accepted")),
         };
@@ -173,6 +177,34 @@ struct NamedKey {
     key: DecodingKey,
 }
 
+/// RS256 keys, as tokens choose them.
+struct Rs256Keys {
+    /// The keys that have a `kid`, for tokens that name one.
+    by_kid: HashMap<String, DecodingKey>,
+    /// Every key, for tokens without a `kid`.
+    all: Vec<DecodingKey>,
+}
+
+impl Rs256Keys {
+    /// The PEM keys, then the JWKS keys; their kids are distinct (checked
+    /// in the configuration and by [`parse_jwks`]).
+    fn new(pem: &[NamedKey], jwks: &[NamedKey]) -> Self {
+        let mut keys = Self {
+            by_kid: HashMap::new(),
+            all: Vec::with_capacity(pem.len() + jwks.len()),
+        };
+        for named in pem.iter().chain(jwks) {
+            if let Some(kid) = &named.kid {
+                keys.by_kid
+                    .entry(kid.clone())
+                    .or_insert_with(|| named.key.clone());
+            }
+            keys.all.push(named.key.clone());
+        }
+        keys
+    }
+}
+
 /// A key of a JWKS document that is not used, and why.
 #[derive(Debug, PartialEq, Eq)]
 struct Skipped {
@@ -213,13 +245,14 @@ impl JwksKeys {
 }
 
 /// The RS256 keys of a JWKS document. Each other key (another algorithm
-/// or key type, an encryption key, a malformed one, a repeated `kid`) is
-/// skipped with its reason, so that one key the gateway cannot use does
-/// not make it refuse the whole set.
+/// or key type, an encryption key, a malformed one, a `kid` already taken
+/// by a `pem` key or an earlier key of the set) is skipped with its
+/// reason, so that one key the gateway cannot use does not make it refuse
+/// the whole set.
 ///
 /// # Errors
 /// When the text is not a JWKS document or holds no usable key.
-fn parse_jwks(text: &[u8]) -> Result<JwksKeys, String> {
+fn parse_jwks(text: &[u8], pem: &[NamedKey]) -> Result<JwksKeys, String> {
     /// Only the envelope is parsed as a whole; each key is parsed alone.
     #[derive(serde::Deserialize)]
     struct Document {
@@ -236,11 +269,16 @@ fn parse_jwks(text: &[u8]) -> Result<JwksKeys, String> {
             .get("kid")
             .and_then(serde_json::Value::as_str)
             .map(str::to_owned);
-        let repeated = kid
-            .as_ref()
-            .is_some_and(|kid| set.keys.iter().any(|k| k.kid.as_ref() == Some(kid)));
+        let repeated = kid.as_ref().is_some_and(|kid| {
+            pem.iter()
+                .chain(&set.keys)
+                .any(|k| k.kid.as_ref() == Some(kid))
+        });
         let outcome = if repeated {
-            Err(("another key of the set has the same kid".to_owned(), true))
+            Err((
+                "a PEM key or an earlier key of the set has the same kid".to_owned(),
+                true,
+            ))
         } else {
             rs256_key(entry)
         };
@@ -334,6 +372,7 @@ impl TokenSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::PemKey;
     use jsonwebtoken::{EncodingKey, Header};
     use serde_json::json;
 
@@ -442,7 +481,12 @@ mod tests {
 
     /// An RS256 token signed with the test key pair's private key.
     fn rs256(claims: &serde_json::Value, kid: Option<&str>) -> String {
-        let pem = std::fs::read(fixture("jwt-test-rsa.key")).unwrap();
+        rs256_with("jwt-test-rsa.key", claims, kid)
+    }
+
+    /// An RS256 token signed with the private key in fixture `key`.
+    fn rs256_with(key: &str, claims: &serde_json::Value, kid: Option<&str>) -> String {
+        let pem = std::fs::read(fixture(key)).unwrap();
         let mut header = Header::new(Algorithm::RS256);
         header.kid = kid.map(str::to_owned);
         jsonwebtoken::encode(&header, claims, &EncodingKey::from_rsa_pem(&pem).unwrap()).unwrap()
@@ -489,7 +533,7 @@ mod tests {
             .unwrap_err();
         assert!(error.contains("ec-512"), "{error}");
 
-        let set = parse_jwks(jwks.to_string().as_bytes()).unwrap();
+        let set = parse_jwks(jwks.to_string().as_bytes(), &[]).unwrap();
         let skipped: Vec<(Option<&str>, bool)> = set
             .skipped
             .iter()
@@ -516,9 +560,61 @@ mod tests {
     }
 
     #[test]
+    fn pem_keys_are_chosen_by_kid_and_all_keys_are_tried_without_one() {
+        let mut pem = settings();
+        pem.hs256_secret = None;
+        pem.rs256_public_keys = vec![
+            PemKey {
+                file: fixture("jwt-test-rsa.pub.pem"),
+                kid: Some("one".into()),
+            },
+            PemKey {
+                file: fixture("jwt-test-rsa-2.pub.pem"),
+                kid: Some("two".into()),
+            },
+        ];
+        let verifier = JwtVerifier::new(&pem).unwrap();
+        let claims = valid();
+        let first = |kid| rs256_with("jwt-test-rsa.key", &claims, kid);
+        let second = |kid| rs256_with("jwt-test-rsa-2.key", &claims, kid);
+        assert!(verifier.verify(&first(Some("one"))).is_ok());
+        assert!(verifier.verify(&second(Some("two"))).is_ok());
+        // The kid chooses the key: the other key's signature does not verify.
+        let error = verifier.verify(&first(Some("two"))).unwrap_err();
+        assert!(error.contains("signature"), "{error}");
+        let error = verifier.verify(&second(Some("three"))).unwrap_err();
+        assert!(error.contains("unknown key id"), "{error}");
+        assert!(verifier.verify(&first(None)).is_ok());
+        assert!(verifier.verify(&second(None)).is_ok());
+
+        // Without a kid, the JWKS file's keys are tried too (they all have
+        // one), and a JWKS key cannot take a PEM key's kid.
+        let mut jwks = settings();
+        jwks.hs256_secret = None;
+        jwks.jwks_file = Some(fixture("jwt-test-jwks.json"));
+        let verifier = JwtVerifier::new(&jwks).unwrap();
+        assert!(verifier.verify(&first(None)).is_ok());
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let set = json!({"keys": [jwk("test-1"), jwk("test-2")]});
+        std::fs::write(file.path(), set.to_string()).unwrap();
+        jwks.jwks_file = Some(file.path().to_path_buf());
+        jwks.rs256_public_keys = vec![PemKey {
+            file: fixture("jwt-test-rsa-2.pub.pem"),
+            kid: Some("test-1".into()),
+        }];
+        let verifier = JwtVerifier::new(&jwks).unwrap();
+        assert!(verifier.verify(&second(Some("test-1"))).is_ok());
+        assert!(verifier.verify(&first(Some("test-1"))).is_err());
+        assert!(verifier.verify(&first(Some("test-2"))).is_ok());
+    }
+
+    #[test]
     fn unreadable_or_keyless_files_name_their_key() {
         let mut bad = settings();
-        bad.rs256_public_keys = vec![std::path::PathBuf::from("/nonexistent/key.pem")];
+        bad.rs256_public_keys = vec![PemKey {
+            file: "/nonexistent/key.pem".into(),
+            kid: None,
+        }];
         let error = JwtVerifier::new(&bad).err().unwrap().to_string();
         assert!(error.contains("auth.jwt.rs256_public_keys"), "{error}");
         let jwks = tempfile::NamedTempFile::new().unwrap();

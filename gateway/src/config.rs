@@ -190,12 +190,28 @@ struct RawAuth {
 #[serde(deny_unknown_fields)]
 struct RawJwt {
     hs256_secret: Option<String>,
-    rs256_public_keys: Option<Vec<PathBuf>>,
+    rs256_public_keys: Option<Vec<RawPemKey>>,
     jwks_file: Option<PathBuf>,
     audience: Option<Vec<String>>,
     issuer: Option<Vec<String>>,
     #[serde(default, with = "humantime_serde")]
     leeway: Option<Duration>,
+}
+
+/// An entry of `auth.jwt.rs256_public_keys`: a path, as it always was, or a
+/// table that also names the key's `kid`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawPemKey {
+    File(PathBuf),
+    Named(RawNamedPemKey),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNamedPemKey {
+    file: PathBuf,
+    kid: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -445,8 +461,9 @@ pub struct TokenSource {
 pub struct JwtSettings {
     /// HS256 shared secret (`auth.jwt.hs256_secret`), at least 32 bytes.
     pub hs256_secret: Option<String>,
-    /// RS256 public keys, PEM files (`auth.jwt.rs256_public_keys`).
-    pub rs256_public_keys: Vec<PathBuf>,
+    /// RS256 public keys, PEM files (`auth.jwt.rs256_public_keys`), each
+    /// with the `kid` tokens signed by it carry, if any.
+    pub rs256_public_keys: Vec<PemKey>,
     /// A JWKS document with RS256 keys, chosen by `kid`
     /// (`auth.jwt.jwks_file`).
     pub jwks_file: Option<PathBuf>,
@@ -456,6 +473,17 @@ pub struct JwtSettings {
     pub issuer: Vec<String>,
     /// Clock skew allowed on `exp` and `nbf`.
     pub leeway: Duration,
+}
+
+/// An RS256 public key file (`auth.jwt.rs256_public_keys`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PemKey {
+    /// The PEM file holding the RSA public key.
+    pub file: PathBuf,
+    /// The key id tokens signed with this key name in their header, so a
+    /// token with a `kid` is checked with its key alone; `None`: the key is
+    /// tried only for tokens without a `kid`. Unique among the PEM keys.
+    pub kid: Option<String>,
 }
 
 /// What a client sees when the function fails on its message (a trap, a
@@ -977,7 +1005,7 @@ impl RawAuth {
                 }
                 let settings = JwtSettings {
                     hs256_secret: jwt.hs256_secret,
-                    rs256_public_keys: jwt.rs256_public_keys.unwrap_or_default(),
+                    rs256_public_keys: pem_keys(jwt.rs256_public_keys.unwrap_or_default())?,
                     jwks_file: jwt.jwks_file,
                     audience: jwt.audience.unwrap_or_default(),
                     issuer: jwt.issuer.unwrap_or_default(),
@@ -1001,6 +1029,41 @@ impl RawAuth {
             jwt,
         })
     }
+}
+
+/// The PEM key entries, checked: a `kid` is not empty and names one key.
+fn pem_keys(raw: Vec<RawPemKey>) -> Result<Vec<PemKey>, ConfigError> {
+    const KEY: &str = "auth.jwt.rs256_public_keys";
+    let mut keys: Vec<PemKey> = Vec::with_capacity(raw.len());
+    for entry in raw {
+        let key = match entry {
+            RawPemKey::File(file) => PemKey { file, kid: None },
+            RawPemKey::Named(named) => PemKey {
+                file: named.file,
+                kid: named.kid,
+            },
+        };
+        if let Some(kid) = &key.kid {
+            if kid.is_empty() {
+                return Err(invalid(
+                    KEY,
+                    format!("{}: kid must not be empty", key.file.display()),
+                ));
+            }
+            if let Some(other) = keys.iter().find(|k| k.kid.as_ref() == Some(kid)) {
+                return Err(invalid(
+                    KEY,
+                    format!(
+                        "kid {kid:?} is given to both {} and {}",
+                        other.file.display(),
+                        key.file.display()
+                    ),
+                ));
+            }
+        }
+        keys.push(key);
+    }
+    Ok(keys)
 }
 
 impl RawQueue {
@@ -1431,6 +1494,48 @@ mod tests {
                 error.contains(key),
                 "{var}={value}: {error:?} does not name {key}"
             );
+        }
+    }
+
+    #[test]
+    fn pem_keys_are_paths_or_tables_with_a_kid() {
+        let jwt = |keys: &str| {
+            let file = write(&format!(
+                "{MINIMAL}\n[auth.jwt]\nrs256_public_keys = {keys}\n"
+            ));
+            Settings::from_sources(Some(file.path()), vec![], false)
+                .map(|settings| settings.auth.jwt.unwrap().rs256_public_keys)
+        };
+        let pem = |file: &str, kid: Option<&str>| PemKey {
+            file: PathBuf::from(file),
+            kid: kid.map(str::to_owned),
+        };
+        assert_eq!(
+            jwt(r#"["a.pem", { file = "b.pem", kid = "2025-06" }, { file = "c.pem" }]"#).unwrap(),
+            [
+                pem("a.pem", None),
+                pem("b.pem", Some("2025-06")),
+                pem("c.pem", None)
+            ]
+        );
+        // The environment still takes a list of paths.
+        let file = write(&format!("{MINIMAL}\n[auth.jwt]\n"));
+        let env = vec![(
+            "TIDEGATE__AUTH__JWT__RS256_PUBLIC_KEYS".into(),
+            "a.pem,b.pem".into(),
+        )];
+        let settings = Settings::from_sources(Some(file.path()), env, false).unwrap();
+        assert_eq!(
+            settings.auth.jwt.unwrap().rs256_public_keys,
+            [pem("a.pem", None), pem("b.pem", None)]
+        );
+        for bad in [
+            r#"[{ file = "a.pem", kid = "k" }, { file = "b.pem", kid = "k" }]"#,
+            r#"[{ file = "a.pem", kid = "" }]"#,
+            r#"[{ file = "a.pem", kdi = "k" }]"#,
+        ] {
+            let error = jwt(bad).unwrap_err().to_string();
+            assert!(error.contains("rs256_public_keys"), "{bad}: {error}");
         }
     }
 

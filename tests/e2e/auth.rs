@@ -57,7 +57,12 @@ fn hs256(claims: &serde_json::Value) -> String {
 }
 
 fn rs256(claims: &serde_json::Value, kid: Option<&str>) -> String {
-    let pem = std::fs::read(fixture("jwt-test-rsa.key")).unwrap();
+    rs256_with("jwt-test-rsa.key", claims, kid)
+}
+
+/// A token signed with the private key in fixture `key`.
+fn rs256_with(key: &str, claims: &serde_json::Value, kid: Option<&str>) -> String {
+    let pem = std::fs::read(fixture(key)).unwrap();
     let mut header = Header::new(Algorithm::RS256);
     header.kid = kid.map(str::to_owned);
     jsonwebtoken::encode(&header, claims, &EncodingKey::from_rsa_pem(&pem).unwrap()).unwrap()
@@ -165,6 +170,39 @@ async fn rs256_tokens_verify_against_a_jwks_file_by_kid_and_against_pem_keys() {
     .unwrap();
     let (status, _) = refused(&gateway, &format!("/?access_token={confused}"), &[]).await;
     assert_eq!(status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pem_keys_given_a_kid_verify_the_tokens_that_name_it() {
+    let gateway = gateway(&format!(
+        r#"
+        [auth.jwt]
+        rs256_public_keys = [
+            {{ file = "{}", kid = "pem-1" }},
+            {{ file = "{}", kid = "pem-2" }},
+        ]
+        "#,
+        fixture("jwt-test-rsa.pub.pem").display(),
+        fixture("jwt-test-rsa-2.pub.pem").display(),
+    ));
+    for (key, kid) in [
+        ("jwt-test-rsa.key", Some("pem-1")),
+        ("jwt-test-rsa-2.key", Some("pem-2")),
+        // Without a kid, every key is tried.
+        ("jwt-test-rsa-2.key", None),
+    ] {
+        let bearer = format!("Bearer {}", rs256_with(key, &claims("lin", 60), kid));
+        let mut client = gateway
+            .connect_with("/", &[("authorization", &bearer)])
+            .await
+            .unwrap_or_else(|e| panic!("{key} with kid {kid:?}: {e:?}"));
+        assert!(seen_claims(&mut client).await.contains("sub=lin"));
+    }
+    // The kid chooses the key: a token naming the other key is refused.
+    let bearer = format!("Bearer {}", rs256(&claims("lin", 60), Some("pem-2")));
+    let (status, body) = refused(&gateway, "/", &[("authorization", &bearer)]).await;
+    assert_eq!(status, 401);
+    assert!(body.contains("signature"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

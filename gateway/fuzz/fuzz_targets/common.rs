@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use gateway::auth::JwtVerifier;
-use gateway::config::JwtSettings;
+use gateway::config::{JwtSettings, PemKey};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -18,7 +18,10 @@ fn fixture(name: &str) -> PathBuf {
 pub static VERIFIER: LazyLock<JwtVerifier> = LazyLock::new(|| {
     JwtVerifier::new(&JwtSettings {
         hs256_secret: Some("a-fuzzing-secret-of-at-least-32-bytes".into()),
-        rs256_public_keys: vec![fixture("jwt-test-rsa.pub.pem")],
+        rs256_public_keys: vec![PemKey {
+            file: fixture("jwt-test-rsa.pub.pem"),
+            kid: Some("pem-1".into()),
+        }],
         jwks_file: Some(fixture("jwt-test-jwks.json")),
         audience: vec!["tidegate".into()],
         issuer: vec!["https://id.example".into()],
