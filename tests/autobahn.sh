@@ -15,11 +15,18 @@ cd "$(dirname "$0")/.."
 
 target_dir="${CARGO_TARGET_DIR:-target}"
 binary="${1:-$target_dir/debug/tidegate}"
-# The suite sits in the workplace's shared folder, beside the checkout (or
-# at its usual place when the checkout is elsewhere, as in CI's clone).
+# The suite sits in the workplace's shared folder, beside the checkout; a
+# clone made elsewhere (CI's) finds it beside the repository it was cloned
+# from.
 suite="${AUTOBAHN_DIR:-}"
 if [ -z "$suite" ]; then
-  for candidate in "$(cd .. && pwd)/shared/extern/autobahn" /work/shared/extern/autobahn; do
+  origin="$(git remote get-url origin 2>/dev/null || true)"
+  candidates=("$(cd .. && pwd)/shared/extern/autobahn")
+  case "$origin" in
+    /*) candidates+=("$(dirname "$origin")/shared/extern/autobahn") ;;
+    file://*) candidates+=("$(dirname "${origin#file://}")/shared/extern/autobahn") ;;
+  esac
+  for candidate in "${candidates[@]}"; do
     if [ -x "$candidate/run.sh" ]; then suite="$candidate"; break; fi
   done
 fi

@@ -194,7 +194,10 @@ async fn functions(State(state): State<AdminState>, headers: HeaderMap) -> Respo
 }
 
 /// Check `Authorization: Bearer <admin.token>`, in constant time.
-#[allow(clippy::result_large_err)]
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the response to send, built only for a refused request"
+)]
 fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Response> {
     let Some(token) = &state.token else {
         return Err((

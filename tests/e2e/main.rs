@@ -3,9 +3,8 @@
 //! directory and queue, and deletes the queue when done.
 
 // Shared with the no_loss test binary; each uses part of them.
-#[allow(dead_code)]
+#[expect(dead_code, reason = "shared by the e2e and no_loss binaries; each uses part")]
 mod harness;
-#[allow(dead_code)]
 mod proxy;
 
 mod admin;

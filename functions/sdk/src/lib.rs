@@ -20,8 +20,10 @@
 //! ```
 
 #[doc(hidden)]
-// Generated code: the canonical ABI flattens records into many arguments.
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "generated code: the canonical ABI flattens records into many arguments"
+)]
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
