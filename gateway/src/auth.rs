@@ -9,13 +9,21 @@
 //! every RS256 key. A JWKS key the gateway cannot use (another algorithm or
 //! key type, an encryption key, a malformed key) is skipped and logged, not
 //! fatal to the whole set.
+//!
+//! The JWKS file is checked every `auth.jwt.jwks_reload_interval` and, when
+//! it changes, its keys replace the ones in use (an identity provider's key
+//! rotation needs no restart; connections already open are not affected).
+//! A new file that cannot be used is logged and the keys in use are kept.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use prometheus::IntCounterVec;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{JwtSettings, TokenSource};
 
@@ -39,8 +47,13 @@ fn config_error(key: &str, message: impl Into<String>) -> AuthConfigError {
 /// Validates tokens with the configured keys.
 pub struct JwtVerifier {
     hs256: Option<DecodingKey>,
-    /// The PEM files' and the JWKS file's RS256 keys.
-    rs256: Rs256Keys,
+    /// The PEM files' and the JWKS file's RS256 keys, replaced whole when
+    /// the JWKS file changes.
+    rs256: SharedKeys,
+    /// The PEM files' keys, which a JWKS reload keeps.
+    pem: Arc<[NamedKey]>,
+    /// The JWKS file, when configured, for its reload task.
+    jwks: Option<JwksFile>,
     audience: Vec<String>,
     issuer: Vec<String>,
     leeway: Duration,
@@ -74,7 +87,8 @@ impl JwtVerifier {
                 key,
             });
         }
-        let mut jwks = Vec::new();
+        let mut jwks_keys = Vec::new();
+        let mut jwks = None;
         if let Some(path) = &settings.jwks_file {
             let text = read("auth.jwt.jwks_file", path)?;
             let set = parse_jwks(&text, &pem).map_err(|message| {
@@ -84,14 +98,33 @@ impl JwtVerifier {
                 )
             })?;
             set.log_skipped(path);
-            jwks = set.keys;
+            jwks_keys = set.keys;
+            jwks = Some(JwksFile {
+                path: path.clone(),
+                interval: settings.jwks_reload_interval,
+                loaded: text,
+            });
         }
         Ok(Self {
             hs256,
-            rs256: Rs256Keys::new(&pem, &jwks),
+            rs256: Arc::new(RwLock::new(Arc::new(Rs256Keys::new(&pem, &jwks_keys)))),
+            pem: pem.into(),
+            jwks,
             audience: settings.audience.clone(),
             issuer: settings.issuer.clone(),
             leeway: settings.leeway,
+        })
+    }
+
+    /// The task that reloads the JWKS file into this verifier when the file
+    /// changes; `None` without `auth.jwt.jwks_file`.
+    pub fn jwks_watch(&self) -> Option<JwksWatch> {
+        self.jwks.as_ref().map(|file| JwksWatch {
+            path: file.path.clone(),
+            interval: file.interval,
+            seen: Some(file.loaded.clone()),
+            pem: self.pem.clone(),
+            keys: self.rs256.clone(),
         })
     }
 
@@ -103,16 +136,23 @@ impl JwtVerifier {
     pub fn verify(&self, token: &str) -> Result<Vec<(String, String)>, String> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| format!("malformed token: {e}"))?;
+        // The keys as they are now; a reload during this check does not
+        // change them under it.
+        let rs256 = self
+            .rs256
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let keys: Vec<&DecodingKey> = match header.alg {
             Algorithm::HS256 => self.hs256.iter().collect(),
             // A kid names one key; a token without one may be signed by
             // any of them.
             Algorithm::RS256 => match &header.kid {
-                Some(kid) => match self.rs256.by_kid.get(kid) {
+                Some(kid) => match rs256.by_kid.get(kid) {
                     Some(key) => vec![key],
                     None => return Err(format!("unknown key id {kid:?}")),
                 },
-                None => self.rs256.all.iter().collect(),
+                None => rs256.all.iter().collect(),
             },
             other => return Err(format!("algorithm {other:?} is not accepted")),
         };
@@ -171,7 +211,98 @@ fn read(key: &str, path: &Path) -> Result<Vec<u8>, AuthConfigError> {
     std::fs::read(path).map_err(|e| config_error(key, format!("{}: {e}", path.display())))
 }
 
+/// The RS256 keys in use, shared by the verifier and the JWKS reload
+/// task; a reload swaps the whole set.
+type SharedKeys = Arc<RwLock<Arc<Rs256Keys>>>;
+
+/// The configured JWKS file.
+struct JwksFile {
+    path: PathBuf,
+    /// How often it is checked (`auth.jwt.jwks_reload_interval`).
+    interval: Duration,
+    /// Its contents when the keys in use were read from it.
+    loaded: Vec<u8>,
+}
+
+/// Reloads the JWKS file into a [`JwtVerifier`] when the file changes.
+pub struct JwksWatch {
+    path: PathBuf,
+    interval: Duration,
+    /// The contents last read (`None`: the file could not be read), so
+    /// that each change is loaded, and each failure reported, once.
+    seen: Option<Vec<u8>>,
+    pem: Arc<[NamedKey]>,
+    keys: SharedKeys,
+}
+
+impl JwksWatch {
+    /// Check the file every interval until `stop`; when its contents
+    /// change, its keys (with the PEM keys) replace the ones in use. A
+    /// file that cannot be read or holds no usable key keeps the keys in
+    /// use and is logged. Counts outcomes in `reloads` (`ok`, `error`).
+    pub async fn run(mut self, reloads: IntCounterVec, stop: CancellationToken) {
+        // A zero interval would make tokio's timer panic; the
+        // configuration refuses one, a hand-built settings value may not.
+        let mut tick = tokio::time::interval(self.interval.max(Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let Some(outcome) = self.check().await else {
+                continue;
+            };
+            match outcome {
+                Ok(count) => {
+                    reloads.with_label_values(&["ok"]).inc();
+                    tracing::info!(
+                        file = %self.path.display(),
+                        keys = count,
+                        "auth.jwt.jwks_file reloaded; open connections are not affected"
+                    );
+                }
+                Err(message) => {
+                    reloads.with_label_values(&["error"]).inc();
+                    tracing::warn!(
+                        file = %self.path.display(),
+                        "auth.jwt.jwks_file changed but cannot be used (keeping the keys in use): {message}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Read the file; `None` when it has not changed since last time, else
+    /// whether its keys are now in use (how many) or why not. Unlike the
+    /// TLS pair, the document is one file: a bad version is not tried
+    /// again until it changes, so it is reported once.
+    async fn check(&mut self) -> Option<Result<usize, String>> {
+        let text = match tokio::fs::read(&self.path).await {
+            Ok(text) if self.seen.as_ref() == Some(&text) => return None,
+            Ok(text) => text,
+            Err(_) if self.seen.is_none() => return None,
+            Err(e) => {
+                self.seen = None;
+                return Some(Err(format!("cannot read it: {e}")));
+            }
+        };
+        let parsed = parse_jwks(&text, &self.pem);
+        self.seen = Some(text);
+        let set = match parsed {
+            Ok(set) => set,
+            Err(message) => return Some(Err(message)),
+        };
+        set.log_skipped(&self.path);
+        let keys = Arc::new(Rs256Keys::new(&self.pem, &set.keys));
+        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
+        Some(Ok(set.keys.len()))
+    }
+}
+
 /// An RS256 key and the `kid` tokens name it by, if any.
+#[derive(Clone)]
 struct NamedKey {
     kid: Option<String>,
     key: DecodingKey,
@@ -383,6 +514,7 @@ mod tests {
             hs256_secret: Some(SECRET.into()),
             rs256_public_keys: Vec::new(),
             jwks_file: None,
+            jwks_reload_interval: JwtSettings::JWKS_RELOAD_INTERVAL,
             audience: vec!["tidegate".into()],
             issuer: vec!["https://issuer.example".into()],
             leeway: Duration::from_secs(0),
@@ -606,6 +738,68 @@ mod tests {
         assert!(verifier.verify(&second(Some("test-1"))).is_ok());
         assert!(verifier.verify(&first(Some("test-1"))).is_err());
         assert!(verifier.verify(&first(Some("test-2"))).is_ok());
+    }
+
+    /// Wait (up to 10 s) until `reloads` counts `value` with `outcome`.
+    async fn counted(reloads: &IntCounterVec, outcome: &str, value: u64) {
+        let counter = reloads.with_label_values(&[outcome]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while counter.get() != value {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{outcome} reloads: {}, expected {value}",
+                counter.get()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_changed_jwks_file_is_reloaded_and_a_bad_one_keeps_the_keys_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        // Written beside it and renamed into place, as a rotation should.
+        let replace = |text: String| {
+            let new = dir.path().join("jwks.json.new");
+            std::fs::write(&new, text).unwrap();
+            std::fs::rename(&new, &path).unwrap();
+        };
+        replace(json!({"keys": [jwk("old")]}).to_string());
+        let mut with_jwks = settings();
+        with_jwks.jwks_file = Some(path.clone());
+        with_jwks.jwks_reload_interval = Duration::from_millis(10);
+        let verifier = JwtVerifier::new(&with_jwks).unwrap();
+        let reloads =
+            IntCounterVec::new(prometheus::Opts::new("reloads", "test"), &["outcome"]).unwrap();
+        let stop = CancellationToken::new();
+        let watch = verifier.jwks_watch().expect("a JWKS file is configured");
+        let task = tokio::spawn(watch.run(reloads.clone(), stop.clone()));
+        let token = |kid| rs256(&valid(), Some(kid));
+        assert!(verifier.verify(&token("old")).is_ok());
+        assert!(verifier.verify(&token("new")).is_err());
+
+        // Not JSON, then no usable key: each counted once, the keys stay.
+        replace(r#"{"keys": ["#.into());
+        counted(&reloads, "error", 1).await;
+        replace(json!({"keys": [{"kty": "EC", "crv": "P-521", "kid": "new"}]}).to_string());
+        counted(&reloads, "error", 2).await;
+        assert!(verifier.verify(&token("old")).is_ok());
+        assert_eq!(reloads.with_label_values(&["ok"]).get(), 0);
+
+        // A usable file replaces the keys.
+        replace(json!({"keys": [jwk("new")]}).to_string());
+        counted(&reloads, "ok", 1).await;
+        assert!(verifier.verify(&token("new")).is_ok());
+        let error = verifier.verify(&token("old")).unwrap_err();
+        assert!(error.contains("unknown key id"), "{error}");
+
+        // A file gone is reported once; the keys in use stay.
+        std::fs::remove_file(&path).unwrap();
+        counted(&reloads, "error", 3).await;
+        assert!(verifier.verify(&token("new")).is_ok());
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(reloads.with_label_values(&["error"]).get(), 3);
     }
 
     #[test]

@@ -192,6 +192,8 @@ struct RawJwt {
     hs256_secret: Option<String>,
     rs256_public_keys: Option<Vec<RawPemKey>>,
     jwks_file: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    jwks_reload_interval: Option<Duration>,
     audience: Option<Vec<String>>,
     issuer: Option<Vec<String>>,
     #[serde(default, with = "humantime_serde")]
@@ -467,12 +469,20 @@ pub struct JwtSettings {
     /// A JWKS document with RS256 keys, chosen by `kid`
     /// (`auth.jwt.jwks_file`).
     pub jwks_file: Option<PathBuf>,
+    /// How often the JWKS file is checked for changes, which are loaded
+    /// without a restart (`auth.jwt.jwks_reload_interval`).
+    pub jwks_reload_interval: Duration,
     /// Accepted `aud` values; empty: `aud` is not checked.
     pub audience: Vec<String>,
     /// Accepted `iss` values; empty: `iss` is not checked.
     pub issuer: Vec<String>,
     /// Clock skew allowed on `exp` and `nbf`.
     pub leeway: Duration,
+}
+
+impl JwtSettings {
+    /// Default of `auth.jwt.jwks_reload_interval`, as for the TLS files.
+    pub const JWKS_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
 }
 
 /// An RS256 public key file (`auth.jwt.rs256_public_keys`).
@@ -1007,6 +1017,11 @@ impl RawAuth {
                     hs256_secret: jwt.hs256_secret,
                     rs256_public_keys: pem_keys(jwt.rs256_public_keys.unwrap_or_default())?,
                     jwks_file: jwt.jwks_file,
+                    jwks_reload_interval: positive(
+                        "auth.jwt.jwks_reload_interval",
+                        jwt.jwks_reload_interval,
+                        JwtSettings::JWKS_RELOAD_INTERVAL,
+                    )?,
                     audience: jwt.audience.unwrap_or_default(),
                     issuer: jwt.issuer.unwrap_or_default(),
                     leeway: jwt.leeway.unwrap_or(Duration::from_secs(30)),
@@ -1537,6 +1552,31 @@ mod tests {
             let error = jwt(bad).unwrap_err().to_string();
             assert!(error.contains("rs256_public_keys"), "{bad}: {error}");
         }
+    }
+
+    #[test]
+    fn the_jwks_file_is_checked_every_ten_seconds_unless_configured() {
+        let jwt = |extra: &str, env: Vec<(String, String)>| {
+            let file = write(&format!(
+                "{MINIMAL}\n[auth.jwt]\njwks_file = \"jwks.json\"\n{extra}"
+            ));
+            Settings::from_sources(Some(file.path()), env, false)
+                .map(|settings| settings.auth.jwt.unwrap().jwks_reload_interval)
+        };
+        assert_eq!(jwt("", vec![]).unwrap(), Duration::from_secs(10));
+        assert_eq!(
+            jwt("jwks_reload_interval = \"1m\"\n", vec![]).unwrap(),
+            Duration::from_secs(60)
+        );
+        let env = vec![(
+            "TIDEGATE__AUTH__JWT__JWKS_RELOAD_INTERVAL".into(),
+            "250ms".into(),
+        )];
+        assert_eq!(jwt("", env).unwrap(), Duration::from_millis(250));
+        let error = jwt("jwks_reload_interval = \"0s\"\n", vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("auth.jwt.jwks_reload_interval"), "{error}");
     }
 
     #[test]

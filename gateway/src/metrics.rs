@@ -37,6 +37,8 @@ pub struct Metrics {
     pub message_failures: IntCounterVec,
     /// Certificate reloads after a file change, by outcome.
     pub tls_reloads: IntCounterVec,
+    /// JWKS file reloads after it changed, by outcome.
+    pub jwks_reloads: IntCounterVec,
     /// Queue copies by outcome: confirmed, spooled, replayed, refused.
     pub queue_publishes: IntCounterVec,
     /// Time from publishing a copy to the broker's confirm.
@@ -127,6 +129,11 @@ impl Metrics {
             tls_reloads: counter(
                 "tidegate_tls_reloads_total",
                 "Certificate reloads after their files changed, by outcome (ok, error: the certificates in use were kept).",
+                &["outcome"],
+            )?,
+            jwks_reloads: counter(
+                "tidegate_jwks_reloads_total",
+                "JWKS file (auth.jwt.jwks_file) reloads after it changed, by outcome (ok, error: the keys in use were kept).",
                 &["outcome"],
             )?,
             message_failures: counter(

@@ -152,6 +152,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let admin_local = admin_listener.local_addr()?;
 
     let shutdown = CancellationToken::new();
+    let jwks_watch = jwt
+        .as_ref()
+        .and_then(JwtVerifier::jwks_watch)
+        .map(|watch| tokio::spawn(watch.run(metrics.jwks_reloads.clone(), shutdown.clone())));
     let shared = Arc::new(Shared {
         node_id: settings.server.node_id.clone(),
         ws_config: ws_config(&settings.websocket),
@@ -254,6 +258,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     scaler.abort();
     tls_watch.abort();
+    if let Some(task) = jwks_watch {
+        task.abort();
+    }
     registry.release_all_idle();
     admin_stop.cancel();
     let _ = admin_task.await;

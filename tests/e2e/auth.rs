@@ -205,6 +205,68 @@ async fn pem_keys_given_a_kid_verify_the_tokens_that_name_it() {
     assert!(body.contains("signature"), "{body}");
 }
 
+/// Connect with an RS256 token naming `kid`: accepted, or the refusal.
+async fn connect_rs256(gateway: &Gateway, kid: &str) -> Result<(), (u16, String)> {
+    let bearer = format!("Bearer {}", rs256(&claims("lin", 60), Some(kid)));
+    gateway
+        .connect_with("/", &[("authorization", &bearer)])
+        .await
+        .map(drop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_jwks_file_is_reloaded_and_a_bad_one_keeps_the_keys_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jwks.json");
+    // Written beside it and renamed into place, as a rotation should.
+    let replace = |text: String| {
+        let new = dir.path().join("jwks.json.new");
+        std::fs::write(&new, text).unwrap();
+        std::fs::rename(&new, &path).unwrap();
+    };
+    // The test key, published under `kid`.
+    let jwks = |kid: &str| {
+        let mut set: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fixture("jwt-test-jwks.json")).unwrap()).unwrap();
+        set["keys"][0]["kid"] = json!(kid);
+        set.to_string()
+    };
+    replace(jwks("before"));
+    let gateway = gateway(&format!(
+        r#"
+        [auth.jwt]
+        jwks_file = "{}"
+        jwks_reload_interval = "100ms"
+        "#,
+        path.display()
+    ));
+    connect_rs256(&gateway, "before")
+        .await
+        .expect("the first key");
+    let (status, body) = connect_rs256(&gateway, "after").await.unwrap_err();
+    assert_eq!(status, 401);
+    assert!(body.contains("unknown key id"), "{body}");
+
+    replace("{\"keys\": [".into());
+    gateway
+        .metric_reaches("tidegate_jwks_reloads_total{outcome=\"error\"}", 1.0)
+        .await;
+    connect_rs256(&gateway, "before")
+        .await
+        .expect("a broken file keeps the keys in use");
+
+    replace(jwks("after"));
+    gateway
+        .metric_reaches("tidegate_jwks_reloads_total{outcome=\"ok\"}", 1.0)
+        .await;
+    connect_rs256(&gateway, "after")
+        .await
+        .expect("the rotated key");
+    let (status, _) = connect_rs256(&gateway, "before").await.unwrap_err();
+    assert_eq!(status, 401);
+    assert!(gateway.log().contains("auth.jwt.jwks_file reloaded"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_authorizer_function_admits_or_refuses_and_names_the_client() {
     let gateway = gateway("[auth]\nauthorizer = \"authorizer\"\n");

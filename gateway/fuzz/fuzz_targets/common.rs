@@ -23,6 +23,7 @@ pub static VERIFIER: LazyLock<JwtVerifier> = LazyLock::new(|| {
             kid: Some("pem-1".into()),
         }],
         jwks_file: Some(fixture("jwt-test-jwks.json")),
+        jwks_reload_interval: JwtSettings::JWKS_RELOAD_INTERVAL,
         audience: vec!["tidegate".into()],
         issuer: vec!["https://id.example".into()],
         leeway: Duration::from_secs(30),
