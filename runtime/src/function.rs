@@ -303,14 +303,23 @@ impl Function {
                 }
                 Priority::Low => Placed::background(call(instance), self.engine.background()),
             };
-            let finished = (&mut placed).await;
+            // The epoch deadline only stops a guest while it runs wasm code;
+            // one that waits in a host call (a WASI sleep or poll) is
+            // stopped by the clock here. On expiry `placed` is dropped with
+            // the call and its instance, which the lease uncounts. (This is
+            // tokio's clock: under paused time it jumps ahead while the
+            // caller's runtime is idle, e.g. waiting for a long call.)
+            let finished = tokio::time::timeout(self.config.timeout, &mut placed).await;
             if placed.moved() {
                 self.metrics.long_calls.inc();
             }
             let (instance, result) = match finished {
-                Ok(finished) => finished,
-                Err(failed) if failed.is_panic() => std::panic::resume_unwind(failed.into_panic()),
-                Err(_) => {
+                Ok(Ok(finished)) => finished,
+                Err(_elapsed) => return Err(self.timeout()),
+                Ok(Err(failed)) if failed.is_panic() => {
+                    std::panic::resume_unwind(failed.into_panic())
+                }
+                Ok(Err(_)) => {
                     return Err(InvokeError::Instantiate {
                         function: self.name.to_string(),
                         reason: "the runtime is shutting down".into(),
@@ -358,14 +367,20 @@ impl Function {
         outcome
     }
 
+    /// The call ran past `runtime.timeout`, stopped by the epoch deadline
+    /// (running wasm) or by the clock (waiting in a host call).
+    fn timeout(&self) -> InvokeError {
+        InvokeError::Timeout {
+            function: self.name.to_string(),
+            limit_ms: self.config.timeout.as_millis(),
+        }
+    }
+
     /// Map a wasmtime error from a call to what the gateway acts on.
     fn classify(&self, error: wasmtime::Error) -> InvokeError {
         let function = self.name.to_string();
         if error.downcast_ref::<DeadlineExceeded>().is_some() {
-            InvokeError::Timeout {
-                function,
-                limit_ms: self.config.timeout.as_millis(),
-            }
+            self.timeout()
         } else if let Some(limit) = error.downcast_ref::<MemoryLimitExceeded>() {
             InvokeError::MemoryLimit {
                 function,
@@ -477,9 +492,17 @@ impl Function {
         store.data_mut().set_deadline(now, self.config.timeout);
         store.set_epoch_deadline(1);
         let _running = self.engine.clock().running();
-        match pre.instantiate_async(&mut store).await {
-            Ok(handler) => Ok(Instance { store, handler }),
-            Err(error) => Err(match self.classify(error) {
+        // Bounded by the clock as well as the epoch, as calls are (see
+        // `invoke`).
+        let instantiated =
+            tokio::time::timeout(self.config.timeout, pre.instantiate_async(&mut store)).await;
+        match instantiated {
+            Ok(Ok(handler)) => Ok(Instance { store, handler }),
+            Err(_elapsed) => {
+                self.engine.drop_later(store);
+                Err(self.timeout())
+            }
+            Ok(Err(error)) => Err(match self.classify(error) {
                 InvokeError::Trap { function, reason } => {
                     InvokeError::Instantiate { function, reason }
                 }

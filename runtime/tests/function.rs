@@ -492,3 +492,91 @@ async fn a_handler_error_is_the_function_answer_not_a_fault() {
     assert_eq!(function.live_instances(), 1, "the instance is kept");
     assert!(is_echo(send(&function, "log").await, "log"));
 }
+
+/// A faulty function with a short time limit, for calls that wait in the
+/// host (a WASI sleep) far longer than that.
+async fn sleepy() -> (Registry, Arc<runtime::Function>, tempfile::TempDir) {
+    faulty(RuntimeConfig {
+        timeout: Duration::from_millis(200),
+        ..RuntimeConfig::default()
+    })
+    .await
+}
+
+/// How long a call that sleeps 5 s may take to be stopped by a 200 ms time
+/// limit on a loaded machine.
+const STOPPED_WITHIN: Duration = Duration::from_secs(2);
+
+#[tokio::test]
+async fn a_message_call_asleep_in_the_host_is_stopped_at_its_time_limit() {
+    let (_registry, function, _dir) = sleepy().await;
+    let started = Instant::now();
+    let error = send(&function, "sleep 5000").await.expect_err("stopped");
+    assert!(
+        matches!(error, runtime::InvokeError::Timeout { .. }),
+        "{error}"
+    );
+    assert!(
+        started.elapsed() < STOPPED_WITHIN,
+        "took {:?}",
+        started.elapsed()
+    );
+    // The sleeping instance was discarded; a fresh one serves the next message.
+    wait_until("the sleeping instance is uncounted", || {
+        function.live_instances() == 0
+    })
+    .await;
+    assert!(is_echo(send(&function, "after").await, "after"));
+}
+
+#[tokio::test]
+async fn on_connect_asleep_in_the_host_is_stopped_at_its_time_limit() {
+    let (_registry, function, _dir) = sleepy().await;
+    let conn = Connection {
+        query: vec![("sleep".into(), "5000".into())],
+        ..connection()
+    };
+    let started = Instant::now();
+    let error = function
+        .on_connect(Arc::new(conn))
+        .await
+        .expect_err("stopped");
+    assert!(
+        matches!(error, runtime::InvokeError::Timeout { .. }),
+        "{error}"
+    );
+    assert!(
+        started.elapsed() < STOPPED_WITHIN,
+        "took {:?}",
+        started.elapsed()
+    );
+    let decision = function
+        .on_connect(Arc::new(connection()))
+        .await
+        .expect("a fresh instance runs");
+    assert!(decision.accept);
+}
+
+#[tokio::test]
+async fn on_disconnect_asleep_in_the_host_is_stopped_at_its_time_limit() {
+    let (_registry, function, _dir) = sleepy().await;
+    let started = Instant::now();
+    let error = function
+        .on_disconnect(Arc::new(context()), 1000, "sleep 5000".into())
+        .await
+        .expect_err("stopped");
+    assert!(
+        matches!(error, runtime::InvokeError::Timeout { .. }),
+        "{error}"
+    );
+    assert!(
+        started.elapsed() < STOPPED_WITHIN,
+        "took {:?}",
+        started.elapsed()
+    );
+    let effects = function
+        .on_disconnect(Arc::new(context()), 1000, "bye".into())
+        .await
+        .expect("a fresh instance runs");
+    assert!(effects.is_empty());
+}

@@ -3,6 +3,9 @@
 //!
 //! - `loop`: print `spinning`, then spin forever (the time limit must stop it);
 //! - `spin N`: spin for N milliseconds (wall clock), then echo;
+//! - `sleep N`: sleep N milliseconds in a WASI call (a poll on a clock:
+//!   the guest waits in the host, where no epoch deadline reaches it), then
+//!   echo;
 //! - `alloc`: allocate until memory runs out (the memory limit must stop it);
 //! - `panic`: panic (a trap);
 //! - `recurse`: recurse without end (stack overflow, a trap);
@@ -15,6 +18,9 @@
 //!
 //! A client that connects with `?show=remote-addr` gets the claim
 //! `remote-addr` = the address the gateway saw it connect from.
+//!
+//! `on-connect` sleeps N milliseconds (as `sleep N` does) when the query
+//! has `sleep=N`, and `on-disconnect` when the close reason is `sleep N`.
 
 use tidegate_sdk::{
     ConnectDecision, Connection, Context, Effect, Function, HandlerError, Level, Payload, log,
@@ -24,6 +30,9 @@ struct Faulty;
 
 impl Function for Faulty {
     fn on_connect(conn: Connection) -> ConnectDecision {
+        if let Some((_, millis)) = conn.query.iter().find(|(name, _)| name == "sleep") {
+            sleep(millis);
+        }
         let show_remote = conn
             .query
             .iter()
@@ -33,6 +42,13 @@ impl Function for Faulty {
             false => Vec::new(),
         };
         ConnectDecision::accept().with_claims(claims)
+    }
+
+    fn on_disconnect(_ctx: Context, _code: u16, reason: String) -> Vec<Effect> {
+        if let Some(millis) = reason.strip_prefix("sleep ") {
+            sleep(millis);
+        }
+        Vec::new()
     }
 
     fn on_message(ctx: Context, message: Payload) -> Result<Vec<Effect>, HandlerError> {
@@ -67,6 +83,8 @@ impl Function for Faulty {
                 other => {
                     if let Some(millis) = other.strip_prefix("spin ").and_then(|n| n.parse().ok()) {
                         spin_for(std::time::Duration::from_millis(millis));
+                    } else if let Some(millis) = other.strip_prefix("sleep ") {
+                        sleep(millis);
                     }
                 }
             }
@@ -88,6 +106,15 @@ fn spin_for(duration: std::time::Duration) {
     let started = std::time::Instant::now();
     while started.elapsed() < duration {
         std::hint::black_box(());
+    }
+}
+
+/// Sleep `millis` (a number of milliseconds; nothing if it is not one):
+/// on wasm32-wasip2, `std::thread::sleep` waits on a `wasi:clocks` pollable,
+/// that is, in the host.
+fn sleep(millis: &str) {
+    if let Ok(millis) = millis.parse() {
+        std::thread::sleep(std::time::Duration::from_millis(millis));
     }
 }
 
