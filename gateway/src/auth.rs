@@ -14,11 +14,15 @@
 //! it changes, its keys replace the ones in use (an identity provider's key
 //! rotation needs no restart; connections already open are not affected).
 //! A new file that cannot be used is logged and the keys in use are kept.
+//!
+//! A verified token says until when it is accepted ([`Verified`]), so that
+//! its connection can be closed (1008) when it expires
+//! (`auth.jwt.close_on_expiry`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -57,6 +61,32 @@ pub struct JwtVerifier {
     audience: Vec<String>,
     issuer: Vec<String>,
     leeway: Duration,
+    close_on_expiry: bool,
+}
+
+/// A token that verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// Its claims, flattened to strings (JSON for values that are not
+    /// strings).
+    pub claims: Vec<(String, String)>,
+    /// Until when the token is accepted, as time since the Unix epoch: its
+    /// `exp` plus `auth.jwt.leeway`, the bound the check at connect uses.
+    pub valid_until: Duration,
+}
+
+impl Verified {
+    /// The moment the token stops being accepted, on the monotonic clock
+    /// (now, when that has passed); `None` when it is too far ahead to
+    /// represent, which in practice means never.
+    pub fn deadline(&self) -> Option<Instant> {
+        // Before the epoch the clock is wrong; then the whole remaining
+        // validity is counted from now.
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Instant::now().checked_add(self.valid_until.saturating_sub(now))
+    }
 }
 
 impl JwtVerifier {
@@ -113,7 +143,14 @@ impl JwtVerifier {
             audience: settings.audience.clone(),
             issuer: settings.issuer.clone(),
             leeway: settings.leeway,
+            close_on_expiry: settings.close_on_expiry,
         })
+    }
+
+    /// Whether a connection is closed (1008) when its token expires
+    /// (`auth.jwt.close_on_expiry`).
+    pub fn close_on_expiry(&self) -> bool {
+        self.close_on_expiry
     }
 
     /// The task that reloads the JWKS file into this verifier when the file
@@ -128,12 +165,11 @@ impl JwtVerifier {
         })
     }
 
-    /// Validate `token`; its claims, flattened to strings (JSON for values
-    /// that are not strings).
+    /// Validate `token`; its claims and until when it is accepted.
     ///
     /// # Errors
     /// Why the token is not accepted, fit to send to the client.
-    pub fn verify(&self, token: &str) -> Result<Vec<(String, String)>, String> {
+    pub fn verify(&self, token: &str) -> Result<Verified, String> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| format!("malformed token: {e}"))?;
         // The keys as they are now; a reload during this check does not
@@ -160,7 +196,8 @@ impl JwtVerifier {
             return Err(format!("no key is configured for {:?}", header.alg));
         }
         let mut validation = Validation::new(header.alg);
-        validation.leeway = self.leeway.as_secs();
+        let leeway = self.leeway.as_secs();
+        validation.leeway = leeway;
         validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp"]);
         if self.audience.is_empty() {
@@ -178,7 +215,18 @@ impl JwtVerifier {
                 key,
                 &validation,
             ) {
-                Ok(data) => return Ok(flatten(data.claims)),
+                Ok(data) => {
+                    // Validation has parsed `exp` as a whole number of
+                    // seconds, as it is required.
+                    let Some(exp) = data.claims.get("exp").and_then(serde_json::Value::as_u64)
+                    else {
+                        return Err("the token has no exp claim".into());
+                    };
+                    return Ok(Verified {
+                        valid_until: Duration::from_secs(exp.saturating_add(leeway)),
+                        claims: flatten(data.claims),
+                    });
+                }
                 Err(e) => last_error = Some(e),
             }
         }
@@ -518,6 +566,7 @@ mod tests {
             audience: vec!["tidegate".into()],
             issuer: vec!["https://issuer.example".into()],
             leeway: Duration::from_secs(0),
+            close_on_expiry: true,
         }
     }
 
@@ -545,10 +594,41 @@ mod tests {
     #[test]
     fn a_valid_token_gives_its_claims_as_strings() {
         let verifier = JwtVerifier::new(&settings()).unwrap();
-        let mut claims = verifier.verify(&hs256(valid())).unwrap();
+        let mut claims = verifier.verify(&hs256(valid())).unwrap().claims;
         claims.sort();
         assert!(claims.contains(&("sub".into(), "ada".into())));
         assert!(claims.contains(&("roles".into(), r#"["admin"]"#.into())));
+    }
+
+    #[test]
+    fn a_verified_token_says_until_when_it_is_accepted() {
+        let mut lenient = settings();
+        lenient.leeway = Duration::from_secs(30);
+        let verifier = JwtVerifier::new(&lenient).unwrap();
+        let exp = now() + 120;
+        let mut claims = valid();
+        claims["exp"] = json!(exp);
+        let verified = verifier.verify(&hs256(claims)).unwrap();
+        // exp plus the leeway: the same bound the check at connect uses.
+        assert_eq!(verified.valid_until, Duration::from_secs(exp as u64 + 30));
+        let left = verified.deadline().unwrap() - Instant::now();
+        assert!(
+            left > Duration::from_secs(140) && left <= Duration::from_secs(150),
+            "{left:?}"
+        );
+        // Accepted within the leeway after exp: its deadline is close, not
+        // past.
+        let mut claims = valid();
+        claims["exp"] = json!(now() - 10);
+        let verified = verifier.verify(&hs256(claims)).unwrap();
+        let left = verified.deadline().unwrap() - Instant::now();
+        assert!(left <= Duration::from_secs(20), "{left:?}");
+        // An exp too far ahead for the clock never expires in practice.
+        let mut claims = valid();
+        claims["exp"] = json!(u64::MAX);
+        let verified = verifier.verify(&hs256(claims)).unwrap();
+        assert_eq!(verified.deadline(), None);
+        assert!(verifier.close_on_expiry());
     }
 
     #[test]

@@ -198,6 +198,7 @@ struct RawJwt {
     issuer: Option<Vec<String>>,
     #[serde(default, with = "humantime_serde")]
     leeway: Option<Duration>,
+    close_on_expiry: Option<bool>,
 }
 
 /// An entry of `auth.jwt.rs256_public_keys`: a path, as it always was, or a
@@ -478,6 +479,10 @@ pub struct JwtSettings {
     pub issuer: Vec<String>,
     /// Clock skew allowed on `exp` and `nbf`.
     pub leeway: Duration,
+    /// Whether a connection is closed with 1008 when its token expires
+    /// (`exp` plus the leeway), so access ends with the token's life
+    /// (`auth.jwt.close_on_expiry`, true by default).
+    pub close_on_expiry: bool,
 }
 
 impl JwtSettings {
@@ -1025,6 +1030,7 @@ impl RawAuth {
                     audience: jwt.audience.unwrap_or_default(),
                     issuer: jwt.issuer.unwrap_or_default(),
                     leeway: jwt.leeway.unwrap_or(Duration::from_secs(30)),
+                    close_on_expiry: jwt.close_on_expiry.unwrap_or(true),
                 };
                 if settings.hs256_secret.is_none()
                     && settings.rs256_public_keys.is_empty()
@@ -1577,6 +1583,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("auth.jwt.jwks_reload_interval"), "{error}");
+    }
+
+    #[test]
+    fn connections_close_when_their_token_expires_unless_configured() {
+        let close = |extra: &str, env: Vec<(String, String)>| {
+            let file = write(&format!(
+                "{MINIMAL}\n[auth.jwt]\njwks_file = \"jwks.json\"\n{extra}"
+            ));
+            Settings::from_sources(Some(file.path()), env, false)
+                .map(|settings| settings.auth.jwt.unwrap().close_on_expiry)
+        };
+        assert!(close("", vec![]).unwrap());
+        assert!(!close("close_on_expiry = false\n", vec![]).unwrap());
+        let env = vec![(
+            "TIDEGATE__AUTH__JWT__CLOSE_ON_EXPIRY".into(),
+            "false".into(),
+        )];
+        assert!(!close("", env).unwrap());
+        let error = close("close_on_expiry = \"sometimes\"\n", vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("close_on_expiry"), "{error}");
     }
 
     #[test]

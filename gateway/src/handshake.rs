@@ -216,7 +216,8 @@ where
             };
             claims = verifier
                 .verify(&token)
-                .map_err(|reason| Refusal::http(401, "invalid_token", reason))?;
+                .map_err(|reason| Refusal::http(401, "invalid_token", reason))?
+                .claims;
         }
     }
     let headers = shared

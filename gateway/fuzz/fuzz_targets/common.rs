@@ -27,6 +27,7 @@ pub static VERIFIER: LazyLock<JwtVerifier> = LazyLock::new(|| {
         audience: vec!["tidegate".into()],
         issuer: vec!["https://id.example".into()],
         leeway: Duration::from_secs(30),
+        close_on_expiry: true,
     })
     .expect("fuzzing keys")
 });
