@@ -155,10 +155,15 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     }
     let copies = match &state.publisher {
         None => "message copies off",
+        // Not ready whenever a new copy would be refused: the broker cannot
+        // take it directly (unreachable, or the spool is being replayed)
+        // and the spool has no room (counting room reserved for copies
+        // awaiting their confirm) or cannot be written.
         Some(publisher) if !publisher.is_ready() => {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "message copies cannot be stored: the broker is unreachable and the spool is full\n",
+                "message copies cannot be kept: the spool is full or failing and the broker \
+                 cannot take them directly\n",
             )
                 .into_response();
         }

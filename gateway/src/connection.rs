@@ -492,7 +492,8 @@ impl Reader<'_> {
     }
 
     /// Hand the message's copy to the publisher. Returns the receipt the
-    /// reply must wait for (in receipt mode only).
+    /// reply must wait for: the copy durable in receipt mode, accepted
+    /// (spooled, or published with spool room reserved) in async mode.
     async fn copy(&self, payload: &Payload) -> Result<Option<Receipt>, Next> {
         let mode = self.shared.queue_mode;
         let Some(publisher) = &self.shared.publisher else {
@@ -518,8 +519,7 @@ impl Reader<'_> {
             &self.shared.node_id,
         );
         match publisher.publish(copy).await {
-            // In async mode the reply does not wait for the copy.
-            Ok(receipt) => Ok((mode == QueueMode::Receipt).then_some(receipt)),
+            Ok(receipt) => Ok(Some(receipt)),
             Err(_) => Err(Next::Close(
                 close_code::GOING_AWAY,
                 "server shutting down".into(),
@@ -661,8 +661,8 @@ where
         };
         let durable = match receipt {
             None => Ok(()),
-            Some(mut receipt) => match receipt.try_durable() {
-                Some(result) => result.map(|_| ()),
+            Some(mut receipt) => match receipt.try_ready() {
+                Some(result) => result,
                 None => {
                     // Do not hold earlier replies back while waiting.
                     if unflushed {
@@ -672,7 +672,7 @@ where
                         }
                         unflushed = false;
                     }
-                    receipt.durable().await.map(|_| ())
+                    receipt.ready().await
                 }
             },
         };

@@ -39,7 +39,7 @@ pub struct Metrics {
     pub tls_reloads: IntCounterVec,
     /// JWKS file reloads after it changed, by outcome.
     pub jwks_reloads: IntCounterVec,
-    /// Queue copies by outcome: confirmed, spooled, replayed, refused.
+    /// Queue copies by outcome: confirmed, spooled, replayed, refused, lost.
     pub queue_publishes: IntCounterVec,
     /// Time from publishing a copy to the broker's confirm.
     pub queue_confirm_duration: Histogram,
@@ -143,7 +143,7 @@ impl Metrics {
             )?,
             queue_publishes: counter(
                 "tidegate_queue_publishes_total",
-                "Message copies by outcome: confirmed by the broker, spooled, replayed from the spool, or refused.",
+                "Message copies by outcome: confirmed by the broker, spooled, replayed from the spool, refused, or lost (in doubt and refused by the disk until shutdown).",
                 &["outcome"],
             )?,
             queue_confirm_duration,

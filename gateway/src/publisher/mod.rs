@@ -4,7 +4,9 @@
 //!
 //! One task owns the broker link and the spool; connections hand it copies
 //! through a bounded channel and get a [`Receipt`] that resolves once the
-//! copy is durable. Publishes are pipelined (up to `queue.max_in_flight`
+//! copy is durable (in async mode, once it is accepted: spooled, or
+//! published with spool room reserved for it, so it is never dropped after
+//! its reply). Publishes are pipelined (up to `queue.max_in_flight`
 //! unconfirmed), so throughput is not bounded by one round trip, and they
 //! leave in the order they were handed in, which keeps each connection's
 //! copies in order.
@@ -35,9 +37,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 pub use message::QueueMessage;
-pub use spool::{Spool, SpoolError};
+pub use spool::{Spool, SpoolError, record_bound};
 
-use crate::config::QueueSettings;
+use crate::config::{QueueMode, QueueSettings};
 use crate::metrics::Metrics;
 use broker::{Broker, Confirm, Confirming, Link, LinkError, redact};
 
@@ -56,8 +58,9 @@ pub enum Durability {
 /// Why a copy could not be made durable. The client must not get a reply.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PublishError {
-    /// The broker is unreachable and the spool is full.
-    #[error("the broker is unreachable and the spool is full")]
+    /// The copy cannot go straight to the broker (it is unreachable, or
+    /// the spool is being replayed) and the spool is full.
+    #[error("the spool is full and the broker cannot take the message now")]
     SpoolFull,
     /// The spool could not be written.
     #[error("the spool could not be written: {0}")]
@@ -77,17 +80,41 @@ pub enum PublishError {
     InDoubt,
 }
 
-/// Resolves once a copy is durable (or could not be made so).
-pub struct Receipt(oneshot::Receiver<Result<Durability, PublishError>>);
+/// What becomes of one copy: its reply waits for [`Receipt::ready`].
+pub struct Receipt {
+    /// Resolves once the copy is accepted: appended to the spool, or
+    /// published with spool room reserved for it. Only in async mode,
+    /// where the reply waits for this rather than for durability.
+    accepted: Option<oneshot::Receiver<Result<(), PublishError>>>,
+    /// Resolves once the copy is durable (or could not be made so).
+    durable: oneshot::Receiver<Result<Durability, PublishError>>,
+}
 
 impl Receipt {
+    /// Whether the reply may be sent, if already known: in receipt mode
+    /// once the copy is durable, in async mode once it is accepted.
+    pub fn try_ready(&mut self) -> Option<Result<(), PublishError>> {
+        match &mut self.accepted {
+            Some(accepted) => outcome(accepted.try_recv()),
+            None => outcome(self.durable.try_recv()).map(|r| r.map(|_| ())),
+        }
+    }
+
+    /// Wait until the reply may be sent (see [`Receipt::try_ready`]).
+    ///
+    /// # Errors
+    /// A [`PublishError`] when the copy was refused: the client must get
+    /// no reply.
+    pub async fn ready(self) -> Result<(), PublishError> {
+        match self.accepted {
+            Some(accepted) => accepted.await.unwrap_or(Err(PublishError::Closed)),
+            None => self.durable().await.map(|_| ()),
+        }
+    }
+
     /// The outcome, if it is already known.
     pub fn try_durable(&mut self) -> Option<Result<Durability, PublishError>> {
-        match self.0.try_recv() {
-            Ok(result) => Some(result),
-            Err(oneshot::error::TryRecvError::Empty) => None,
-            Err(oneshot::error::TryRecvError::Closed) => Some(Err(PublishError::Closed)),
-        }
+        outcome(self.durable.try_recv())
     }
 
     /// Wait for the copy to be confirmed or spooled.
@@ -95,27 +122,70 @@ impl Receipt {
     /// # Errors
     /// A [`PublishError`] when the copy is not durable.
     pub async fn durable(self) -> Result<Durability, PublishError> {
-        self.0.await.unwrap_or(Err(PublishError::Closed))
+        self.durable.await.unwrap_or(Err(PublishError::Closed))
     }
 }
 
+/// A receipt's answer, if there is one yet; a publisher gone without
+/// answering has stopped.
+fn outcome<T>(
+    received: Result<Result<T, PublishError>, oneshot::error::TryRecvError>,
+) -> Option<Result<T, PublishError>> {
+    match received {
+        Ok(result) => Some(result),
+        Err(oneshot::error::TryRecvError::Empty) => None,
+        Err(oneshot::error::TryRecvError::Closed) => Some(Err(PublishError::Closed)),
+    }
+}
+
+/// A copy handed in, with the other ends of its receipt.
 struct Request {
+    /// The copy.
     message: Arc<QueueMessage>,
+    /// Told once the copy is accepted (async mode only).
+    accepted: Option<oneshot::Sender<Result<(), PublishError>>>,
+    /// Told once the copy is durable or refused.
     done: oneshot::Sender<Result<Durability, PublishError>>,
+}
+
+impl Request {
+    /// The copy will not be dropped from here on: its reply may go in
+    /// async mode.
+    fn accept(&mut self) {
+        if let Some(accepted) = self.accepted.take() {
+            let _ = accepted.send(Ok(()));
+        }
+    }
+
+    /// Tell the receipt the copy's outcome (its acceptance too, when that
+    /// was not told yet).
+    fn answer(mut self, result: Result<Durability, PublishError>) {
+        if let Some(accepted) = self.accepted.take() {
+            let _ = accepted.send(result.clone().map(|_| ()));
+        }
+        let _ = self.done.send(result);
+    }
 }
 
 /// What the rest of the gateway can read about the copy path.
 #[derive(Default)]
 struct Status {
+    /// Whether the broker link is up.
     connected: AtomicBool,
-    spool_has_room: AtomicBool,
+    /// Whether a new copy would be taken: it can go straight to the broker,
+    /// or the spool has room for it.
+    ready: AtomicBool,
 }
 
 /// A handle to the copy path. Cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
+    /// Where copies are handed in.
     requests: mpsc::Sender<Request>,
+    /// What the worker publishes about itself.
     status: Arc<Status>,
+    /// Async mode: receipts are ready once their copy is accepted.
+    ready_on_accept: bool,
 }
 
 /// The running publisher task; [`PublisherTask::flush`] ends it.
@@ -149,9 +219,7 @@ impl Publisher {
     ) -> Result<(Self, PublisherTask), SpoolError> {
         let spool = Spool::open(&settings.spool_dir, settings.spool_max_bytes)?;
         let status = Arc::new(Status::default());
-        status
-            .spool_has_room
-            .store(spool.has_room(), Ordering::Relaxed);
+        let ready_on_accept = settings.mode == QueueMode::Async;
         let (requests, receiver) = mpsc::channel(settings.max_in_flight.get());
         let (close, closing) = oneshot::channel();
         let worker = Worker {
@@ -162,15 +230,24 @@ impl Publisher {
             broker,
             link: None,
             in_flight: VecDeque::new(),
+            waiting: None,
+            stranded: Vec::new(),
             requests: receiver,
             status: status.clone(),
             metrics,
             next_attempt: Instant::now(),
             failures: 0,
         };
-        worker.update_spool_metrics();
+        worker.update_status();
         let handle = tokio::spawn(worker.run(closing));
-        Ok((Self { requests, status }, PublisherTask { close, handle }))
+        Ok((
+            Self {
+                requests,
+                status,
+                ready_on_accept,
+            },
+            PublisherTask { close, handle },
+        ))
     }
 
     /// Hand a copy to the publisher. Waits while the publisher is saturated
@@ -179,22 +256,32 @@ impl Publisher {
     /// # Errors
     /// [`PublishError::Closed`] when the publisher has stopped.
     pub async fn publish(&self, message: QueueMessage) -> Result<Receipt, PublishError> {
-        let (done, receipt) = oneshot::channel();
+        let (done, durable) = oneshot::channel();
+        let (accepted, accepted_receiver) = if self.ready_on_accept {
+            let (sender, receiver) = oneshot::channel();
+            (Some(sender), Some(receiver))
+        } else {
+            (None, None)
+        };
         self.requests
             .send(Request {
                 message: Arc::new(message),
+                accepted,
                 done,
             })
             .await
             .map_err(|_| PublishError::Closed)?;
-        Ok(Receipt(receipt))
+        Ok(Receipt {
+            accepted: accepted_receiver,
+            durable,
+        })
     }
 
-    /// Whether copies can be made durable now: the broker is connected or
-    /// the spool has room.
+    /// Whether a new copy would be taken now: it can go straight to the
+    /// broker (connected, nothing spooled), or the spool has room for it
+    /// (counting the room reserved for copies awaiting their confirm).
     pub fn is_ready(&self) -> bool {
-        self.status.connected.load(Ordering::Relaxed)
-            || self.status.spool_has_room.load(Ordering::Relaxed)
+        self.status.ready.load(Ordering::Relaxed)
     }
 
     /// Whether the broker is connected.
@@ -225,8 +312,14 @@ struct InFlight {
 }
 
 enum Origin {
-    /// Handed in by a connection; its receipt is still open.
-    Direct(Request),
+    /// Handed in by a connection; its receipt is still open, and
+    /// `reserved` bytes of spool room are held for it.
+    Direct {
+        /// The copy and its receipt.
+        request: Request,
+        /// Spool room held until it is confirmed or spooled.
+        reserved: u64,
+    },
     /// Replayed from the spool, where it stays until confirmed.
     Replay { next: u64 },
 }
@@ -244,6 +337,14 @@ struct Worker {
     link: Option<Link>,
     /// Copies published and not yet confirmed, oldest first.
     in_flight: VecDeque<InFlight>,
+    /// A copy to publish straight to the broker once confirms free spool
+    /// room to reserve for it. No other copy is taken meanwhile.
+    waiting: Option<Request>,
+    /// Copies in doubt (published, link lost before their confirm) that
+    /// the disk refused to spool: kept here, at most `max_in_flight`, and
+    /// written again at each health check. While any is here, new copies
+    /// are refused, so none can overtake them.
+    stranded: Vec<Arc<QueueMessage>>,
     /// While replaying: the spool offset of the next record to publish.
     /// New copies go to the spool while this is set, to keep the order.
     replay_from: Option<u64>,
@@ -269,12 +370,21 @@ impl Worker {
             if deadline.is_none() {
                 self.fill_replay_window().await;
             }
-            if deadline.is_some() && !requests_open && self.in_flight.is_empty() {
+            if let Some(request) = self.waiting.take() {
+                self.publish_direct(request).await;
+            }
+            self.update_status();
+            if deadline.is_some()
+                && !requests_open
+                && self.in_flight.is_empty()
+                && self.waiting.is_none()
+            {
                 break;
             }
-            let window_open = self.link.is_none()
-                || self.replay_from.is_some()
-                || self.in_flight.len() < self.settings.max_in_flight.get();
+            let window_open = self.waiting.is_none()
+                && (self.link.is_none()
+                    || self.replay_from.is_some()
+                    || self.in_flight.len() < self.settings.max_in_flight.get());
             let wait_for_link = self.link.is_none() && deadline.is_none();
             tokio::select! {
                 biased;
@@ -299,6 +409,7 @@ impl Worker {
                 }
                 _ = health.tick() => {
                     self.check_link().await;
+                    self.write_stranded();
                 }
                 _ = sleep_until_opt(deadline) => {
                     tracing::warn!(
@@ -314,7 +425,24 @@ impl Worker {
         self.spool_in_flight();
         self.requests.close();
         while let Ok(request) = self.requests.try_recv() {
-            self.spool_requests(vec![request]);
+            if self.write_stranded() {
+                self.spool_requests(vec![request]);
+            } else {
+                let error = PublishError::SpoolFailed(
+                    "copies in doubt wait for the disk to take them".to_owned(),
+                );
+                self.refuse(vec![(request, error)]);
+            }
+        }
+        if !self.write_stranded() {
+            self.metrics
+                .queue_publishes
+                .with_label_values(&["lost"])
+                .inc_by(self.stranded.len() as u64);
+            tracing::error!(
+                lost = self.stranded.len(),
+                "copies in doubt could not be written to the spool before shutdown and are lost"
+            );
         }
         if let Some(link) = self.link.take() {
             let _ = tokio::time::timeout(self.settings.connect_timeout, link.close()).await;
@@ -324,9 +452,24 @@ impl Worker {
         tracing::info!(spooled = self.spool.messages(), "copy path flushed");
     }
 
+    /// Whether copies go straight to the broker: the link is up and
+    /// nothing older waits (in the spool, or stranded).
+    fn direct(&self) -> bool {
+        self.link.is_some()
+            && self.replay_from.is_none()
+            && self.spool.is_empty()
+            && self.stranded.is_empty()
+    }
+
     async fn on_request(&mut self, request: Request) {
-        let direct = self.link.is_some() && self.replay_from.is_none() && self.spool.is_empty();
-        if !direct {
+        if !self.write_stranded() {
+            let error = PublishError::SpoolFailed(
+                "copies in doubt wait for the disk to take them".to_owned(),
+            );
+            self.refuse(vec![(request, error)]);
+            return;
+        }
+        if !self.direct() {
             let mut batch = vec![request];
             while batch.len() < SPOOL_BATCH {
                 match self.requests.try_recv() {
@@ -337,8 +480,35 @@ impl Worker {
             self.spool_requests(batch);
             return;
         }
+        self.publish_direct(request).await;
+    }
+
+    /// Publish a copy straight to the broker once spool room is reserved
+    /// for it: if the link drops before its confirm, it is spooled into
+    /// that room, so a copy once accepted is never refused for lack of
+    /// room. Without room, it waits for confirms to free some.
+    async fn publish_direct(&mut self, mut request: Request) {
+        if !self.direct() {
+            // The link dropped while it waited: it goes to the spool,
+            // behind the copies that were in flight.
+            self.spool_requests(vec![request]);
+            return;
+        }
+        let reserved = record_bound(&request.message);
+        if !self.spool.reserve(reserved) {
+            if self.in_flight.is_empty() {
+                // No confirm will free room: the copy could not be kept if
+                // the link dropped.
+                self.refuse(vec![(request, PublishError::SpoolFull)]);
+            } else {
+                self.waiting = Some(request);
+            }
+            return;
+        }
+        request.accept();
         let message = request.message.clone();
-        if let Err(e) = self.start_publish(message, Origin::Direct(request)).await {
+        let origin = Origin::Direct { request, reserved };
+        if let Err(e) = self.start_publish(message, origin).await {
             // The copy went to the spool with the rest of the in-flight ones.
             self.drop_link(&format!("publishing failed: {e}")).await;
         }
@@ -397,12 +567,13 @@ impl Worker {
             .queue_confirm_duration
             .observe(entry.published.elapsed().as_secs_f64());
         match entry.origin {
-            Origin::Direct(request) => {
+            Origin::Direct { request, reserved } => {
+                self.spool.release(reserved);
                 self.metrics
                     .queue_publishes
                     .with_label_values(&["confirmed"])
                     .inc();
-                let _ = request.done.send(Ok(Durability::Confirmed));
+                request.answer(Ok(Durability::Confirmed));
             }
             Origin::Replay { next } => {
                 self.metrics
@@ -412,7 +583,7 @@ impl Worker {
                 if let Err(e) = self.spool.confirm_until(next, 1) {
                     tracing::error!("{e}");
                 }
-                self.update_spool_metrics();
+                self.update_status();
             }
         }
     }
@@ -449,18 +620,14 @@ impl Worker {
         self.replay_from = Some(offset);
         if offset >= self.spool.end() && self.in_flight.is_empty() {
             self.replay_from = None;
+            self.update_status();
             tracing::info!("spool replayed: every spooled copy is confirmed by the broker");
         }
     }
 
-    /// Write requests to the spool in one fsync and answer them.
+    /// Write requests to the spool in one fsync; answer those written as
+    /// spooled, the others with why they could not be.
     fn spool_requests(&mut self, batch: Vec<Request>) {
-        self.spool_and_answer(batch, Ok(Durability::Spooled));
-    }
-
-    /// Write requests to the spool in one fsync; answer those written with
-    /// `answer`, the others with why they could not be.
-    fn spool_and_answer(&mut self, batch: Vec<Request>, answer: Result<Durability, PublishError>) {
         let mut written = Vec::with_capacity(batch.len());
         let mut refused = Vec::new();
         for request in batch {
@@ -472,16 +639,17 @@ impl Worker {
         }
         // Readiness and the spool gauges change before any client hears
         // the answer, so what a refused client then reads agrees with it.
-        self.update_spool_metrics();
+        self.update_status();
         if !written.is_empty() {
             match self.spool.sync() {
                 Ok(()) => {
+                    self.update_status();
                     self.metrics
                         .queue_publishes
                         .with_label_values(&["spooled"])
                         .inc_by(written.len() as u64);
                     for request in written {
-                        let _ = request.done.send(answer.clone());
+                        request.answer(Ok(Durability::Spooled));
                     }
                 }
                 Err(e) => {
@@ -491,17 +659,59 @@ impl Worker {
                 }
             }
         }
-        if !refused.is_empty() {
-            self.metrics
-                .queue_publishes
-                .with_label_values(&["refused"])
-                .inc_by(refused.len() as u64);
-            tracing::warn!(refused = refused.len(), "copies refused: {}", refused[0].1);
-            for (request, error) in refused {
-                let _ = request.done.send(Err(error));
+        self.refuse(refused);
+    }
+
+    /// Answer copies that could not be kept; their clients get no reply.
+    fn refuse(&mut self, refused: Vec<(Request, PublishError)>) {
+        let Some((_, first)) = refused.first() else {
+            return;
+        };
+        self.update_status();
+        self.metrics
+            .queue_publishes
+            .with_label_values(&["refused"])
+            .inc_by(refused.len() as u64);
+        tracing::warn!(refused = refused.len(), "copies refused: {first}");
+        for (request, error) in refused {
+            request.answer(Err(error));
+        }
+    }
+
+    /// Write the stranded copies (in doubt, refused by the disk earlier)
+    /// to the spool, all in one fsync. Returns whether none is left.
+    fn write_stranded(&mut self) -> bool {
+        if self.stranded.is_empty() {
+            return true;
+        }
+        let written = self
+            .stranded
+            .iter()
+            .try_for_each(|message| self.spool.append(message))
+            .and_then(|()| self.spool.sync());
+        match written {
+            Ok(()) => {
+                tracing::info!(
+                    copies = self.stranded.len(),
+                    "copies in doubt that the disk refused earlier are spooled"
+                );
+                self.metrics
+                    .queue_publishes
+                    .with_label_values(&["spooled"])
+                    .inc_by(self.stranded.len() as u64);
+                self.stranded.clear();
+                if self.replay_from.is_none() && self.link.is_some() {
+                    self.replay_from = Some(self.spool.head());
+                }
+                self.update_status();
+                true
+            }
+            Err(e) => {
+                tracing::debug!("copies in doubt still wait for the disk: {e}");
+                self.update_status();
+                false
             }
         }
-        self.update_spool_metrics();
     }
 
     /// The link failed or is being closed: unconfirmed direct copies go to
@@ -521,6 +731,7 @@ impl Worker {
         }
         self.status.connected.store(false, Ordering::Relaxed);
         self.metrics.queue_connected.set(0);
+        self.update_status();
     }
 
     /// Move unconfirmed direct copies to the spool (in order, ahead of
@@ -528,16 +739,35 @@ impl Worker {
     /// so replay restarts from its head. The direct ones may already be in
     /// the queue, so their clients get no reply ([`PublishError::InDoubt`]).
     fn spool_in_flight(&mut self) {
-        let direct: Vec<Request> = self
-            .in_flight
-            .drain(..)
-            .filter_map(|entry| match entry.origin {
-                Origin::Direct(request) => Some(request),
-                Origin::Replay { .. } => None,
-            })
-            .collect();
-        if !direct.is_empty() {
-            self.spool_and_answer(direct, Err(PublishError::InDoubt));
+        let mut in_doubt = Vec::new();
+        for entry in self.in_flight.drain(..) {
+            if let Origin::Direct { request, reserved } = entry.origin {
+                // Its room is released just before it is appended: the
+                // append can then not be refused for lack of room.
+                self.spool.release(reserved);
+                in_doubt.push(request);
+            }
+        }
+        if !in_doubt.is_empty() {
+            self.stranded
+                .extend(in_doubt.iter().map(|request| request.message.clone()));
+            if !self.write_stranded() {
+                tracing::error!(
+                    copies = self.stranded.len(),
+                    "the spool could not take copies in doubt; they are kept in memory and \
+                     written again at each check, and new copies are refused meanwhile"
+                );
+            }
+            // Kept (spooled, or in memory until the disk takes them): they
+            // were accepted, so in async mode their replies may be gone.
+            for request in in_doubt {
+                request.answer(Err(PublishError::InDoubt));
+            }
+        }
+        if let Some(request) = self.waiting.take() {
+            // Newer than those in flight; never accepted, so it may still
+            // be refused.
+            self.spool_requests(vec![request]);
         }
         self.replay_from = (!self.spool.is_empty()).then(|| self.spool.head());
     }
@@ -558,6 +788,7 @@ impl Worker {
                     self.replay_from = Some(self.spool.head());
                     tracing::info!(messages = self.spool.messages(), "replaying the spool");
                 }
+                self.update_status();
             }
             Err(reason) => {
                 if self.failures == 0 {
@@ -594,14 +825,14 @@ impl Worker {
         }
     }
 
-    fn update_spool_metrics(&self) {
+    /// Publish the spool gauges and readiness ([`Publisher::is_ready`]).
+    fn update_status(&self) {
         self.metrics
             .spool_messages
             .set(self.spool.messages() as i64);
         self.metrics.spool_bytes.set(self.spool.bytes() as i64);
-        self.status
-            .spool_has_room
-            .store(self.spool.has_room(), Ordering::Relaxed);
+        let ready = self.stranded.is_empty() && (self.direct() || self.spool.has_room());
+        self.status.ready.store(ready, Ordering::Relaxed);
     }
 }
 

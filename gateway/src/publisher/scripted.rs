@@ -117,9 +117,11 @@ pub struct Published {
 }
 
 impl Published {
-    /// The payload, as text.
-    pub fn body(&self) -> String {
-        String::from_utf8_lossy(&self.message.body).into_owned()
+    /// The payload as text, without trailing `.` padding.
+    pub fn name(&self) -> String {
+        String::from_utf8_lossy(&self.message.body)
+            .trim_end_matches('.')
+            .to_owned()
     }
 
     /// Confirm the copy.

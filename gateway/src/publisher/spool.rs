@@ -67,6 +67,10 @@ pub struct Spool {
     messages: u64,
     /// Most bytes the log may hold.
     max_bytes: u64,
+    /// Room held for copies published straight to the broker and not yet
+    /// confirmed: if the link drops, they are spooled into it, so that can
+    /// never be refused (see [`Spool::reserve`]).
+    reserved: u64,
     /// Whether the last append was refused for lack of room (cleared by a
     /// successful append or a truncation).
     refused: bool,
@@ -121,10 +125,18 @@ impl Spool {
             head: 0,
             messages: 0,
             max_bytes,
+            reserved: 0,
             refused: false,
         };
         spool.head = spool.read_head().min(len);
         spool.recover()?;
+        if spool.messages == 0 && spool.len > 0 {
+            // Every record was confirmed but the log was not truncated (a
+            // crash in between): start empty, so its bytes do not count
+            // against the limit while nothing waits.
+            let end = spool.len;
+            spool.confirm_until(end, 0)?;
+        }
         Ok(spool)
     }
 
@@ -144,10 +156,28 @@ impl Spool {
         self.messages == 0
     }
 
-    /// Whether the spool takes copies: it is under its limit and did not
-    /// just refuse one.
+    /// Whether the spool takes copies: it is under its limit (counting
+    /// reserved room) and did not just refuse one.
     pub fn has_room(&self) -> bool {
-        self.len < self.max_bytes && !self.refused
+        self.len + self.reserved < self.max_bytes && !self.refused
+    }
+
+    /// Hold `bytes` of room (a [`record_bound`]) for a copy that is being
+    /// published straight to the broker, so that it can be spooled if the
+    /// link drops before its confirm. Returns false, holding nothing, when
+    /// the room is not there.
+    pub fn reserve(&mut self, bytes: u64) -> bool {
+        if self.len + self.reserved + bytes > self.max_bytes {
+            return false;
+        }
+        self.reserved += bytes;
+        true
+    }
+
+    /// Give back room held by [`Spool::reserve`]: the copy was confirmed, or
+    /// is about to be appended.
+    pub fn release(&mut self, bytes: u64) {
+        self.reserved = self.reserved.saturating_sub(bytes);
     }
 
     /// Offset of the first unconfirmed record.
@@ -168,7 +198,7 @@ impl Spool {
     pub fn append(&mut self, message: &QueueMessage) -> Result<(), SpoolError> {
         let body = postcard::to_stdvec(message).map_err(|e| self.io_error(io::Error::other(e)))?;
         let record_len = HEADER + body.len() as u64;
-        if self.len + record_len > self.max_bytes {
+        if self.len + self.reserved + record_len > self.max_bytes {
             self.refused = true;
             return Err(SpoolError::Full {
                 max_bytes: self.max_bytes,
@@ -337,6 +367,40 @@ impl Spool {
             source,
         }
     }
+}
+
+/// The most bytes `message` can take in the log, without encoding it: a
+/// header, and per field its bytes and a length of at most 10 bytes (a
+/// postcard varint of a `u64`).
+pub fn record_bound(message: &QueueMessage) -> u64 {
+    // Named field by field so that a new field cannot be forgotten here.
+    let QueueMessage {
+        message_id,
+        timestamp: _,
+        text: _,
+        body,
+        connection_id,
+        route,
+        function,
+        function_version,
+        node,
+    } = message;
+    const VARINT: u64 = 10;
+    // The timestamp (a varint) and the text flag (one byte).
+    let fixed = VARINT + 1;
+    let variable = [
+        message_id.len(),
+        body.len(),
+        connection_id.len(),
+        route.len(),
+        function.len(),
+        function_version.len(),
+        node.len(),
+    ]
+    .iter()
+    .map(|len| VARINT + *len as u64)
+    .sum::<u64>();
+    HEADER + fixed + variable
 }
 
 /// Read one record's body at `offset`. `Ok(None)` when the header or body
@@ -514,6 +578,46 @@ mod tests {
             std::fs::metadata(aside[0].path()).unwrap().len(),
             bytes.len() as u64 - second * 2
         );
+    }
+
+    #[test]
+    fn record_bound_is_never_below_the_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 64 << 20).unwrap();
+        for size in [0, 1, 127, 128, 300, 16_384, 1 << 20] {
+            let copy = QueueMessage {
+                body: vec![1; size],
+                ..message(0)
+            };
+            let before = spool.end();
+            spool.append(&copy).unwrap();
+            let actual = spool.end() - before;
+            let bound = record_bound(&copy);
+            assert!(bound >= actual, "{bound} < {actual} for {size} bytes");
+            assert!(bound - actual <= 80, "{bound} is far above {actual}");
+        }
+    }
+
+    #[test]
+    fn reserved_room_is_kept_for_the_copies_it_was_reserved_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let copy = QueueMessage {
+            body: vec![7; 1000],
+            ..message(0)
+        };
+        let bound = record_bound(&copy);
+        let mut spool = Spool::open(dir.path(), 3 * bound).unwrap();
+        assert!(spool.reserve(bound) && spool.reserve(bound));
+        spool.append(&copy).unwrap();
+        // The third slot is taken: no more room to reserve or append.
+        assert!(!spool.reserve(bound));
+        assert!(matches!(spool.append(&copy), Err(SpoolError::Full { .. })));
+        assert!(!spool.has_room());
+        // The reserved copies fit once their room is released.
+        spool.release(2 * bound);
+        spool.append(&copy).unwrap();
+        spool.append(&copy).unwrap();
+        assert_eq!(spool.messages(), 3);
     }
 
     #[test]

@@ -99,6 +99,15 @@ impl Harness {
         receipts
     }
 
+    /// Hand in the big copies `range` and return their receipts.
+    async fn publish_big(&self, range: std::ops::Range<usize>) -> Vec<Receipt> {
+        let mut receipts = Vec::new();
+        for n in range {
+            receipts.push(self.publisher.publish(big_copy(n)).await.unwrap());
+        }
+        receipts
+    }
+
     fn spooled(&self) -> i64 {
         self.metrics.spool_messages.get()
     }
@@ -123,14 +132,21 @@ fn spool_bodies(dir: &Path) -> Vec<String> {
     let mut offset = spool.head();
     let mut out = Vec::new();
     while let Some((message, next)) = spool.read_at(offset).unwrap() {
-        out.push(String::from_utf8(message.body).unwrap());
+        out.push(name(&message));
         offset = next;
     }
     out
 }
 
+/// A copy's name: its body without the padding of [`big_copy`].
+fn name(message: &QueueMessage) -> String {
+    String::from_utf8_lossy(&message.body)
+        .trim_end_matches('.')
+        .to_owned()
+}
+
 fn bodies(published: &[Published]) -> Vec<String> {
-    published.iter().map(Published::body).collect()
+    published.iter().map(Published::name).collect()
 }
 
 fn names(range: std::ops::Range<usize>) -> Vec<String> {
@@ -267,7 +283,7 @@ async fn the_spool_is_replayed_once_in_order_and_its_head_advances() {
     let mut seen = Vec::new();
     while seen.len() < 20 {
         let published = h.broker.next().await;
-        seen.push(published.body());
+        seen.push(published.name());
         published.ack();
     }
     assert_eq!(seen, names(0..20));
@@ -276,7 +292,7 @@ async fn the_spool_is_replayed_once_in_order_and_its_head_advances() {
     // Replay is over: a new copy goes straight to the broker.
     let receipt = h.publish(20..21).await.pop().unwrap();
     let direct = h.broker.next().await;
-    assert_eq!(direct.body(), "copy 20");
+    assert_eq!(direct.name(), "copy 20");
     direct.ack();
     assert!(matches!(receipt.durable().await, Ok(Durability::Confirmed)));
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -292,7 +308,7 @@ async fn a_replay_cut_short_resumes_at_the_first_unconfirmed_copy() {
     h.broker.set_reachable(true);
     for n in 0..3 {
         let published = h.broker.next().await;
-        assert_eq!(published.body(), format!("copy {n}"));
+        assert_eq!(published.name(), format!("copy {n}"));
         published.ack();
     }
     h.until(|h| h.spooled() == 9).await;
@@ -305,7 +321,7 @@ async fn a_replay_cut_short_resumes_at_the_first_unconfirmed_copy() {
         if published.link == 1 {
             continue;
         }
-        replayed.push(published.body());
+        replayed.push(published.name());
         published.ack();
     }
     assert_eq!(replayed, names(3..12));
@@ -326,11 +342,11 @@ async fn copies_handed_in_during_a_replay_follow_it_in_order() {
     for receipt in h.publish(5..8).await {
         assert!(matches!(receipt.durable().await, Ok(Durability::Spooled)));
     }
-    let mut seen = vec![first.body()];
+    let mut seen = vec![first.name()];
     first.ack();
     while seen.len() < 8 {
         let published = h.broker.next().await;
-        seen.push(published.body());
+        seen.push(published.name());
         published.ack();
     }
     assert_eq!(seen, names(0..8));
@@ -360,4 +376,128 @@ async fn flushing_spools_what_the_broker_has_not_confirmed() {
         ));
     }
     assert_eq!(spool_bodies(dir.path()), names(1..3));
+}
+
+/// A copy of about 1 KB (about 1.1 KB in the spool).
+fn big_copy(n: usize) -> QueueMessage {
+    let mut copy = copy(n);
+    copy.body.resize(1000, b'.');
+    copy
+}
+
+/// Room for `records` big copies in the spool, and not one more.
+fn room_for(records: u64) -> u64 {
+    records * record_bound(&big_copy(0)) + 10
+}
+
+fn async_mode(records: u64) -> impl FnOnce(&mut QueueSettings) {
+    move |s: &mut QueueSettings| {
+        s.mode = QueueMode::Async;
+        s.spool_max_bytes = room_for(records);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_async_mode_the_reply_waits_for_acceptance_not_for_the_confirm() {
+    let mut h = Harness::start(true, async_mode(3)).await;
+    let mut receipt = h.publisher.publish(big_copy(0)).await.unwrap();
+    let published = h.broker.next().await;
+    // Accepted (published with room reserved) before the broker answers.
+    assert!(matches!(receipt.try_ready(), Some(Ok(()))));
+    assert!(receipt.try_durable().is_none());
+    published.ack();
+    assert!(matches!(receipt.durable().await, Ok(Durability::Confirmed)));
+    assert!(h.finish().await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_async_mode_a_copy_the_spool_refuses_during_a_replay_gets_no_reply() {
+    let mut h = Harness::start(false, async_mode(3)).await;
+    for n in 0..3 {
+        let receipt = h.publisher.publish(big_copy(n)).await.unwrap();
+        assert!(receipt.ready().await.is_ok());
+    }
+    h.broker.set_reachable(true);
+    // The replay is on and not confirmed yet; the spool is full.
+    let replaying = h.broker.next().await;
+    assert!(h.publisher.is_connected());
+    let refused = h.publisher.publish(big_copy(3)).await.unwrap();
+    assert!(matches!(
+        refused.ready().await,
+        Err(PublishError::SpoolFull)
+    ));
+    assert!(
+        !h.publisher.is_ready(),
+        "connected but replaying with a full spool: no new copy can be taken"
+    );
+    // The replay goes on without it.
+    let mut seen = vec![replaying.name()];
+    replaying.ack();
+    while seen.len() < 3 {
+        let published = h.broker.next().await;
+        seen.push(published.name());
+        published.ack();
+    }
+    h.until(|h| h.spooled() == 0).await;
+    assert!(h.publisher.is_ready());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        h.broker.try_next().is_none(),
+        "the refused copy was published"
+    );
+    assert_eq!(seen.len(), 3);
+    assert!(h.finish().await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_async_mode_copies_in_flight_when_the_link_drops_always_fit_in_the_spool() {
+    let mut h = Harness::start(true, async_mode(3)).await;
+    // Six copies, room in the spool for three.
+    let mut receipts = h.publish_big(0..6).await;
+    let published = h.broker.take(3).await;
+    // The fourth waits for room to be reserved for it: no reply yet.
+    settle().await;
+    assert!(receipts[3].try_ready().is_none());
+    assert!(
+        h.publisher.is_ready(),
+        "copies are taken (with back-pressure) while they go straight to the broker"
+    );
+    // The link drops before any confirm.
+    h.broker.cut();
+    drop(published);
+    let mut replied = Vec::new();
+    for (n, receipt) in receipts.into_iter().enumerate() {
+        match receipt.ready().await {
+            Ok(()) => replied.push(format!("copy {n}")),
+            Err(e) => assert!(matches!(e, PublishError::SpoolFull), "{e}"),
+        }
+    }
+    assert_eq!(replied, names(0..3), "every accepted copy is in the spool");
+    assert!(!h.publisher.is_ready(), "the spool is full");
+    let replayed = h.broker.take(3).await;
+    assert_eq!(bodies(&replayed), replied);
+    assert!(replayed.iter().all(|p| p.link == 2));
+    // Keep the link's copies unconfirmed so the spool still holds them.
+    let spooled = h.finish().await;
+    assert_eq!(spooled, replied);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_copy_waiting_for_spool_room_goes_out_once_a_confirm_frees_it() {
+    let mut h = Harness::start(true, async_mode(2)).await;
+    let mut receipts = h.publish_big(0..3).await;
+    let mut published = h.broker.take(2).await.into_iter();
+    settle().await;
+    assert!(receipts[2].try_ready().is_none());
+    assert!(h.broker.try_next().is_none());
+    published.next().unwrap().ack();
+    let third = h.broker.next().await;
+    assert_eq!(third.name(), "copy 2");
+    assert!(matches!(receipts[2].try_ready(), Some(Ok(()))));
+    published.next().unwrap().ack();
+    third.ack();
+    for receipt in receipts {
+        assert!(matches!(receipt.durable().await, Ok(Durability::Confirmed)));
+    }
+    assert!(h.finish().await.is_empty());
 }
