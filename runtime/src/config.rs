@@ -8,7 +8,9 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
     /// Where precompiled artifacts are kept, so an unloaded function can be
-    /// reloaded without compiling it again.
+    /// reloaded without compiling it again. Created 0700 if missing; it must
+    /// be owned by the user Tidegate runs as and writable by no one else,
+    /// since what is in it is loaded as native code.
     pub artifact_dir: PathBuf,
     /// Most instances one function may have at once; further messages wait
     /// for an instance to come free.

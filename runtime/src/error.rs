@@ -25,6 +25,16 @@ pub enum LoadError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The directory of precompiled artifacts cannot be created, or is not
+    /// safe to load native code from (another user owns it or may write to
+    /// it, or it is a symbolic link).
+    #[error("runtime.artifact_dir {path}: {reason}")]
+    ArtifactDir {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The engine could not be set up.
     #[error("wasmtime engine: {0}")]
     Engine(String),

@@ -1,18 +1,21 @@
-//! One loaded function version: its precompiled artifact on disk, its
-//! pre-instantiated component (while loaded), and its pool of instances.
+//! One loaded function version: its component, its precompiled artifact
+//! on disk, its pre-instantiated component (while loaded), and its pool of
+//! instances.
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use bytes::Bytes;
 use prometheus::{Histogram, IntCounter, IntGauge};
 use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::Store;
 use wasmtime::component::Component;
 
+use crate::artifact::{self, Seal};
 use crate::background::Placed;
 use crate::bindings::types::{ConnectDecision, Connection, Context, Effect, HandlerError, Payload};
 use crate::bindings::{Handler, HandlerPre};
@@ -35,8 +38,17 @@ pub struct Function {
     engine: Arc<Engine>,
     /// Limits and timeouts.
     config: Arc<RuntimeConfig>,
+    /// The component as uploaded, kept to compile it again when its
+    /// artifact is missing, damaged, replaced or cannot be loaded (so the
+    /// function never stays broken until a restart).
+    component: Bytes,
     /// Where the precompiled component lives while it is unloaded.
     artifact: PathBuf,
+    /// What the artifact was when this process wrote it (`None` when it
+    /// could not be written): it is loaded only if it still is that. The
+    /// lock also makes concurrent cold starts of unloaded code wait for one
+    /// load instead of each reading (or compiling) the code.
+    seal: tokio::sync::Mutex<Option<Seal>>,
     /// Bounds the instances of this function alive at once.
     permits: Arc<Semaphore>,
     /// Calls waiting for a permit now.
@@ -112,6 +124,7 @@ struct FunctionMetrics {
     cold_starts: IntCounter,
     code_loaded: IntGauge,
     code_loads: IntCounter,
+    recompiles: IntCounter,
     long_calls: IntCounter,
 }
 
@@ -127,6 +140,7 @@ impl FunctionMetrics {
             cold_starts: all.cold_starts.with_label_values(&[name]),
             code_loaded: all.code_loaded.with_label_values(&[name]),
             code_loads: all.code_loads.with_label_values(&[name]),
+            recompiles: all.recompiles.with_label_values(&[name]),
             long_calls: all.long_calls.with_label_values(&[name]),
         }
     }
@@ -135,35 +149,31 @@ impl FunctionMetrics {
 impl Function {
     /// Compile `wasm`, check that it is a Tidegate handler, write its
     /// precompiled artifact to `config.artifact_dir` and keep it loaded.
+    /// The component is kept too, to compile it again if the artifact
+    /// cannot be loaded later.
     ///
     /// # Errors
     /// [`LoadError::Invalid`] when the bytes are not a component of the
-    /// `tidegate:gateway` handler world; [`LoadError::Artifact`] when the
-    /// artifact cannot be written.
+    /// `tidegate:gateway` handler world; [`LoadError::ArtifactDir`] or
+    /// [`LoadError::Artifact`] when the artifact cannot be written.
     pub(crate) fn compile(
         engine: Arc<Engine>,
         config: Arc<RuntimeConfig>,
         metrics: &RuntimeMetrics,
         name: &str,
-        wasm: &[u8],
+        wasm: Bytes,
     ) -> Result<Self, LoadError> {
-        let digest = Sha256::digest(wasm);
+        let digest = Sha256::digest(&wasm);
         let version: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
         let invalid = |e: wasmtime::Error| LoadError::Invalid {
             name: name.to_owned(),
             reason: format!("{e:#}"),
         };
-        let component = Component::new(&engine.engine, wasm).map_err(invalid)?;
+        let component = Component::new(&engine.engine, &wasm).map_err(invalid)?;
         let pre = instantiate_pre(&engine, &component).map_err(invalid)?;
-        let artifact = config.artifact_dir.join(format!("{name}-{version}.cwasm"));
+        let artifact_path = artifact::path_in(&config.artifact_dir, name, &version);
         let bytes = component.serialize().map_err(invalid)?;
-        write_artifact(&config.artifact_dir, &artifact, &bytes).map_err(|source| {
-            LoadError::Artifact {
-                name: name.to_owned(),
-                path: artifact.clone(),
-                source,
-            }
-        })?;
+        let seal = artifact::write(&config.artifact_dir, &artifact_path, name, &bytes)?;
         let metrics = FunctionMetrics::new(metrics, name);
         metrics.code_loaded.set(1);
         metrics.instances.set(0);
@@ -175,7 +185,9 @@ impl Function {
             queued: AtomicUsize::new(0),
             engine,
             config,
-            artifact,
+            component: wasm,
+            artifact: artifact_path,
+            seal: tokio::sync::Mutex::new(Some(seal)),
             pool: Mutex::new(Pool {
                 pre: Some(pre),
                 idle: Vec::new(),
@@ -460,20 +472,43 @@ impl Function {
         }
     }
 
-    /// Load the compiled code back from the artifact.
+    /// Load the compiled code back from the artifact, or compile the
+    /// component again when the artifact cannot be trusted or loaded.
     async fn load(&self) -> Result<HandlerPre<HostState>, InvokeError> {
+        let mut seal = self.seal.lock().await;
+        // Another call may have loaded the code while this one waited.
+        if let Some(pre) = self.lock().pre.clone() {
+            return Ok(pre);
+        }
         let engine = self.engine.clone();
+        let config = self.config.clone();
         let path = self.artifact.clone();
-        let name = self.name.to_string();
-        let loaded = tokio::task::spawn_blocking(move || load_artifact(&engine, &path, &name))
-            .await
-            .map_err(|e| InvokeError::Instantiate {
-                function: self.name.to_string(),
-                reason: format!("loading task failed: {e}"),
-            })??;
+        let component = self.component.clone();
+        let name = self.name.clone();
+        let expected = *seal;
+        let reloaded = tokio::task::spawn_blocking(move || {
+            reload(&engine, &config, &path, expected, &component, &name)
+        })
+        .await
+        .map_err(|e| InvokeError::Instantiate {
+            function: self.name.to_string(),
+            reason: format!("loading task failed: {e}"),
+        })??;
+        match reloaded.recompiled {
+            None => self.metrics.code_loads.inc(),
+            Some(recompiled) => {
+                *seal = recompiled.seal;
+                self.metrics.recompiles.inc();
+                tracing::warn!(
+                    function = %self.name,
+                    artifact = %self.artifact.display(),
+                    "the precompiled artifact {}: compiled the function again from its component",
+                    recompiled.why
+                );
+            }
+        }
         let mut pool = self.lock();
-        let pre = pool.pre.get_or_insert(loaded).clone();
-        self.metrics.code_loads.inc();
+        let pre = pool.pre.get_or_insert(reloaded.pre).clone();
         self.metrics.code_loaded.set(1);
         Ok(pre)
     }
@@ -644,39 +679,80 @@ fn instantiate_pre(
     HandlerPre::new(pre)
 }
 
-/// Write the artifact atomically (temporary file, then rename), readable
-/// by this user only.
-fn write_artifact(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    std::fs::create_dir_all(dir)?;
-    let mut file = tempfile::NamedTempFile::new_in(dir)?;
-    file.write_all(bytes)?;
-    file.as_file().sync_all()?;
-    file.persist(path).map_err(|e| e.error)?;
-    Ok(())
+/// Code loaded back into memory, and whether it had to be compiled again.
+struct Reloaded {
+    pre: HandlerPre<HostState>,
+    recompiled: Option<Recompiled>,
 }
 
-fn load_artifact(
+/// Why the artifact was not loaded, and the seal of the one written in
+/// its place.
+struct Recompiled {
+    why: String,
+    seal: Option<Seal>,
+}
+
+/// Load function `name`'s code from its artifact at `path` if it is still
+/// the file sealed by `seal`; otherwise compile `component` again and write
+/// a new artifact.
+fn reload(
     engine: &Engine,
-    path: &Path,
+    config: &RuntimeConfig,
+    path: &std::path::Path,
+    seal: Option<Seal>,
+    component: &[u8],
     name: &str,
-) -> Result<HandlerPre<HostState>, InvokeError> {
-    // SAFETY: `deserialize_file` trusts the file to be a component compiled
-    // by a compatible engine. The artifact was written by `Function::compile`
-    // of this process, from this engine, into the artifact directory that
-    // only Tidegate writes; wasmtime still checks its header and engine
-    // compatibility and refuses a mismatch.
+) -> Result<Reloaded, InvokeError> {
+    let failed = |e: wasmtime::Error| InvokeError::Instantiate {
+        function: name.to_owned(),
+        reason: format!("{e:#}"),
+    };
+    let why = match seal.map(|seal| artifact::read(path, seal)) {
+        None => "could not be written when the function was loaded".to_owned(),
+        Some(Err(stale)) => stale.to_string(),
+        Some(Ok(bytes)) => match deserialize(engine, &bytes) {
+            Ok(loaded) => {
+                return Ok(Reloaded {
+                    pre: instantiate_pre(engine, &loaded).map_err(failed)?,
+                    recompiled: None,
+                });
+            }
+            // For example, compiled by an engine of other settings.
+            Err(e) => format!("could not be loaded ({e:#})"),
+        },
+    };
+    let compiled = Component::new(&engine.engine, component).map_err(failed)?;
+    let bytes = compiled.serialize().map_err(failed)?;
+    // The function works from the code compiled here even when no artifact
+    // can be written; the next reload then compiles again.
+    let seal = match artifact::write(&config.artifact_dir, path, name, &bytes) {
+        Ok(seal) => Some(seal),
+        Err(e) => {
+            tracing::error!(function = name, "{e}");
+            None
+        }
+    };
+    Ok(Reloaded {
+        pre: instantiate_pre(engine, &compiled).map_err(failed)?,
+        recompiled: Some(Recompiled { why, seal }),
+    })
+}
+
+/// Load precompiled code from `bytes`, which [`artifact::read`] has checked
+/// are the bytes this process serialized with this engine.
+fn deserialize(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<Component> {
+    // SAFETY: `Component::deserialize` trusts its input to be a component
+    // serialized by a compatible engine, as it runs it as native code. These
+    // bytes are exactly those `Component::serialize` gave this process from
+    // this engine: read without following links from a directory only this
+    // user may write to, and checked against the length and SHA-256 kept in
+    // memory when they were written. wasmtime still checks the header and
+    // refuses an incompatible engine.
     #[expect(
         unsafe_code,
         reason = "wasmtime can only load precompiled code through an unsafe call"
     )]
-    let component = unsafe { Component::deserialize_file(&engine.engine, path) };
-    let component = component.map_err(|e| InvokeError::Instantiate {
-        function: name.to_owned(),
-        reason: format!("reloading artifact {}: {e:#}", path.display()),
-    })?;
-    instantiate_pre(engine, &component).map_err(|e| InvokeError::Instantiate {
-        function: name.to_owned(),
-        reason: format!("{e:#}"),
-    })
+    unsafe {
+        Component::deserialize(&engine.engine, bytes)
+    }
 }

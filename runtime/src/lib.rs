@@ -16,8 +16,11 @@
 //! - `background`: the long-call threads (nice 19) where calls that run long
 //!   finish, so they do not hold up socket I/O and short calls, and where
 //!   failed instances are freed.
-//! - [`function`]: one loaded function version: its precompiled artifact,
-//!   its pre-instantiated component and its instance pool.
+//! - [`function`]: one loaded function version: its component, its
+//!   precompiled artifact, its pre-instantiated component and its instance
+//!   pool.
+//! - `artifact`: precompiled artifacts on disk, written and read so that no
+//!   other user can plant or swap the native code the runtime loads.
 //! - [`registry`]: the functions this node serves, by name, and the
 //!   background task that scales idle functions down to zero.
 //! - [`metrics`]: the runtime's Prometheus metrics.
@@ -26,6 +29,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod artifact;
 mod background;
 mod bindings;
 mod clock;

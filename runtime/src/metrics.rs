@@ -26,6 +26,9 @@ pub struct RuntimeMetrics {
     pub code_loaded: IntGaugeVec,
     /// Times a function's compiled code was loaded from its artifact.
     pub code_loads: IntCounterVec,
+    /// Times a function was compiled again from its component because its
+    /// artifact was missing, damaged, replaced or could not be loaded.
+    pub recompiles: IntCounterVec,
     /// Calls that finished on the long-call threads.
     pub long_calls: IntCounterVec,
 }
@@ -92,6 +95,14 @@ impl RuntimeMetrics {
             &["function"],
         )?;
         registry.register(Box::new(code_loads.clone()))?;
+        let recompiles = IntCounterVec::new(
+            Opts::new(
+                "tidegate_function_recompiles_total",
+                "Times a function was compiled again from its component because its precompiled artifact was missing, damaged, replaced or could not be loaded.",
+            ),
+            &["function"],
+        )?;
+        registry.register(Box::new(recompiles.clone()))?;
         registry.register(Box::new(long_calls.clone()))?;
         Ok(Self {
             long_calls,
@@ -101,6 +112,7 @@ impl RuntimeMetrics {
             cold_starts,
             code_loaded,
             code_loads,
+            recompiles,
         })
     }
 }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use crate::artifact;
 use crate::config::RuntimeConfig;
 use crate::engine::Engine;
 use crate::error::LoadError;
@@ -26,11 +27,16 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Build the engine and an empty registry.
+    /// Build the engine and an empty registry, creating the artifact
+    /// directory if needed.
     ///
     /// # Errors
-    /// [`LoadError::Engine`] when the engine cannot be built.
+    /// [`LoadError::ArtifactDir`] when the artifact directory cannot be
+    /// created or is not safe to load code from (see
+    /// [`RuntimeConfig::artifact_dir`]); [`LoadError::Engine`] when the
+    /// engine cannot be built.
     pub fn new(config: RuntimeConfig, metrics: RuntimeMetrics) -> Result<Self, LoadError> {
+        artifact::prepare_dir(&config.artifact_dir)?;
         let engine = Engine::new(&config)?;
         Ok(Self {
             engine,
@@ -52,7 +58,7 @@ impl Registry {
         let metrics = self.metrics.clone();
         let owned_name = name.to_owned();
         let function = tokio::task::spawn_blocking(move || {
-            Function::compile(engine, config, &metrics, &owned_name, &wasm)
+            Function::compile(engine, config, &metrics, &owned_name, wasm.into())
         })
         .await
         .map_err(|e| LoadError::Engine(format!("compilation task failed: {e}")))??;

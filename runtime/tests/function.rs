@@ -1,6 +1,8 @@
 //! The runtime against real components built from `functions/`.
 
 use std::num::NonZeroU32;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -579,4 +581,202 @@ async fn on_disconnect_asleep_in_the_host_is_stopped_at_its_time_limit() {
         .await
         .expect("a fresh instance runs");
     assert!(effects.is_empty());
+}
+
+/// The precompiled artifact of the function called `name` in `dir`.
+fn artifact_of(dir: &Path, name: &str) -> PathBuf {
+    let found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("artifact dir")
+        .map(|entry| entry.expect("entry").path())
+        .filter(|path| {
+            let file = path.file_name().unwrap_or_default().to_string_lossy();
+            file.starts_with(&format!("{name}-")) && file.ends_with(".cwasm")
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "artifacts of {name}: {found:?}");
+    found.into_iter().next().expect("one")
+}
+
+/// A registry serving `faulty` and `echo` whose code has been unloaded, so
+/// that the next call of `faulty` loads its artifact from disk.
+struct Unloaded {
+    registry: Registry,
+    metrics: prometheus::Registry,
+    dir: tempfile::TempDir,
+    faulty: Arc<runtime::Function>,
+}
+
+impl Unloaded {
+    async fn new() -> Self {
+        let (registry, metrics, dir) = registry(RuntimeConfig {
+            idle_timeout: Duration::from_millis(20),
+            unload_after: Duration::from_millis(50),
+            ..RuntimeConfig::default()
+        });
+        let wasm = std::fs::read(tidegate_functions::FAULTY_PATH).expect("faulty.wasm");
+        let faulty = registry.load("faulty", wasm).await.expect("faulty loads");
+        registry
+            .load("echo", tidegate_functions::ECHO.to_vec())
+            .await
+            .expect("echo loads");
+        let unloaded = Self {
+            registry,
+            metrics,
+            dir,
+            faulty,
+        };
+        unloaded.unload().await;
+        unloaded
+    }
+
+    async fn unload(&self) {
+        wait_until("faulty's code is unloaded", || {
+            self.registry.scale_down();
+            !self.faulty.is_loaded()
+        })
+        .await;
+    }
+
+    fn artifact(&self, name: &str) -> PathBuf {
+        artifact_of(&self.dir.path().join("artifacts"), name)
+    }
+
+    fn recompiles(&self) -> f64 {
+        counter(
+            &self.metrics,
+            "tidegate_function_recompiles_total",
+            "faulty",
+        )
+    }
+
+    /// Whether the code that runs is faulty's own: `bad` gets its handler
+    /// error (echo's code would echo it).
+    async fn runs_its_own_code(&self) -> bool {
+        let result = send(&self.faulty, "bad").await;
+        let own = matches!(&result, Ok(Err(runtime::HandlerError::BadRequest(_))));
+        if !own {
+            eprintln!("faulty answered `bad` with {result:?}");
+        }
+        own
+    }
+}
+
+#[tokio::test]
+async fn a_replaced_artifact_is_not_loaded_and_the_function_is_compiled_again() {
+    let unloaded = Unloaded::new().await;
+    // Valid code of this engine, but another function's: planted by
+    // someone who could write to the artifact.
+    std::fs::copy(unloaded.artifact("echo"), unloaded.artifact("faulty")).expect("replaced");
+    assert!(unloaded.runs_its_own_code().await, "the planted code ran");
+    assert_eq!(unloaded.recompiles(), 1.0);
+}
+
+#[tokio::test]
+async fn a_symbolic_link_in_place_of_an_artifact_is_not_followed() {
+    let unloaded = Unloaded::new().await;
+    let planted = unloaded.dir.path().join("planted.cwasm");
+    std::fs::copy(unloaded.artifact("echo"), &planted).expect("copied");
+    let artifact = unloaded.artifact("faulty");
+    std::fs::remove_file(&artifact).expect("removed");
+    std::os::unix::fs::symlink(&planted, &artifact).expect("linked");
+    assert!(
+        unloaded.runs_its_own_code().await,
+        "the code behind the link ran"
+    );
+    assert_eq!(unloaded.recompiles(), 1.0);
+    // The new artifact replaced the link; nothing was written through it.
+    let meta = std::fs::symlink_metadata(&artifact).expect("artifact");
+    assert!(meta.is_file(), "{meta:?}");
+    assert_eq!(
+        std::fs::read(&planted).expect("planted"),
+        std::fs::read(unloaded.artifact("echo")).expect("echo")
+    );
+}
+
+#[tokio::test]
+async fn a_damaged_or_missing_artifact_is_compiled_again_and_the_function_keeps_working() {
+    let unloaded = Unloaded::new().await;
+    // Cut in half (a full disk, a crash while copying), then gone.
+    let artifact = unloaded.artifact("faulty");
+    let bytes = std::fs::read(&artifact).expect("artifact");
+    std::fs::write(&artifact, &bytes[..bytes.len() / 2]).expect("damaged");
+    assert!(is_echo(send(&unloaded.faulty, "after").await, "after"));
+    assert_eq!(unloaded.recompiles(), 1.0);
+
+    unloaded.unload().await;
+    std::fs::remove_file(unloaded.artifact("faulty")).expect("removed");
+    assert!(is_echo(send(&unloaded.faulty, "again").await, "again"));
+    assert_eq!(unloaded.recompiles(), 2.0);
+    // The artifact written in its place loads as such next time.
+    unloaded.unload().await;
+    assert!(unloaded.runs_its_own_code().await);
+    assert_eq!(unloaded.recompiles(), 2.0);
+    assert_eq!(
+        counter(
+            &unloaded.metrics,
+            "tidegate_function_code_loads_total",
+            "faulty"
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn the_artifact_directory_and_artifacts_are_private_to_the_gateway_user() {
+    let (registry, _metrics, dir) = registry(RuntimeConfig::default());
+    registry
+        .load("echo", tidegate_functions::ECHO.to_vec())
+        .await
+        .expect("echo loads");
+    let artifacts = dir.path().join("artifacts");
+    let mode = |path: &Path| {
+        std::fs::metadata(path)
+            .expect("exists")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(&artifacts), 0o700);
+    assert_eq!(mode(&artifact_of(&artifacts, "echo")), 0o600);
+}
+
+fn registry_in(artifact_dir: PathBuf) -> Result<Registry, LoadError> {
+    let config = RuntimeConfig {
+        artifact_dir,
+        max_total_instances: NonZeroU32::new(16).unwrap(),
+        ..RuntimeConfig::default()
+    };
+    let metrics = RuntimeMetrics::register(&prometheus::Registry::new()).expect("metrics");
+    Registry::new(config, metrics)
+}
+
+#[tokio::test]
+async fn an_artifact_directory_others_can_write_to_is_refused() {
+    let base = tempfile::tempdir().expect("temp dir");
+    let shared = base.path().join("shared");
+    std::fs::create_dir(&shared).expect("created");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let error = registry_in(shared.clone()).err().expect("refused");
+    assert!(
+        matches!(&error, LoadError::ArtifactDir { path, .. } if *path == shared),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn an_artifact_directory_of_another_user_is_refused() {
+    let base = tempfile::tempdir().expect("temp dir");
+    let theirs = base.path().join("theirs");
+    std::fs::create_dir(&theirs).expect("created");
+    // Root can give it away; anyone else tries a directory root owns.
+    let theirs = match std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)) {
+        Ok(()) => theirs,
+        Err(_) => PathBuf::from("/"),
+    };
+    let error = registry_in(theirs.clone()).err().expect("refused");
+    assert!(
+        matches!(&error, LoadError::ArtifactDir { path, .. } if *path == theirs),
+        "{error}"
+    );
+    assert!(error.to_string().contains("owned by uid"), "{error}");
 }

@@ -1,0 +1,296 @@
+//! Precompiled artifacts on disk, which the runtime later loads as native
+//! code, so nobody but the gateway's user may be able to plant or swap one:
+//!
+//! - the directory is created 0700 and must be owned by the gateway's user
+//!   and writable by nobody else;
+//! - an artifact is written 0600 to a new temporary file (never an existing
+//!   one, never through a link) in that directory and renamed into place;
+//! - it is read back without following a symbolic link, and only if it is
+//!   still the file that was written: same length and SHA-256 as the
+//!   [`Seal`] kept in memory when it was written.
+//!
+//! Nothing here compiles or loads code: a caller whose artifact does not
+//! pass recompiles from the component it keeps.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::LoadError;
+
+/// What an artifact was when it was written: checked before it is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Seal {
+    /// Its length, in bytes.
+    len: u64,
+    /// Its SHA-256.
+    digest: [u8; 32],
+}
+
+impl Seal {
+    fn of(bytes: &[u8]) -> Self {
+        Self {
+            len: bytes.len() as u64,
+            digest: Sha256::digest(bytes).into(),
+        }
+    }
+}
+
+/// Why an artifact on disk cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Stale {
+    /// There is no file at its path.
+    #[error("is missing")]
+    Missing,
+    /// A symbolic link, a directory, a FIFO or anything but a regular file
+    /// is at its path.
+    #[error("is not a regular file (a symbolic link is not followed)")]
+    NotAFile,
+    /// The file is not the one written: another length or digest.
+    #[error("was replaced or damaged (it is not the file Tidegate wrote)")]
+    Replaced,
+    /// It could not be read.
+    #[error("could not be read: {0}")]
+    Io(io::Error),
+}
+
+/// Create the artifact directory (0700, with missing parents) if needed,
+/// and check that it is fit to load native code from: a directory (not a
+/// link to one) owned by the user Tidegate runs as, that no other user may
+/// write to.
+///
+/// # Errors
+/// [`LoadError::ArtifactDir`] naming the directory and what is wrong.
+pub(crate) fn prepare_dir(dir: &Path) -> Result<(), LoadError> {
+    let refuse = |reason: String| LoadError::ArtifactDir {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| refuse(format!("cannot be created: {e}")))?;
+    let meta =
+        std::fs::symlink_metadata(dir).map_err(|e| refuse(format!("cannot be inspected: {e}")))?;
+    if !meta.is_dir() {
+        return Err(refuse(
+            "is not a directory (a symbolic link is not followed)".into(),
+        ));
+    }
+    let user = rustix::process::geteuid().as_raw();
+    if meta.uid() != user {
+        return Err(refuse(format!(
+            "is owned by uid {}, not by uid {user} that Tidegate runs as: another user could \
+             plant code that Tidegate loads; use a directory of this user's own",
+            meta.uid()
+        )));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(refuse(format!(
+            "is writable by other users (mode {mode:o}): they could plant code that Tidegate \
+             loads; chmod go-w it or use another directory"
+        )));
+    }
+    Ok(())
+}
+
+/// Write `bytes` as function `name`'s artifact at `path` (in `dir`, checked
+/// first): a new 0600 temporary file in `dir`, synced, then renamed over
+/// `path` (which replaces a link there rather than writing through it).
+///
+/// # Errors
+/// [`LoadError::ArtifactDir`] when the directory is not fit (see
+/// [`prepare_dir`]), [`LoadError::Artifact`] when the file cannot be written.
+pub(crate) fn write(dir: &Path, path: &Path, name: &str, bytes: &[u8]) -> Result<Seal, LoadError> {
+    prepare_dir(dir)?;
+    let failed = |source: io::Error| LoadError::Artifact {
+        name: name.to_owned(),
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = tempfile::Builder::new()
+        .prefix(".artifact-")
+        .suffix(".tmp")
+        .make_in(dir, |temp| {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(no_follow())
+                .open(temp)
+        })
+        .map_err(failed)?;
+    file.write_all(bytes).map_err(failed)?;
+    file.as_file().sync_all().map_err(failed)?;
+    file.persist(path).map_err(|e| failed(e.error))?;
+    Ok(Seal::of(bytes))
+}
+
+/// Read the artifact at `path` if it is the file sealed by `seal`.
+///
+/// # Errors
+/// A [`Stale`] saying why it cannot be loaded.
+pub(crate) fn read(path: &Path, seal: Seal) -> Result<Vec<u8>, Stale> {
+    let mut file = open_regular(path)?;
+    let len = file.metadata().map_err(Stale::Io)?.len();
+    if len != seal.len {
+        return Err(Stale::Replaced);
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(len).map_err(|_| Stale::Replaced)?);
+    // Read one byte past the sealed length: a file that grew is not it.
+    Read::by_ref(&mut file)
+        .take(len.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(Stale::Io)?;
+    if Seal::of(&bytes) != seal {
+        return Err(Stale::Replaced);
+    }
+    Ok(bytes)
+}
+
+/// Open `path` for reading only if it is a regular file, without following
+/// a symbolic link, and without blocking on a FIFO planted in its place.
+fn open_regular(path: &Path) -> Result<File, Stale> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(no_follow() | non_blocking())
+        .open(path)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => Stale::Missing,
+            // ELOOP: the last component is a symbolic link.
+            _ if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+                Stale::NotAFile
+            }
+            _ => Stale::Io(e),
+        })?;
+    let meta = file.metadata().map_err(Stale::Io)?;
+    if !meta.is_file() {
+        return Err(Stale::NotAFile);
+    }
+    Ok(file)
+}
+
+/// `O_NOFOLLOW`, as `OpenOptionsExt::custom_flags` takes it.
+fn no_follow() -> i32 {
+    flag(rustix::fs::OFlags::NOFOLLOW)
+}
+
+/// `O_NONBLOCK`: opening a FIFO for reading would otherwise wait for a
+/// writer. It changes nothing for a regular file.
+fn non_blocking() -> i32 {
+    flag(rustix::fs::OFlags::NONBLOCK)
+}
+
+fn flag(flag: rustix::fs::OFlags) -> i32 {
+    // Open flags are small positive C ints; the conversion cannot fail.
+    i32::try_from(flag.bits()).unwrap_or(0)
+}
+
+/// The path of a function version's artifact in `dir`.
+pub(crate) fn path_in(dir: &Path, name: &str, version: &str) -> PathBuf {
+    dir.join(format!("{name}-{version}.cwasm"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir() -> (tempfile::TempDir, PathBuf) {
+        let base = tempfile::tempdir().expect("temp dir");
+        let dir = base.path().join("artifacts");
+        (base, dir)
+    }
+
+    #[test]
+    fn the_directory_is_created_0700_and_artifacts_0600() {
+        let (_base, dir) = dir();
+        let path = path_in(&dir, "f", "01");
+        write(&dir, &path, "f", b"code").expect("written");
+        let mode = |p: &Path| std::fs::metadata(p).expect("exists").permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(&dir).expect("listed").count(), 1);
+    }
+
+    #[test]
+    fn an_artifact_reads_back_only_as_written() {
+        let (_base, dir) = dir();
+        let path = path_in(&dir, "f", "01");
+        let seal = write(&dir, &path, "f", b"code").expect("written");
+        assert_eq!(read(&path, seal).expect("read"), b"code");
+
+        // Same length, other bytes.
+        std::fs::write(&path, b"evil").expect("replaced");
+        assert!(matches!(read(&path, seal), Err(Stale::Replaced)));
+        // Longer.
+        std::fs::write(&path, b"code and more").expect("replaced");
+        assert!(matches!(read(&path, seal), Err(Stale::Replaced)));
+
+        std::fs::remove_file(&path).expect("removed");
+        assert!(matches!(read(&path, seal), Err(Stale::Missing)));
+    }
+
+    #[test]
+    fn a_symbolic_link_or_a_fifo_is_not_read() {
+        let (base, dir) = dir();
+        let path = path_in(&dir, "f", "01");
+        let seal = write(&dir, &path, "f", b"code").expect("written");
+        // A link to a file with exactly the sealed contents is still refused:
+        // the file it points to could change after the check.
+        let elsewhere = base.path().join("elsewhere");
+        std::fs::write(&elsewhere, b"code").expect("written");
+        std::fs::remove_file(&path).expect("removed");
+        std::os::unix::fs::symlink(&elsewhere, &path).expect("linked");
+        assert!(matches!(read(&path, seal), Err(Stale::NotAFile)));
+
+        std::fs::remove_file(&path).expect("removed");
+        rustix::fs::mkfifoat(rustix::fs::CWD, &path, rustix::fs::Mode::RUSR).expect("fifo made");
+        assert!(matches!(read(&path, seal), Err(Stale::NotAFile)));
+    }
+
+    #[test]
+    fn writing_replaces_a_link_instead_of_writing_through_it() {
+        let (base, dir) = dir();
+        let path = path_in(&dir, "f", "01");
+        write(&dir, &path, "f", b"first").expect("written");
+        let target = base.path().join("target");
+        std::fs::write(&target, b"theirs").expect("written");
+        std::fs::remove_file(&path).expect("removed");
+        std::os::unix::fs::symlink(&target, &path).expect("linked");
+        let seal = write(&dir, &path, "f", b"second").expect("written");
+        assert_eq!(std::fs::read(&target).expect("read"), b"theirs");
+        assert_eq!(read(&path, seal).expect("read"), b"second");
+    }
+
+    #[test]
+    fn a_directory_others_can_write_to_is_refused() {
+        let (_base, dir) = dir();
+        std::fs::create_dir(&dir).expect("created");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let error = prepare_dir(&dir).expect_err("refused");
+        assert!(
+            error.to_string().contains(&dir.display().to_string()),
+            "{error}"
+        );
+        assert!(
+            error.to_string().contains("writable by other users"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_link_in_place_of_the_directory_is_refused() {
+        let (base, dir) = dir();
+        let real = base.path().join("real");
+        std::fs::create_dir(&real).expect("created");
+        std::os::unix::fs::symlink(&real, &dir).expect("linked");
+        let error = prepare_dir(&dir).expect_err("refused");
+        assert!(error.to_string().contains("not a directory"), "{error}");
+    }
+}
