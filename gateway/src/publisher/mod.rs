@@ -207,17 +207,24 @@ impl Publisher {
         node: String,
         metrics: Metrics,
     ) -> Result<(Self, PublisherTask), SpoolError> {
-        Self::start_with(settings, node, metrics, Broker::Amqp)
+        let spool = Spool::open(&settings.spool_dir, settings.spool_max_bytes)?;
+        Ok(Self::start_with(
+            settings,
+            node,
+            metrics,
+            Broker::Amqp,
+            spool,
+        ))
     }
 
-    /// [`Publisher::start`] with the broker to reach.
+    /// [`Publisher::start`] with the broker to reach and the spool opened.
     fn start_with(
         settings: QueueSettings,
         node: String,
         metrics: Metrics,
         broker: Broker,
-    ) -> Result<(Self, PublisherTask), SpoolError> {
-        let spool = Spool::open(&settings.spool_dir, settings.spool_max_bytes)?;
+        spool: Spool,
+    ) -> (Self, PublisherTask) {
         let status = Arc::new(Status::default());
         let ready_on_accept = settings.mode == QueueMode::Async;
         let (requests, receiver) = mpsc::channel(settings.max_in_flight.get());
@@ -240,14 +247,14 @@ impl Publisher {
         };
         worker.update_status();
         let handle = tokio::spawn(worker.run(closing));
-        Ok((
+        (
             Self {
                 requests,
                 status,
                 ready_on_accept,
             },
             PublisherTask { close, handle },
-        ))
+        )
     }
 
     /// Hand a copy to the publisher. Waits while the publisher is saturated
@@ -409,6 +416,10 @@ impl Worker {
                 }
                 _ = health.tick() => {
                     self.check_link().await;
+                    if !self.spool.has_room() {
+                        // A disk that refused a write may have room again.
+                        self.spool.retry();
+                    }
                     self.write_stranded();
                 }
                 _ = sleep_until_opt(deadline) => {
@@ -634,7 +645,13 @@ impl Worker {
             match self.spool.append(&request.message) {
                 Ok(()) => written.push(request),
                 Err(SpoolError::Full { .. }) => refused.push((request, PublishError::SpoolFull)),
-                Err(e) => refused.push((request, PublishError::SpoolFailed(e.to_string()))),
+                Err(e) => {
+                    // The disk refused: the batch so far is dropped with
+                    // this record, and none of it will be replayed.
+                    let error = PublishError::SpoolFailed(e.to_string());
+                    refused.extend(written.drain(..).map(|r| (r, error.clone())));
+                    refused.push((request, error));
+                }
             }
         }
         // Readiness and the spool gauges change before any client hears
@@ -684,11 +701,14 @@ impl Worker {
         if self.stranded.is_empty() {
             return true;
         }
-        let written = self
-            .stranded
-            .iter()
-            .try_for_each(|message| self.spool.append(message))
-            .and_then(|()| self.spool.sync());
+        let mut written = Ok(());
+        for message in &self.stranded {
+            written = self.spool.append(message);
+            if written.is_err() {
+                break;
+            }
+        }
+        let written = written.and_then(|()| self.spool.sync());
         match written {
             Ok(()) => {
                 tracing::info!(
@@ -707,6 +727,8 @@ impl Worker {
                 true
             }
             Err(e) => {
+                // All or none: they stay in order, ahead of anything newer.
+                self.spool.drop_batch();
                 tracing::debug!("copies in doubt still wait for the disk: {e}");
                 self.update_status();
                 false

@@ -14,9 +14,15 @@
 //! acknowledged to a client) is cut off with a warning; a corrupt record
 //! elsewhere is moved aside, with everything after it, into a
 //! `spool.corrupt.<time>` file and reported, never silently dropped.
+//!
+//! Records are stored in batches: appended, then written and fsync'ed by
+//! [`Spool::sync`]. When a write or fsync fails (a full disk), the log is
+//! cut back to its length after the last good sync and the whole batch is
+//! refused, so no partial record is left to shift the framing of later
+//! ones, and no refused record is ever replayed.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use super::message::QueueMessage;
@@ -24,6 +30,41 @@ use super::message::QueueMessage;
 /// Largest body a record may claim; anything larger is corruption.
 const MAX_RECORD: u32 = 64 << 20;
 const HEADER: u64 = 8;
+/// Appended bytes held in memory before they are written to the log, so a
+/// batch of small records costs few writes and a batch of large ones
+/// little memory.
+const WRITE_CHUNK: usize = 64 << 10;
+
+/// Where the log's bytes go: the file, or in tests a disk that fills up.
+pub(super) trait LogFile: Send {
+    /// Append `bytes` at the end of the log. On error, part of them may
+    /// have been written.
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Make what was appended durable.
+    fn sync(&mut self) -> io::Result<()>;
+    /// Cut the log to `len` bytes, durably.
+    fn truncate(&mut self, len: u64) -> io::Result<()>;
+}
+
+impl LogFile for File {
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        // The file is opened in append mode: this writes at its end, also
+        // right after a truncation.
+        self.write_all(bytes)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.sync_data()
+    }
+
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.set_len(len)?;
+        // A cut that is not durable could bring back, after a power loss,
+        // bytes the spool no longer counts: refused records, or records
+        // already confirmed by the broker.
+        self.sync_all()
+    }
+}
 
 /// What can go wrong with the spool.
 #[derive(Debug, thiserror::Error)]
@@ -53,14 +94,28 @@ pub enum SpoolError {
 pub struct Spool {
     /// The spool directory.
     dir: PathBuf,
-    /// `spool.log`, for appending (buffered until [`Spool::sync`]).
-    writer: BufWriter<File>,
+    /// `spool.log`, for appending.
+    log: Box<dyn LogFile>,
+    /// Records appended and not yet written to the log (at most about
+    /// [`WRITE_CHUNK`] bytes).
+    pending: Vec<u8>,
     /// `spool.log`, for reading during replay.
     reader: File,
     /// Held for the spool's lifetime: the exclusive lock.
     _lock: File,
-    /// End of the log, including buffered records.
+    /// End of the log, including records not yet synced.
     len: u64,
+    /// End of the log after the last good [`Spool::sync`]: what replay
+    /// reads, and where a failed write is cut back to.
+    synced_len: u64,
+    /// Records appended since the last good sync (counted in `messages`).
+    unsynced: u64,
+    /// A failed write could not be cut back: the log may end with bytes
+    /// past `synced_len`, so nothing is appended until a cut succeeds.
+    needs_cut: bool,
+    /// The last write to the log failed (cleared by a good sync, or at the
+    /// next [`Spool::retry`]).
+    failing: bool,
     /// Offset of the first unconfirmed record.
     head: u64,
     /// Records between `head` and `len`.
@@ -84,6 +139,16 @@ impl Spool {
     /// [`SpoolError::Locked`] when another process uses `dir`;
     /// [`SpoolError::Io`] when it cannot be created or read.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, SpoolError> {
+        Self::open_with(dir, max_bytes, |file| Box::new(file))
+    }
+
+    /// [`Spool::open`], writing the log through what `log` makes of the
+    /// file.
+    pub(super) fn open_with(
+        dir: &Path,
+        max_bytes: u64,
+        log: impl FnOnce(File) -> Box<dyn LogFile>,
+    ) -> Result<Self, SpoolError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| SpoolError::Io { path, source }
@@ -118,10 +183,15 @@ impl Spool {
         let len = file.metadata().map_err(io(&log_path))?.len();
         let mut spool = Self {
             dir: dir.to_path_buf(),
-            writer: BufWriter::with_capacity(64 << 10, file),
+            log: log(file),
+            pending: Vec::new(),
             reader,
             _lock: lock,
             len,
+            synced_len: len,
+            unsynced: 0,
+            needs_cut: false,
+            failing: false,
             head: 0,
             messages: 0,
             max_bytes,
@@ -157,9 +227,10 @@ impl Spool {
     }
 
     /// Whether the spool takes copies: it is under its limit (counting
-    /// reserved room) and did not just refuse one.
+    /// reserved room), did not just refuse one, and its last write did not
+    /// fail.
     pub fn has_room(&self) -> bool {
-        self.len + self.reserved < self.max_bytes && !self.refused
+        self.len + self.reserved < self.max_bytes && !self.refused && !self.failing
     }
 
     /// Hold `bytes` of room (a [`record_bound`]) for a copy that is being
@@ -185,16 +256,19 @@ impl Spool {
         self.head
     }
 
-    /// End of the log.
+    /// End of the stored log (as of the last good [`Spool::sync`]).
     pub fn end(&self) -> u64 {
-        self.len
+        self.synced_len
     }
 
-    /// Append a record (buffered; call [`Spool::sync`] before
-    /// acknowledging it).
+    /// Append a record to the current batch; [`Spool::sync`] stores the
+    /// batch, and only then may its clients be told.
     ///
     /// # Errors
-    /// [`SpoolError::Full`] when it does not fit; [`SpoolError::Io`].
+    /// [`SpoolError::Full`] when it does not fit (nothing else changes);
+    /// [`SpoolError::Io`] when the disk refuses: the whole batch, this
+    /// record and those appended before it since the last sync, is then
+    /// dropped, and none of them is stored.
     pub fn append(&mut self, message: &QueueMessage) -> Result<(), SpoolError> {
         let body = postcard::to_stdvec(message).map_err(|e| self.io_error(io::Error::other(e)))?;
         let record_len = HEADER + body.len() as u64;
@@ -204,31 +278,109 @@ impl Spool {
                 max_bytes: self.max_bytes,
             });
         }
-        let mut header = [0u8; HEADER as usize];
-        header[..4].copy_from_slice(&(body.len() as u32).to_le_bytes());
-        header[4..].copy_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        let write = self
-            .writer
-            .write_all(&header)
-            .and_then(|()| self.writer.write_all(&body));
-        write.map_err(|e| self.io_error(e))?;
+        self.cut_if_needed()?;
+        // The record goes in whole (header and body) or not at all.
+        self.pending.reserve(record_len as usize);
+        self.pending
+            .extend_from_slice(&(body.len() as u32).to_le_bytes());
+        self.pending
+            .extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        self.pending.extend_from_slice(&body);
         self.len += record_len;
         self.messages += 1;
+        self.unsynced += 1;
         self.refused = false;
+        if self.pending.len() >= WRITE_CHUNK {
+            let written = self.log.append(&self.pending);
+            self.pending.clear();
+            if let Err(e) = written {
+                return Err(self.roll_back(e));
+            }
+        }
         Ok(())
     }
 
-    /// Write buffered records and fsync them: after this returns they
+    /// Write the batch and fsync it: after this returns its records
     /// survive a crash.
     ///
     /// # Errors
-    /// [`SpoolError::Io`] when the disk refuses.
+    /// [`SpoolError::Io`] when the disk refuses: the batch is dropped (the
+    /// log is cut back to its last good length) and none of its records is
+    /// stored.
     pub fn sync(&mut self) -> Result<(), SpoolError> {
-        self.writer.flush().map_err(|e| self.io_error(e))?;
-        self.writer
-            .get_ref()
-            .sync_data()
-            .map_err(|e| self.io_error(e))
+        if self.unsynced == 0 {
+            return Ok(());
+        }
+        let written = if self.pending.is_empty() {
+            Ok(())
+        } else {
+            self.log.append(&self.pending)
+        };
+        self.pending.clear();
+        match written.and_then(|()| self.log.sync()) {
+            Ok(()) => {
+                self.synced_len = self.len;
+                self.unsynced = 0;
+                self.failing = false;
+                Ok(())
+            }
+            Err(e) => Err(self.roll_back(e)),
+        }
+    }
+
+    /// Drop the records appended since the last sync: none of them will be
+    /// stored.
+    pub fn drop_batch(&mut self) {
+        if self.unsynced > 0 {
+            self.cut_back();
+        }
+    }
+
+    /// A write or fsync failed: drop the batch (see [`Spool::cut_back`]).
+    fn roll_back(&mut self, cause: io::Error) -> SpoolError {
+        self.failing = true;
+        self.cut_back();
+        self.io_error(cause)
+    }
+
+    /// Forget the batch and cut the log back to its last good length, so
+    /// that no partial record shifts the framing of the next ones and no
+    /// dropped record is ever replayed (after a failed fsync, even bytes
+    /// that were written are not trusted).
+    fn cut_back(&mut self) {
+        self.pending.clear();
+        self.messages -= self.unsynced;
+        self.unsynced = 0;
+        self.len = self.synced_len;
+        self.needs_cut = true;
+        if let Err(e) = self.cut_if_needed() {
+            tracing::error!("{e}; nothing more is appended until it can be cut");
+        }
+    }
+
+    /// Cut off what a failed write left past the last good length.
+    fn cut_if_needed(&mut self) -> Result<(), SpoolError> {
+        if self.needs_cut {
+            self.log.truncate(self.synced_len).map_err(|e| {
+                self.io_error(io::Error::new(
+                    e.kind(),
+                    format!("cutting back a failed write: {e}"),
+                ))
+            })?;
+            self.needs_cut = false;
+        }
+        Ok(())
+    }
+
+    /// After a failed write: try the cut again and let the next copy try
+    /// the disk (it may have room again). Returns whether the spool may be
+    /// written.
+    pub fn retry(&mut self) -> bool {
+        if self.cut_if_needed().is_err() {
+            return false;
+        }
+        self.failing = false;
+        true
     }
 
     /// Read the record at `offset`; returns it and the next offset, or
@@ -237,10 +389,11 @@ impl Spool {
     /// # Errors
     /// [`SpoolError::Io`] when the record cannot be read or is corrupt.
     pub fn read_at(&mut self, offset: u64) -> Result<Option<(QueueMessage, u64)>, SpoolError> {
-        if offset >= self.len {
+        // Only synced records: those of a batch not yet stored may still
+        // be refused.
+        if offset >= self.synced_len {
             return Ok(None);
         }
-        self.writer.flush().map_err(|e| self.io_error(e))?;
         match read_record(&mut self.reader, offset) {
             Ok(Some((body, next))) => match postcard::from_bytes(&body) {
                 Ok(message) => Ok(Some((message, next))),
@@ -257,19 +410,12 @@ impl Spool {
     /// # Errors
     /// [`SpoolError::Io`] when the head or the log cannot be written.
     pub fn confirm_until(&mut self, offset: u64, records: u64) -> Result<(), SpoolError> {
-        self.head = offset.min(self.len);
+        self.head = offset.min(self.synced_len);
         self.messages = self.messages.saturating_sub(records);
         if self.head == self.len {
-            self.writer.flush().map_err(|e| self.io_error(e))?;
-            self.writer
-                .get_ref()
-                .set_len(0)
-                .map_err(|e| self.io_error(e))?;
-            self.writer
-                .get_ref()
-                .sync_all()
-                .map_err(|e| self.io_error(e))?;
+            self.log.truncate(0).map_err(|e| self.io_error(e))?;
             self.len = 0;
+            self.synced_len = 0;
             self.head = 0;
             self.messages = 0;
             self.refused = false;
@@ -337,11 +483,9 @@ impl Spool {
                 path: aside.clone(),
                 source,
             })?;
-            self.writer
-                .get_ref()
-                .set_len(offset)
-                .map_err(|e| self.io_error(e))?;
+            self.log.truncate(offset).map_err(|e| self.io_error(e))?;
             self.len = offset;
+            self.synced_len = offset;
             tracing::error!(
                 spool = %self.dir.display(),
                 offset,
@@ -438,8 +582,88 @@ fn read_record(file: &mut File, offset: u64) -> io::Result<Option<(Vec<u8>, u64)
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
     use super::*;
+
+    /// A disk with little room: a write that does not fit writes what fits
+    /// and fails, as on a full filesystem, and a cut frees room. Clones
+    /// share the disk, so a test can free room while a spool uses it.
+    #[derive(Clone, Default)]
+    pub struct SmallDisk {
+        /// Bytes that can still be written.
+        free: Arc<AtomicU64>,
+        /// Whether fsync fails.
+        fail_syncs: Arc<AtomicBool>,
+    }
+
+    impl SmallDisk {
+        /// A disk with `free` bytes left.
+        pub fn new(free: u64) -> Self {
+            let disk = Self::default();
+            disk.set_free(free);
+            disk
+        }
+
+        /// Make `free` bytes available.
+        pub fn set_free(&self, free: u64) {
+            self.free.store(free, Ordering::SeqCst);
+        }
+
+        /// Make fsync fail, or work again.
+        pub fn fail_syncs(&self, fail: bool) {
+            self.fail_syncs.store(fail, Ordering::SeqCst);
+        }
+
+        /// The log `file`, written through this disk.
+        pub fn wrap(&self, file: File) -> SmallDiskLog {
+            SmallDiskLog {
+                file,
+                disk: self.clone(),
+            }
+        }
+    }
+
+    /// A log file on a [`SmallDisk`].
+    pub struct SmallDiskLog {
+        file: File,
+        disk: SmallDisk,
+    }
+
+    impl LogFile for SmallDiskLog {
+        fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+            let fits = bytes
+                .len()
+                .min(self.disk.free.load(Ordering::SeqCst) as usize);
+            self.file.write_all(&bytes[..fits])?;
+            self.disk.free.fetch_sub(fits as u64, Ordering::SeqCst);
+            if fits < bytes.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    "no space left on device (small test disk)",
+                ));
+            }
+            Ok(())
+        }
+
+        fn sync(&mut self) -> io::Result<()> {
+            if self.disk.fail_syncs.load(Ordering::SeqCst) {
+                return Err(io::Error::other("fsync failed (small test disk)"));
+            }
+            self.file.sync_data()
+        }
+
+        fn truncate(&mut self, len: u64) -> io::Result<()> {
+            let before = self.file.metadata()?.len();
+            self.file.set_len(len)?;
+            self.disk
+                .free
+                .fetch_add(before.saturating_sub(len), Ordering::SeqCst);
+            self.file.sync_all()
+        }
+    }
 
     fn message(n: u32) -> QueueMessage {
         QueueMessage::new(
@@ -589,9 +813,9 @@ mod tests {
                 body: vec![1; size],
                 ..message(0)
             };
-            let before = spool.end();
+            let before = spool.bytes();
             spool.append(&copy).unwrap();
-            let actual = spool.end() - before;
+            let actual = spool.bytes() - before;
             let bound = record_bound(&copy);
             assert!(bound >= actual, "{bound} < {actual} for {size} bytes");
             assert!(bound - actual <= 80, "{bound} is far above {actual}");
@@ -618,6 +842,217 @@ mod tests {
         spool.append(&copy).unwrap();
         spool.append(&copy).unwrap();
         assert_eq!(spool.messages(), 3);
+    }
+
+    /// The bodies of the records a fresh [`Spool::open`] of `dir` replays,
+    /// and whether it found anything to move aside.
+    fn reopened(dir: &Path) -> (Vec<String>, bool) {
+        let mut spool = Spool::open(dir, 64 << 20).unwrap();
+        let bodies = replay(&mut spool)
+            .into_iter()
+            .map(|m| String::from_utf8(m.body).unwrap())
+            .collect();
+        let moved_aside = std::fs::read_dir(dir).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("spool.corrupt.")
+        });
+        (bodies, moved_aside)
+    }
+
+    fn bodies(range: impl Iterator<Item = u32>) -> Vec<String> {
+        range.map(|n| format!("message {n}")).collect()
+    }
+
+    #[test]
+    fn a_full_disk_refuses_whole_batches_and_keeps_the_framing() {
+        let dir = tempfile::tempdir().unwrap();
+        // Every record of messages 10 to 99 has the same size.
+        let record = {
+            let scratch = tempfile::tempdir().unwrap();
+            let mut spool = Spool::open(scratch.path(), 1 << 20).unwrap();
+            spool.append(&message(10)).unwrap();
+            spool.bytes()
+        };
+        let disk = SmallDisk::new(3 * record + record / 2);
+        let mut spool =
+            Spool::open_with(dir.path(), 1 << 20, |file| Box::new(disk.wrap(file))).unwrap();
+        for n in 10..13 {
+            spool.append(&message(n)).unwrap();
+            spool.sync().unwrap();
+        }
+        // Half of the next record fits: the write fails part way.
+        spool.append(&message(13)).unwrap();
+        assert!(matches!(spool.sync(), Err(SpoolError::Io { .. })));
+        assert_eq!(spool.messages(), 3);
+        assert_eq!(spool.end(), 3 * record);
+        assert_eq!(
+            std::fs::metadata(dir.path().join("spool.log"))
+                .unwrap()
+                .len(),
+            3 * record,
+            "the partial record is cut off"
+        );
+        assert!(!spool.has_room(), "a failing spool takes no copies");
+        spool.append(&message(14)).unwrap();
+        assert!(spool.sync().is_err());
+        // Room again, but fsync fails: the batch is dropped whole.
+        disk.set_free(1 << 20);
+        assert!(spool.retry());
+        assert!(spool.has_room());
+        disk.fail_syncs(true);
+        spool.append(&message(15)).unwrap();
+        spool.append(&message(16)).unwrap();
+        assert!(spool.sync().is_err());
+        assert_eq!(spool.messages(), 3);
+        disk.fail_syncs(false);
+        spool.append(&message(17)).unwrap();
+        spool.sync().unwrap();
+        assert!(spool.has_room());
+        assert_eq!(replay(&mut spool).len(), 4);
+        drop(spool);
+        let (replayed, moved_aside) = reopened(dir.path());
+        assert_eq!(replayed, bodies([10, 11, 12, 17].into_iter()));
+        assert!(!moved_aside, "the log's framing broke");
+    }
+
+    #[test]
+    fn a_batch_larger_than_a_write_is_dropped_whole_when_the_disk_fills_mid_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = SmallDisk::new(50 << 10);
+        let mut spool =
+            Spool::open_with(dir.path(), 64 << 20, |file| Box::new(disk.wrap(file))).unwrap();
+        spool.append(&message(0)).unwrap();
+        spool.sync().unwrap();
+        let big = |n: u32| QueueMessage {
+            body: vec![b'x'; 30 << 10],
+            ..message(n)
+        };
+        // Written in chunks as the batch grows: the disk fills part way.
+        let failed = (1..6).find_map(|n| spool.append(&big(n)).err());
+        assert!(matches!(failed, Some(SpoolError::Io { .. })), "{failed:?}");
+        assert!(spool.sync().is_ok(), "nothing is left to sync");
+        assert_eq!(spool.messages(), 1);
+        drop(spool);
+        let (replayed, moved_aside) = reopened(dir.path());
+        assert_eq!(replayed, bodies(0..1));
+        assert!(!moved_aside);
+    }
+
+    /// A tmpfs of `size` mounted on a temporary directory, unmounted when
+    /// dropped (also when a test fails).
+    struct SmallFilesystem {
+        dir: Option<tempfile::TempDir>,
+    }
+
+    impl SmallFilesystem {
+        /// `None` when mounting needs privileges this process lacks.
+        fn mount(size: &str) -> Option<Self> {
+            let dir = tempfile::tempdir().unwrap();
+            let status = std::process::Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size},mode=0700"),
+                    "tmpfs",
+                ])
+                .arg(dir.path())
+                .status();
+            match status {
+                Ok(status) if status.success() => Some(Self { dir: Some(dir) }),
+                other => {
+                    println!("skipped: cannot mount a tmpfs ({other:?}); run as root to test");
+                    None
+                }
+            }
+        }
+
+        fn path(&self) -> &Path {
+            self.dir.as_ref().map(|d| d.path()).unwrap()
+        }
+    }
+
+    impl Drop for SmallFilesystem {
+        fn drop(&mut self) {
+            if let Some(dir) = self.dir.take() {
+                let _ = std::process::Command::new("umount")
+                    .arg(dir.path())
+                    .status();
+                drop(dir);
+            }
+        }
+    }
+
+    #[test]
+    fn on_a_real_full_filesystem_nothing_stored_is_lost_and_nothing_refused_is_replayed() {
+        // Mounting needs root (as here and in CI).
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|out| out.stdout.starts_with(b"0\n"));
+        if !root {
+            println!("skipped: mounting a small filesystem needs root");
+            return;
+        }
+        let Some(fs) = SmallFilesystem::mount("256k") else {
+            return;
+        };
+        let spool_dir = fs.path().join("spool");
+        let mut spool = Spool::open(&spool_dir, 64 << 20).unwrap();
+        // Fill the filesystem, then free a little room for the spool.
+        let ballast_path = fs.path().join("ballast");
+        let mut ballast = File::create(&ballast_path).unwrap();
+        while ballast.write_all(&[0; 4096]).is_ok() {}
+        let full = ballast.metadata().unwrap().len();
+        ballast.set_len(full - 10_000).unwrap();
+        let copy = |n: u32| QueueMessage {
+            body: format!("message {n} {}", "x".repeat(900)).into_bytes(),
+            ..message(n)
+        };
+        let mut stored = Vec::new();
+        let mut refused = 0;
+        let mut n = 0;
+        while refused < 5 {
+            spool.append(&copy(n)).unwrap();
+            match spool.sync() {
+                Ok(()) => stored.push(n),
+                Err(e) => {
+                    assert!(matches!(e, SpoolError::Io { .. }), "{e}");
+                    refused += 1;
+                }
+            }
+            n += 1;
+        }
+        assert!(
+            stored.len() >= 5,
+            "{} records fit in about 10 KB",
+            stored.len()
+        );
+        // Room again: the spool takes records where it left off.
+        drop(ballast);
+        std::fs::remove_file(&ballast_path).unwrap();
+        assert!(spool.retry());
+        for _ in 0..5 {
+            spool.append(&copy(n)).unwrap();
+            spool.sync().unwrap();
+            stored.push(n);
+            n += 1;
+        }
+        drop(spool);
+        let mut spool = Spool::open(&spool_dir, 64 << 20).unwrap();
+        let replayed: Vec<_> = replay(&mut spool).into_iter().map(|m| m.body).collect();
+        let expected: Vec<_> = stored.iter().map(|&n| copy(n).body).collect();
+        assert_eq!(replayed.len(), expected.len(), "stored {stored:?}");
+        assert!(replayed == expected, "replayed other records than stored");
+        let moved_aside = std::fs::read_dir(&spool_dir).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("spool.corrupt.")
+        });
+        assert!(!moved_aside, "the log's framing broke");
     }
 
     #[test]

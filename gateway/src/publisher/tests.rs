@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::scripted::{self, Control, Published};
+use super::spool::tests::SmallDisk;
 use super::*;
 use crate::config::QueueMode;
 
@@ -52,19 +53,35 @@ struct Harness {
 impl Harness {
     /// Start a publisher; the broker is reachable when `reachable`.
     async fn start(reachable: bool, tweak: impl FnOnce(&mut QueueSettings)) -> Self {
+        Self::start_on(None, reachable, tweak).await
+    }
+
+    /// [`Harness::start`] with the spool on `disk`, when given.
+    async fn start_on(
+        disk: Option<&SmallDisk>,
+        reachable: bool,
+        tweak: impl FnOnce(&mut QueueSettings),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut settings = settings(dir.path());
         tweak(&mut settings);
         let (broker, control) = scripted::broker();
         control.set_reachable(reachable);
         let metrics = Metrics::new().unwrap();
+        let spool = match disk {
+            Some(disk) => Spool::open_with(dir.path(), settings.spool_max_bytes, |file| {
+                Box::new(disk.wrap(file))
+            }),
+            None => Spool::open(dir.path(), settings.spool_max_bytes),
+        }
+        .unwrap();
         let (publisher, task) = Publisher::start_with(
             settings,
             "node".into(),
             metrics.clone(),
             Broker::Scripted(broker),
-        )
-        .unwrap();
+            spool,
+        );
         let harness = Self {
             publisher,
             task,
@@ -499,5 +516,78 @@ async fn a_copy_waiting_for_spool_room_goes_out_once_a_confirm_frees_it() {
     for receipt in receipts {
         assert!(matches!(receipt.durable().await, Ok(Durability::Confirmed)));
     }
+    assert!(h.finish().await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_copy_the_disk_refuses_is_never_published_and_one_it_took_is_never_lost() {
+    let disk = SmallDisk::new(2 * record_bound(&big_copy(0)) + 100);
+    let mut h = Harness::start_on(Some(&disk), false, |_| {}).await;
+    let mut outcomes = Vec::new();
+    // One at a time, so each is a batch of its own.
+    for n in 0..4 {
+        let receipt = h.publisher.publish(big_copy(n)).await.unwrap();
+        outcomes.push(receipt.durable().await);
+    }
+    assert!(matches!(outcomes[0], Ok(Durability::Spooled)));
+    assert!(matches!(outcomes[1], Ok(Durability::Spooled)));
+    assert!(matches!(outcomes[2], Err(PublishError::SpoolFailed(_))));
+    assert!(matches!(outcomes[3], Err(PublishError::SpoolFailed(_))));
+    assert!(!h.publisher.is_ready(), "the disk refuses copies");
+    // The disk has room again.
+    disk.set_free(1 << 20);
+    for receipt in h.publish_big(4..6).await {
+        assert!(matches!(receipt.durable().await, Ok(Durability::Spooled)));
+    }
+    assert!(h.publisher.is_ready());
+    h.broker.set_reachable(true);
+    let mut replayed = Vec::new();
+    while replayed.len() < 4 {
+        let published = h.broker.next().await;
+        replayed.push(published.name());
+        published.ack();
+    }
+    assert_eq!(replayed, ["copy 0", "copy 1", "copy 4", "copy 5"]);
+    h.until(|h| h.spooled() == 0).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        h.broker.try_next().is_none(),
+        "a refused copy was published"
+    );
+    assert!(h.finish().await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn copies_in_doubt_the_disk_refuses_are_kept_until_it_has_room() {
+    let disk = SmallDisk::new(1 << 20);
+    let mut h = Harness::start_on(Some(&disk), true, async_mode(8)).await;
+    let receipts = h.publish_big(0..3).await;
+    let published = h.broker.take(3).await;
+    for mut receipt in receipts {
+        assert!(matches!(receipt.try_ready(), Some(Ok(()))), "replied");
+    }
+    // The disk fills, then the link drops before any confirm.
+    disk.set_free(0);
+    h.broker.cut();
+    drop(published);
+    h.until(|h| !h.publisher.is_ready()).await;
+    assert_eq!(h.spooled(), 0);
+    // New copies are refused: they would overtake those in doubt.
+    let refused = h.publish_big(3..4).await.pop().unwrap();
+    assert!(matches!(
+        refused.ready().await,
+        Err(PublishError::SpoolFailed(_))
+    ));
+    // The broker is back before the disk: still nothing overtakes them.
+    h.until(|h| h.broker.links_opened() == 2).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(h.broker.try_next().is_none());
+    disk.set_free(1 << 20);
+    h.until(|h| h.spooled() == 3).await;
+    let replayed = h.broker.take(3).await;
+    assert_eq!(bodies(&replayed), names(0..3));
+    replayed.into_iter().for_each(Published::ack);
+    h.until(|h| h.spooled() == 0).await;
+    assert!(h.publisher.is_ready());
     assert!(h.finish().await.is_empty());
 }
