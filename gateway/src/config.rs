@@ -170,6 +170,7 @@ struct RawRuntime {
     #[serde(default, with = "humantime_serde")]
     unload_after: Option<Duration>,
     max_log_line: Option<usize>,
+    max_log_lines_per_second: Option<u32>,
     keep_resident: Option<usize>,
     max_queued: Option<usize>,
     on_error: Option<String>,
@@ -1236,6 +1237,11 @@ impl RawRuntime {
                 defaults.max_log_line,
                 80,
             )?,
+            max_log_lines_per_second: nz(
+                "runtime.max_log_lines_per_second",
+                self.max_log_lines_per_second,
+                defaults.max_log_lines_per_second,
+            )?,
             keep_resident: {
                 let bytes = self.keep_resident.unwrap_or(defaults.keep_resident);
                 if bytes > memory_limit {
@@ -1665,5 +1671,28 @@ mod tests {
         let settings = Settings::from_sources(None, env, true).unwrap();
         assert_eq!(settings.server.listen.port(), 0);
         assert_eq!(settings.queue.queue, "mine");
+    }
+
+    #[test]
+    fn guest_log_lines_per_second_default_to_100_and_are_at_least_1() {
+        let file = write(MINIMAL);
+        let settings = Settings::from_sources(Some(file.path()), vec![], false).unwrap();
+        assert_eq!(settings.runtime.max_log_lines_per_second.get(), 100);
+
+        let set = |value: &str| {
+            let file = write(MINIMAL);
+            let env = vec![(
+                "TIDEGATE__RUNTIME__MAX_LOG_LINES_PER_SECOND".into(),
+                value.into(),
+            )];
+            Settings::from_sources(Some(file.path()), env, false)
+        };
+        let settings = set("20").unwrap();
+        assert_eq!(settings.runtime.max_log_lines_per_second.get(), 20);
+        let error = set("0").unwrap_err().to_string();
+        assert!(
+            error.contains("runtime.max_log_lines_per_second"),
+            "{error}"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! The one place the `tidegate:gateway` world is turned into Rust.
 
+use crate::guest_log::Level;
 use crate::host::HostState;
 
 wasmtime::component::bindgen!({
@@ -14,14 +15,13 @@ impl tidegate::gateway::types::Host for HostState {}
 
 impl tidegate::gateway::logging::Host for HostState {
     fn log(&mut self, level: tidegate::gateway::logging::Level, message: String) {
-        use tidegate::gateway::logging::Level;
-        let function = self.function_name();
-        let message = self.clip_log_line(&message);
-        match level {
-            Level::Debug => tracing::debug!(target: "tidegate::function", function, "{message}"),
-            Level::Info => tracing::info!(target: "tidegate::function", function, "{message}"),
-            Level::Warn => tracing::warn!(target: "tidegate::function", function, "{message}"),
-            Level::Error => tracing::error!(target: "tidegate::function", function, "{message}"),
-        }
+        use tidegate::gateway::logging::Level as Guest;
+        let level = match level {
+            Guest::Debug => Level::Debug,
+            Guest::Info => Level::Info,
+            Guest::Warn => Level::Warn,
+            Guest::Error => Level::Error,
+        };
+        self.guest_log().line(level, "log", &message);
     }
 }

@@ -4,6 +4,14 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Default of [`RuntimeConfig::max_log_lines_per_second`]: enough for a
+/// function that logs a line per message at a modest rate, too few to
+/// flood the log.
+pub const DEFAULT_MAX_LOG_LINES_PER_SECOND: NonZeroU32 = match NonZeroU32::new(100) {
+    Some(n) => n,
+    None => panic!("100 is not zero"),
+};
+
 /// Limits and timeouts of the function runtime.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
@@ -44,6 +52,10 @@ pub struct RuntimeConfig {
     pub unload_after: Duration,
     /// Largest log line a function may write; longer lines are cut.
     pub max_log_line: usize,
+    /// Most log lines (stdout, stderr and the logging import together) one
+    /// function may write per second, all its instances together; further
+    /// lines are dropped and counted.
+    pub max_log_lines_per_second: NonZeroU32,
     /// Bytes at the start of an instance's memory kept mapped (and reset
     /// by memset) when the instance is released, so the next instance in
     /// that slot starts without page faults. Returned to the system when
@@ -66,6 +78,7 @@ impl Default for RuntimeConfig {
             idle_timeout: Duration::from_secs(60),
             unload_after: Duration::from_secs(600),
             max_log_line: 4096,
+            max_log_lines_per_second: DEFAULT_MAX_LOG_LINES_PER_SECOND,
             keep_resident: 1280 << 10,
         }
     }

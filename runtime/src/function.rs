@@ -23,6 +23,7 @@ use crate::clock::{micros, millis};
 use crate::config::RuntimeConfig;
 use crate::engine::Engine;
 use crate::error::{InvokeError, LoadError};
+use crate::guest_log::GuestLog;
 use crate::host::{DeadlineExceeded, HostState, MemoryLimitExceeded};
 use crate::metrics::RuntimeMetrics;
 
@@ -49,6 +50,9 @@ pub struct Function {
     /// lock also makes concurrent cold starts of unloaded code wait for one
     /// load instead of each reading (or compiling) the code.
     seal: tokio::sync::Mutex<Option<Seal>>,
+    /// Where the guest's log lines go, escaped and rate-limited; shared by
+    /// its instances.
+    log: Arc<GuestLog>,
     /// Bounds the instances of this function alive at once.
     permits: Arc<Semaphore>,
     /// Calls waiting for a permit now.
@@ -174,6 +178,13 @@ impl Function {
         let artifact_path = artifact::path_in(&config.artifact_dir, name, &version);
         let bytes = component.serialize().map_err(invalid)?;
         let seal = artifact::write(&config.artifact_dir, &artifact_path, name, &bytes)?;
+        let log = Arc::new(GuestLog::new(
+            name.into(),
+            config.max_log_line,
+            config.max_log_lines_per_second,
+            engine.clock().clone(),
+            metrics.log_lines_dropped.with_label_values(&[name]),
+        ));
         let metrics = FunctionMetrics::new(metrics, name);
         metrics.code_loaded.set(1);
         metrics.instances.set(0);
@@ -181,6 +192,7 @@ impl Function {
         Ok(Self {
             name: name.into(),
             version,
+            log,
             permits: Arc::new(Semaphore::new(config.max_instances.get() as usize)),
             queued: AtomicUsize::new(0),
             engine,
@@ -515,10 +527,9 @@ impl Function {
 
     async fn instantiate(&self, pre: &HandlerPre<HostState>) -> Result<Instance, InvokeError> {
         let state = HostState::new(
-            self.name.clone(),
+            self.log.clone(),
             self.engine.clock().clone(),
             self.config.memory_limit,
-            self.config.max_log_line,
         );
         let mut store = Store::new(&self.engine.engine, state);
         store.limiter(|state| state);

@@ -12,6 +12,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, UpdateDeadline};
 
 use crate::clock::{Clock, micros};
+use crate::guest_log::{GuestLog, Level};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -38,8 +39,8 @@ pub(crate) struct HostState {
     wasi: WasiCtx,
     /// WASI resources (streams) the guest holds.
     table: ResourceTable,
-    /// The function's name, for log lines.
-    function: Arc<str>,
+    /// The function's log: stdout, stderr and the `logging` import.
+    log: Arc<GuestLog>,
     /// When the current invocation must have finished, in microseconds on
     /// `clock`.
     pub deadline: u64,
@@ -47,20 +48,13 @@ pub(crate) struct HostState {
     clock: Arc<Clock>,
     /// Most bytes of linear memory the instance may have.
     memory_limit: usize,
-    /// Longest log line kept.
-    max_log_line: usize,
 }
 
 impl HostState {
-    pub fn new(
-        function: Arc<str>,
-        clock: Arc<Clock>,
-        memory_limit: usize,
-        max_log_line: usize,
-    ) -> Self {
+    pub fn new(log: Arc<GuestLog>, clock: Arc<Clock>, memory_limit: usize) -> Self {
         let wasi = WasiCtx::builder()
-            .stdout(GuestOutput::new(function.clone(), "stdout", max_log_line))
-            .stderr(GuestOutput::new(function.clone(), "stderr", max_log_line))
+            .stdout(GuestOutput::new(log.clone(), "stdout"))
+            .stderr(GuestOutput::new(log.clone(), "stderr"))
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
@@ -68,21 +62,16 @@ impl HostState {
         Self {
             wasi,
             table: ResourceTable::new(),
-            function,
+            log,
             deadline: 0,
             clock,
             memory_limit,
-            max_log_line,
         }
     }
 
-    pub fn function_name(&self) -> &str {
-        &self.function
-    }
-
-    /// Cut a guest log line to the configured maximum, on a char boundary.
-    pub fn clip_log_line<'a>(&self, line: &'a str) -> &'a str {
-        clip(line, self.max_log_line)
+    /// The function's log, for the `logging` import.
+    pub fn guest_log(&self) -> &GuestLog {
+        &self.log
     }
 
     /// Give the current invocation `limit` from `now` (a precise reading
@@ -108,17 +97,6 @@ impl HostState {
             Box::pin(tokio::task::yield_now()),
         ))
     }
-}
-
-fn clip(line: &str, max: usize) -> &str {
-    if line.len() <= max {
-        return line;
-    }
-    let mut end = max;
-    while !line.is_char_boundary(end) {
-        end -= 1;
-    }
-    &line[..end]
 }
 
 impl WasiView for HostState {
@@ -156,22 +134,16 @@ impl ResourceLimiter for HostState {
     }
 }
 
-/// A guest's stdout or stderr: each line becomes a log event tagged with
-/// the function's name.
+/// A guest's stdout or stderr: each line goes to the function's log.
 #[derive(Clone)]
 struct GuestOutput {
-    function: Arc<str>,
+    log: Arc<GuestLog>,
     stream: &'static str,
-    max_line: usize,
 }
 
 impl GuestOutput {
-    fn new(function: Arc<str>, stream: &'static str, max_line: usize) -> Self {
-        Self {
-            function,
-            stream,
-            max_line,
-        }
+    fn new(log: Arc<GuestLog>, stream: &'static str) -> Self {
+        Self { log, stream }
     }
 }
 
@@ -190,7 +162,8 @@ impl StdoutStream for GuestOutput {
     }
 }
 
-/// Collects bytes into lines (at most `max_line` bytes each) and logs them.
+/// Collects bytes into lines (at most `runtime.max_log_line` bytes each)
+/// and logs them.
 struct LineLogger {
     output: GuestOutput,
     line: Vec<u8>,
@@ -199,13 +172,10 @@ struct LineLogger {
 impl LineLogger {
     fn emit(&mut self) {
         let text = String::from_utf8_lossy(&self.line);
-        let text = text.trim_end_matches(['\r', '\n']);
-        tracing::info!(
-            target: "tidegate::function",
-            function = &*self.output.function,
-            stream = self.output.stream,
-            "{text}"
-        );
+        // A CRLF line ending is an ending; other carriage returns are
+        // escaped as part of the line.
+        let text = text.strip_suffix('\r').unwrap_or(&text);
+        self.output.log.line(Level::Info, self.output.stream, text);
         self.line.clear();
     }
 }
@@ -219,7 +189,7 @@ impl AsyncWrite for LineLogger {
         for &byte in buf {
             if byte == b'\n' {
                 self.emit();
-            } else if self.line.len() < self.output.max_line {
+            } else if self.line.len() < self.output.log.max_line() {
                 self.line.push(byte);
             }
         }
@@ -240,17 +210,5 @@ impl Drop for LineLogger {
         if !self.line.is_empty() {
             self.emit();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::clip;
-
-    #[test]
-    fn clip_keeps_short_lines_and_cuts_on_char_boundaries() {
-        assert_eq!(clip("hello", 10), "hello");
-        assert_eq!(clip("hello", 3), "hel");
-        assert_eq!(clip("héllo", 2), "h");
     }
 }

@@ -13,6 +13,8 @@
 //!   host side of its imports.
 //! - `host`: per-instance host state: WASI with nothing granted, store
 //!   limits, the invocation deadline, guest output into the log.
+//! - `guest_log`: a function's log lines, escaped (one guest line, one
+//!   record) and limited per second.
 //! - `background`: the long-call threads (nice 19) where calls that run long
 //!   finish, so they do not hold up socket I/O and short calls, and where
 //!   failed instances are freed.
@@ -37,6 +39,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod function;
+mod guest_log;
 mod host;
 pub mod metrics;
 pub mod registry;

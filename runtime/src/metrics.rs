@@ -31,6 +31,8 @@ pub struct RuntimeMetrics {
     pub recompiles: IntCounterVec,
     /// Calls that finished on the long-call threads.
     pub long_calls: IntCounterVec,
+    /// Guest log lines dropped over `runtime.max_log_lines_per_second`.
+    pub log_lines_dropped: IntCounterVec,
 }
 
 impl RuntimeMetrics {
@@ -104,6 +106,14 @@ impl RuntimeMetrics {
         )?;
         registry.register(Box::new(recompiles.clone()))?;
         registry.register(Box::new(long_calls.clone()))?;
+        let log_lines_dropped = IntCounterVec::new(
+            Opts::new(
+                "tidegate_function_log_lines_dropped_total",
+                "Function log lines dropped because the function wrote more than runtime.max_log_lines_per_second.",
+            ),
+            &["function"],
+        )?;
+        registry.register(Box::new(log_lines_dropped.clone()))?;
         Ok(Self {
             long_calls,
             invocations,
@@ -113,6 +123,7 @@ impl RuntimeMetrics {
             code_loaded,
             code_loads,
             recompiles,
+            log_lines_dropped,
         })
     }
 }

@@ -780,3 +780,120 @@ async fn an_artifact_directory_of_another_user_is_refused() {
     );
     assert!(error.to_string().contains("owned by uid"), "{error}");
 }
+
+/// Log records written on this thread while it is alive, as text.
+#[derive(Clone, Default)]
+struct CapturedLog(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLog {
+    /// Capture the log of this thread until the guard is dropped.
+    fn start(&self) -> tracing::subscriber::DefaultGuard {
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(self.clone())
+            .with_ansi(false)
+            // wasmtime's own debug records quote the guest's output too.
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log")).into_owned()
+    }
+}
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CapturedLog {
+    type Writer = CapturedLog;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// Calls stay on the test's thread (never moved to the long-call threads),
+/// where its log is captured.
+fn on_this_thread(config: RuntimeConfig) -> RuntimeConfig {
+    RuntimeConfig {
+        long_call_after: Duration::from_secs(60),
+        ..config
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn guest_log_lines_cannot_forge_gateway_log_lines() {
+    let (registry, _metrics, _dir) = registry(on_this_thread(RuntimeConfig::default()));
+    let wasm = std::fs::read(tidegate_functions::FAULTY_PATH).expect("faulty.wasm");
+    let function = registry.load("faulty", wasm).await.expect("faulty loads");
+    let log = CapturedLog::default();
+    let capturing = log.start();
+    assert!(is_echo(send(&function, "forge").await, "forge"));
+    drop(capturing);
+    let text = log.text();
+    // Each guest line is one record of the function's, its control
+    // characters shown escaped.
+    assert!(
+        text.lines().all(|line| !line.starts_with("1999")),
+        "a forged record:\n{text}"
+    );
+    assert!(
+        !text.contains(['\r', '\u{1b}']),
+        "raw control characters: {text:?}"
+    );
+    assert!(
+        text.contains("harmless\\n1999-12-31T23:59:59.999999Z  INFO tidegate: forged by log"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "harmless\\r\\u{1b}[2K1999-12-31T23:59:59.999999Z  INFO tidegate: forged by stdout"
+        ),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), 2, "{text}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_function_that_floods_the_log_is_cut_to_its_lines_per_second() {
+    let (registry, metrics, _dir) = registry(on_this_thread(RuntimeConfig {
+        max_log_lines_per_second: NonZeroU32::new(50).unwrap(),
+        ..RuntimeConfig::default()
+    }));
+    let wasm = std::fs::read(tidegate_functions::FAULTY_PATH).expect("faulty.wasm");
+    let function = registry.load("faulty", wasm).await.expect("faulty loads");
+    let log = CapturedLog::default();
+    let capturing = log.start();
+    assert!(is_echo(send(&function, "flood 400").await, "flood 400"));
+    drop(capturing);
+    let text = log.text();
+    let logged = text
+        .lines()
+        .filter(|line| line.contains("flood line"))
+        .count();
+    // 50 in a second; the flood may straddle two.
+    assert!((50..=100).contains(&logged), "{logged} lines logged");
+    assert_eq!(
+        counter(
+            &metrics,
+            "tidegate_function_log_lines_dropped_total",
+            "faulty"
+        ),
+        (400 - logged) as f64
+    );
+    // The log says so once, not once per dropped line.
+    let told = text
+        .lines()
+        .filter(|line| line.contains("further lines are dropped"))
+        .count();
+    assert_eq!(told, 1, "{text}");
+}

@@ -14,6 +14,9 @@
 //! - `bad`: return a `bad-request` handler error;
 //! - `silent`: return no effect at all (no reply);
 //! - `log`: print a line to stdout and log one through the logging import;
+//! - `forge`: try to forge gateway log lines: a newline through the logging
+//!   import, a carriage return and ANSI escapes on stdout;
+//! - `flood N`: print N lines to stdout;
 //! - anything else (and every binary message) is echoed.
 //!
 //! A client that connects with `?show=remote-addr` gets the claim
@@ -80,11 +83,27 @@ impl Function for Faulty {
                     println!("a line on stdout");
                     log(Level::Warn, "a line through the logging import");
                 }
+                "forge" => {
+                    log(
+                        Level::Info,
+                        "harmless\n1999-12-31T23:59:59.999999Z  INFO tidegate: forged by log",
+                    );
+                    println!(
+                        "harmless\r\u{1b}[2K1999-12-31T23:59:59.999999Z  INFO tidegate: forged by stdout"
+                    );
+                }
                 other => {
                     if let Some(millis) = other.strip_prefix("spin ").and_then(|n| n.parse().ok()) {
                         spin_for(std::time::Duration::from_millis(millis));
                     } else if let Some(millis) = other.strip_prefix("sleep ") {
                         sleep(millis);
+                    } else if let Some(lines) = other
+                        .strip_prefix("flood ")
+                        .and_then(|n| n.parse::<u32>().ok())
+                    {
+                        for line in 0..lines {
+                            println!("flood line {line}");
+                        }
                     }
                 }
             }
