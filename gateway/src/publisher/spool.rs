@@ -9,6 +9,9 @@
 //!   confirmed yet (8 bytes, little-endian). Records before it are done.
 //! - `lock`: held exclusively while a gateway uses the directory.
 //!
+//! The directory is private to the gateway's user (0700) and so are its
+//! files (0600): they hold every message body.
+//!
 //! When every record is confirmed the log is truncated to zero. A torn
 //! record at the end (a crash during a write, before its fsync, so never
 //! acknowledged to a client) is cut off with a warning; a corrupt record
@@ -21,8 +24,9 @@
 //! refused, so no partial record is left to shift the framing of later
 //! ones, and no refused record is ever replayed.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{DirBuilder, File, OpenOptions, Permissions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::message::QueueMessage;
@@ -34,6 +38,37 @@ const HEADER: u64 = 8;
 /// batch of small records costs few writes and a batch of large ones
 /// little memory.
 const WRITE_CHUNK: usize = 64 << 10;
+/// Records confirmed between two saves of the head during a replay. The
+/// head is also saved when the log is emptied and when the spool is
+/// dropped; a gateway killed mid-replay publishes at most this many
+/// confirmed records (plus those in flight) again after restart.
+const HEAD_SAVE_EVERY: u64 = 256;
+/// Mode of the spool directory: the gateway's user only.
+const DIR_MODE: u32 = 0o700;
+/// Mode of the spool's files: the gateway's user only.
+const FILE_MODE: u32 = 0o600;
+
+/// Options to create or open a file of the spool, private to the
+/// gateway's user.
+fn private_file() -> OpenOptions {
+    let mut options = OpenOptions::new();
+    options.mode(FILE_MODE);
+    options
+}
+
+/// Make sure a file made by an earlier version, or by hand, is private.
+fn make_private(file: &File, mode: u32) -> io::Result<()> {
+    if file.metadata()?.permissions().mode() & 0o777 != mode {
+        file.set_permissions(Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
+/// fsync a directory: makes the creation, renaming and removal of its
+/// entries durable (fsync of a file covers its data, not its name).
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
 
 /// Where the log's bytes go: the file, or in tests a disk that fills up.
 pub(super) trait LogFile: Send {
@@ -118,6 +153,8 @@ pub struct Spool {
     failing: bool,
     /// Offset of the first unconfirmed record.
     head: u64,
+    /// Records confirmed since the head was last saved.
+    unsaved_head: u64,
     /// Records between `head` and `len`.
     messages: u64,
     /// Most bytes the log may hold.
@@ -153,9 +190,16 @@ impl Spool {
             let path = path.to_path_buf();
             move |source| SpoolError::Io { path, source }
         };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(dir)
+            .map_err(io(dir))?;
+        File::open(dir)
+            .and_then(|d| make_private(&d, DIR_MODE))
+            .map_err(io(dir))?;
         let lock_path = dir.join("lock");
-        let lock = OpenOptions::new()
+        let lock = private_file()
             .create(true)
             .truncate(false)
             .write(true)
@@ -171,14 +215,19 @@ impl Spool {
                 });
             }
         }
+        make_private(&lock, FILE_MODE).map_err(io(&lock_path))?;
         let log_path = dir.join("spool.log");
-        let file = OpenOptions::new()
+        let file = private_file()
             .create(true)
             .truncate(false)
             .read(true)
             .append(true)
             .open(&log_path)
             .map_err(io(&log_path))?;
+        make_private(&file, FILE_MODE).map_err(io(&log_path))?;
+        // The log may have just been created: without this its name could
+        // vanish in a power loss, taking fsync'ed records with it.
+        sync_dir(dir).map_err(io(dir))?;
         let reader = File::open(&log_path).map_err(io(&log_path))?;
         let len = file.metadata().map_err(io(&log_path))?.len();
         let mut spool = Self {
@@ -193,6 +242,7 @@ impl Spool {
             needs_cut: false,
             failing: false,
             head: 0,
+            unsaved_head: 0,
             messages: 0,
             max_bytes,
             reserved: 0,
@@ -412,15 +462,25 @@ impl Spool {
     pub fn confirm_until(&mut self, offset: u64, records: u64) -> Result<(), SpoolError> {
         self.head = offset.min(self.synced_len);
         self.messages = self.messages.saturating_sub(records);
+        self.unsaved_head += records;
         if self.head == self.len {
+            // Durable (the cut is fsync'ed): otherwise records confirmed by
+            // the broker could come back after a power loss.
             self.log.truncate(0).map_err(|e| self.io_error(e))?;
             self.len = 0;
             self.synced_len = 0;
             self.head = 0;
             self.messages = 0;
             self.refused = false;
+            // Saved now, before any record is appended to the emptied log:
+            // an older head left on disk would point into the new records,
+            // and the ones before it would never be replayed.
+            return self.write_head();
         }
-        self.write_head()
+        if self.unsaved_head >= HEAD_SAVE_EVERY {
+            return self.write_head();
+        }
+        Ok(())
     }
 
     fn read_head(&self) -> u64 {
@@ -431,15 +491,30 @@ impl Spool {
         }
     }
 
-    /// Persist the head (write and rename). Not fsync'ed: losing it only
-    /// replays confirmed records again, which consumers deduplicate by
-    /// message id.
-    fn write_head(&self) -> Result<(), SpoolError> {
+    /// Save the head: write a temporary file, fsync it, rename it over
+    /// `spool.head`, fsync the directory.
+    fn write_head(&mut self) -> Result<(), SpoolError> {
         let tmp = self.dir.join("spool.head.tmp");
         let path = self.dir.join("spool.head");
-        std::fs::write(&tmp, self.head.to_le_bytes())
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|source| SpoolError::Io { path, source })
+        let write = || {
+            let mut file = private_file()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(&tmp)?;
+            file.write_all(&self.head.to_le_bytes())?;
+            // Before the rename: a renamed file whose bytes did not reach
+            // the disk could read as a head in the middle of a record, and
+            // everything from there would be moved aside as corrupt.
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            // The rename itself: after an emptied log, the head must be 0
+            // on disk before new records are appended (see confirm_until).
+            sync_dir(&self.dir)
+        };
+        write().map_err(|source| SpoolError::Io { path, source })?;
+        self.unsaved_head = 0;
+        Ok(())
     }
 
     /// Count the records after the head; cut a torn tail; move a corrupt
@@ -479,7 +554,19 @@ impl Spool {
                 .seek(SeekFrom::Start(offset))
                 .and_then(|_| (&self.reader).take(cut).read_to_end(&mut rest))
                 .map_err(|e| self.io_error(e))?;
-            std::fs::write(&aside, &rest).map_err(|source| SpoolError::Io {
+            let keep = || {
+                let mut file = private_file()
+                    .create(true)
+                    .write(true)
+                    .truncate(true)
+                    .open(&aside)?;
+                file.write_all(&rest)?;
+                // The bytes moved aside are durable before they are cut
+                // from the log, so a power loss in between loses nothing.
+                file.sync_all()?;
+                sync_dir(&self.dir)
+            };
+            keep().map_err(|source| SpoolError::Io {
                 path: aside.clone(),
                 source,
             })?;
@@ -509,6 +596,18 @@ impl Spool {
         SpoolError::Io {
             path: self.dir.join("spool.log"),
             source,
+        }
+    }
+}
+
+impl Drop for Spool {
+    /// Save the head on the way out, so confirmed records are not
+    /// replayed again after a clean stop.
+    fn drop(&mut self) {
+        if self.unsaved_head > 0
+            && let Err(e) = self.write_head()
+        {
+            tracing::warn!("{e}; some confirmed copies may be published again after restart");
         }
     }
 }
@@ -802,6 +901,82 @@ pub(super) mod tests {
             std::fs::metadata(aside[0].path()).unwrap().len(),
             bytes.len() as u64 - second * 2
         );
+        assert_eq!(mode(&aside[0].path()), "600");
+    }
+
+    /// The permission bits of `path`, in octal.
+    fn mode(path: &Path) -> String {
+        format!(
+            "{:o}",
+            std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+        )
+    }
+
+    #[test]
+    fn the_spool_directory_and_its_files_are_private_to_the_gateway_user() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("spool");
+        let mut spool = Spool::open(&dir, 1 << 20).unwrap();
+        spool.append(&message(0)).unwrap();
+        spool.sync().unwrap();
+        // Emptying the log saves the head.
+        let end = spool.end();
+        spool.confirm_until(end, 1).unwrap();
+        spool.append(&message(1)).unwrap();
+        spool.sync().unwrap();
+        drop(spool);
+        assert_eq!(mode(&dir), "700");
+        for file in ["lock", "spool.log", "spool.head"] {
+            assert_eq!(mode(&dir.join(file)), "600", "{file}");
+        }
+    }
+
+    #[test]
+    fn a_spool_left_readable_by_others_is_made_private() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("spool");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, Permissions::from_mode(0o755)).unwrap();
+        for file in ["lock", "spool.log"] {
+            std::fs::write(dir.join(file), b"").unwrap();
+            std::fs::set_permissions(dir.join(file), Permissions::from_mode(0o644)).unwrap();
+        }
+        drop(Spool::open(&dir, 1 << 20).unwrap());
+        assert_eq!(mode(&dir), "700");
+        for file in ["lock", "spool.log"] {
+            assert_eq!(mode(&dir.join(file)), "600", "{file}");
+        }
+    }
+
+    #[test]
+    fn the_head_is_saved_in_batches_during_a_replay_and_when_the_spool_closes() {
+        let dir = spooled(2 * HEAD_SAVE_EVERY as u32);
+        let saved = || {
+            let bytes = std::fs::read(dir.path().join("spool.head")).unwrap_or_default();
+            bytes.try_into().map(u64::from_le_bytes).unwrap_or(0)
+        };
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let mut offset = spool.head();
+        let mut offsets = Vec::new();
+        while let Some((_, next)) = spool.read_at(offset).unwrap() {
+            offsets.push(next);
+            offset = next;
+        }
+        for (n, &next) in offsets
+            .iter()
+            .take(HEAD_SAVE_EVERY as usize + 1)
+            .enumerate()
+        {
+            spool.confirm_until(next, 1).unwrap();
+            if n + 1 < HEAD_SAVE_EVERY as usize {
+                assert_eq!(saved(), 0, "saved after {} records", n + 1);
+            }
+        }
+        assert_eq!(saved(), offsets[HEAD_SAVE_EVERY as usize - 1]);
+        drop(spool);
+        assert_eq!(saved(), offsets[HEAD_SAVE_EVERY as usize]);
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(spool.messages(), HEAD_SAVE_EVERY - 1);
     }
 
     #[test]
