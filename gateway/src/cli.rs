@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::app::App;
 use crate::config::Settings;
 
 /// Exit status for a configuration error (EX_CONFIG would be 78; linkerd
@@ -62,7 +63,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(crate::server::run(settings)) {
+            match runtime.block_on(serve(settings)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("tidegate: {e:#}");
@@ -70,5 +71,41 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// Build the gateway, say where it listens, and run it until SIGTERM or
+/// SIGINT.
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let app = App::build(settings).await?;
+    let addresses = app.addresses();
+    if let Some(plain) = addresses.plain {
+        println!("Tidegate listening on ws://{plain}/ (no TLS: server.plain_listen)");
+    }
+    println!(
+        "Tidegate listening on wss://{}/ (admin http://{}/metrics)",
+        addresses.wss, addresses.admin
+    );
+    app.run(async {
+        let signal = wait_for_signal().await;
+        tracing::info!(signal, "termination signal");
+    })
+    .await
+}
+
+/// Wait for SIGTERM or SIGINT; returns its name.
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::error!("cannot listen for SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
     }
 }

@@ -10,8 +10,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use crate::tls::CertFiles;
-
 /// Environment variables with this prefix (then `__`) override the file.
 pub const ENV_PREFIX: &str = "TIDEGATE";
 
@@ -113,6 +111,7 @@ struct RawWebSocket {
     read_buffer_size: Option<usize>,
     write_buffer_size: Option<usize>,
     send_queue: Option<usize>,
+    send_queue_bytes: Option<usize>,
     max_request_head: Option<usize>,
     forward_headers: Option<Vec<String>>,
     allowed_origins: Option<Vec<String>>,
@@ -314,6 +313,15 @@ impl ServerSettings {
     pub const IPV6_CLIENT_PREFIX: u8 = 64;
 }
 
+/// One certificate chain and its key, as files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
 /// The certificates, as PEM files.
 #[derive(Debug, Clone)]
 pub struct TlsSettings {
@@ -351,6 +359,10 @@ pub struct WebSocketSettings {
     pub write_buffer_size: usize,
     /// Outbound messages queued per connection before the reader waits.
     pub send_queue: NonZeroUsize,
+    /// Most bytes of replies queued per connection before the reader
+    /// waits (`websocket.send_queue_bytes`): with `send_queue`, a bound in
+    /// bytes as well as in count.
+    pub send_queue_bytes: usize,
     /// Largest HTTP upgrade request head, in bytes; larger gets 431.
     pub max_request_head: usize,
     /// Request headers passed to functions (lower-case names).
@@ -370,6 +382,12 @@ pub struct WebSocketSettings {
     /// A client that does not take what the gateway sends for this long is
     /// a slow consumer: its connection is dropped and its queue freed.
     pub send_timeout: Duration,
+}
+
+impl WebSocketSettings {
+    /// Default of `websocket.send_queue_bytes` (raised to
+    /// `websocket.max_message_size` when that is larger).
+    pub const SEND_QUEUE_BYTES: usize = 1 << 20;
 }
 
 /// The admin listener.
@@ -952,6 +970,22 @@ impl RawWebSocket {
                 0,
             )?,
             send_queue: non_zero("websocket.send_queue", self.send_queue, 256)?,
+            send_queue_bytes: {
+                let bytes = self
+                    .send_queue_bytes
+                    .unwrap_or(WebSocketSettings::SEND_QUEUE_BYTES.max(max_message_size));
+                if bytes < max_message_size || bytes > u32::MAX as usize {
+                    return Err(invalid(
+                        "websocket.send_queue_bytes",
+                        format!(
+                            "{bytes} must be at least websocket.max_message_size ({max_message_size}), \
+                             so one reply fits, and at most {}",
+                            u32::MAX
+                        ),
+                    ));
+                }
+                bytes
+            },
             max_request_head: at_least(
                 "websocket.max_request_head",
                 self.max_request_head,
@@ -1489,6 +1523,11 @@ mod tests {
                 "TIDEGATE__ADMIN__MAX_CONNECTIONS",
                 "0",
                 "admin.max_connections",
+            ),
+            (
+                "TIDEGATE__WEBSOCKET__SEND_QUEUE_BYTES",
+                "1000",
+                "websocket.send_queue_bytes",
             ),
             (
                 "TIDEGATE__ADMIN__HEADER_TIMEOUT",

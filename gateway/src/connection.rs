@@ -1,72 +1,75 @@
-//! One WebSocket connection after the upgrade.
+//! One WebSocket connection after the upgrade: reading, writing and the
+//! closing handshake. What happens to each message is the
+//! [`Dispatcher`]'s.
 //!
 //! A reader and a writer run side by side in the connection's task. The
-//! reader takes messages in order: it hands the copy to the publisher,
-//! runs the function, and queues the replies with the copy's receipt. The
-//! writer sends queued replies in order, each only once its copy is durable
-//! (in receipt mode), so replies are pipelined yet never overtake a copy.
+//! reader takes messages in order and hands each to the dispatcher, which
+//! queues what the client gets with the copy's receipt. The writer sends
+//! queued replies in order, each only once its copy is durable (in receipt
+//! mode), so replies are pipelined yet never overtake a copy.
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use futures_channel::mpsc;
 use futures_util::{SinkExt, StreamExt};
 use prometheus::IntCounter;
-use runtime::{Context, Effect, Function, HandlerError, Payload, Priority};
+use runtime::{Context, Effect, Payload};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{OnError, QueueMode};
-use crate::handshake::Accepted;
-use crate::publisher::{QueueMessage, Receipt};
-use crate::server::Shared;
-
-/// The pause after a first failure in a row (see `Reader::penalty`).
-const FIRST_PENALTY: Duration = Duration::from_millis(10);
+use crate::close::{self, Close};
+use crate::dispatch::{DispatchSettings, Dispatcher, Handler, Next, Outbound, not_stored_close};
+use crate::metrics::Metrics;
 
 /// How long to wait for the client's answer to our close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Close codes the gateway sends (RFC 6455, section 7.4.1).
-pub mod close_code {
-    /// Normal closure.
-    pub const NORMAL: u16 = 1000;
-    /// The server is going away (shutdown).
-    pub const GOING_AWAY: u16 = 1001;
-    /// The client broke the protocol.
-    pub const PROTOCOL: u16 = 1002;
-    /// The client broke a policy (message rate).
-    pub const POLICY: u16 = 1008;
-    /// No close frame was received (reported to `on-disconnect` only).
-    pub const ABNORMAL: u16 = 1006;
-    /// A text message was not valid UTF-8.
-    pub const INVALID_DATA: u16 = 1007;
-    /// A message or frame was larger than allowed.
-    pub const TOO_BIG: u16 = 1009;
-    /// The function failed on this message.
-    pub const INTERNAL: u16 = 1011;
-    /// The message could not be stored; try again later.
-    pub const TRY_AGAIN_LATER: u16 = 1013;
+/// What every connection needs, the same for all of them.
+pub struct ConnectionSettings {
+    /// Close after this long without a frame (`websocket.idle_timeout`).
+    pub idle_timeout: Duration,
+    /// Close after this long open (`websocket.max_duration`).
+    pub max_duration: Duration,
+    /// Most messages per second, also the burst
+    /// (`websocket.max_message_rate`).
+    pub max_message_rate: NonZeroU32,
+    /// Replies queued before the reader waits (`websocket.send_queue`).
+    pub send_queue: std::num::NonZeroUsize,
+    /// A client that takes nothing for this long is dropped
+    /// (`websocket.send_timeout`).
+    pub send_timeout: Duration,
+    /// Largest frame, for the reason of a 1009 close.
+    pub max_frame_size: usize,
+    /// How each message is handled.
+    pub dispatch: Arc<DispatchSettings>,
+    /// Connection and message counters.
+    pub metrics: Metrics,
+    /// Cancelled once, when the gateway starts shutting down.
+    pub shutdown: CancellationToken,
 }
 
-/// What the reader hands the writer, in order.
-enum Outbound {
-    /// A message to send once `receipt` (if any) resolves.
-    Message {
-        receipt: Option<Receipt>,
-        message: Message,
-    },
-    /// A copy with no reply: wait for it only to notice a failure.
-    Receipt(Receipt),
-    /// Close the connection with this code and reason.
-    Close(u16, String),
+/// A connection the upgrade admitted: what its function decided.
+pub struct Opened<F> {
+    /// What every later call is told about the connection.
+    pub ctx: Context,
+    /// The function version serving the connection.
+    pub function: Arc<F>,
+    /// The route, as configured.
+    pub route: String,
+    /// Effects `on-connect` asked for, to carry out once open.
+    pub effects: Vec<Effect>,
+    /// When the client's token stops being accepted: the connection is
+    /// closed with 1008 then (`auth.jwt.close_on_expiry`).
+    pub expires_at: Option<std::time::Instant>,
 }
 
 /// Per-route counters, resolved once per connection.
@@ -78,25 +81,23 @@ struct Counters {
 }
 
 /// Serve an upgraded connection until it closes.
-pub async fn serve<S>(accepted: Box<Accepted<S>>, shared: Arc<Shared>)
-where
+pub async fn serve<S, F>(
+    ws: WebSocketStream<S>,
+    opened: Opened<F>,
+    settings: Arc<ConnectionSettings>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
+    F: Handler,
 {
-    let Accepted {
-        ws,
-        conn,
+    let Opened {
+        ctx,
         function,
         route,
         effects,
-    } = *accepted;
-    // What every later call is told about the connection.
-    let ctx = Arc::new(Context {
-        id: conn.id,
-        route: conn.route,
-        claims: conn.claims,
-        state: conn.state,
-    });
-    let metrics = &shared.metrics;
+        expires_at,
+    } = opened;
+    let ctx = Arc::new(ctx);
+    let metrics = &settings.metrics;
     metrics.connections.with_label_values(&[&route]).inc();
     let open = metrics.connections_open.with_label_values(&[&route]);
     open.inc();
@@ -111,25 +112,26 @@ where
     // futures' channel allocates per message rather than a block of slots
     // up front, so an idle connection does not pay for its queue. One
     // sender: capacity = buffer + 1.
-    let (outbound, queue) = mpsc::channel(shared.websocket.send_queue.get() - 1);
+    let (outbound, queue) = mpsc::channel(settings.send_queue.get() - 1);
     // Cancelled by the writer when it can no longer send, so the reader
     // stops too.
     let writer_done = CancellationToken::new();
     let reader = Reader {
-        ctx: &ctx,
-        rate: governor::RateLimiter::direct(governor::Quota::per_second(
-            shared.websocket.max_message_rate,
-        )),
-        penalty: Duration::ZERO,
-        function: &function,
-        route: &route,
-        shared: &shared,
+        rate: governor::RateLimiter::direct(governor::Quota::per_second(settings.max_message_rate)),
+        settings: &settings,
         counters: &counters,
-        outbound,
+        token_expires: expires_at.map(Instant::from_std),
+        dispatcher: Dispatcher::new(
+            settings.dispatch.clone(),
+            ctx.clone(),
+            function.clone(),
+            Arc::from(route.as_str()),
+            outbound,
+        ),
     };
     let (client_close, (sink, sent_close, stalled)) = tokio::join!(
         reader.run(stream, effects, &writer_done),
-        write(sink, queue, &counters, &writer_done, &shared)
+        write(sink, queue, &counters, &writer_done, &settings)
     );
 
     // Complete the closing handshake: read until the client's close frame
@@ -137,8 +139,8 @@ where
     // not waited for: its socket is dropped with what was queued for it.
     let (code, reason) = match (&client_close, &sent_close) {
         (ClientClose::Closed(code, reason), _) => (*code, reason.clone()),
-        (_, Some((code, reason))) => (*code, reason.clone()),
-        _ => (close_code::ABNORMAL, String::new()),
+        (_, Some(close)) => (close.code(), close.reason()),
+        _ => (close::code::ABNORMAL, String::new()),
     };
     if let ClientClose::Open(stream) = client_close
         && !stalled
@@ -197,39 +199,21 @@ enum ClientClose<T> {
     Open(T),
 }
 
-struct Reader<'a> {
-    ctx: &'a Arc<Context>,
+/// The reading half: frames in order, the time limits, the message rate.
+struct Reader<'a, F> {
+    /// Messages over the rate close the connection.
     rate: governor::DefaultDirectRateLimiter,
-    /// Pause after the function failed on this connection's last message:
-    /// doubled at each failure in a row (up to `runtime.fault_backoff`),
-    /// cleared by a success, so one client cannot keep a function failing
-    /// (and burning CPU) back to back.
-    penalty: Duration,
-    function: &'a Arc<Function>,
-    route: &'a str,
-    shared: &'a Shared,
+    /// The limits.
+    settings: &'a ConnectionSettings,
+    /// Messages received.
     counters: &'a Counters,
-    outbound: mpsc::Sender<Outbound>,
+    /// When the client's token expires, if that closes the connection.
+    token_expires: Option<Instant>,
+    /// Where each message goes.
+    dispatcher: Dispatcher<F>,
 }
 
-/// Why the function failed on a message.
-struct Failure {
-    /// Metric label.
-    kind: &'static str,
-    /// All instances busy and the queue full (1013 rather than 1011).
-    overloaded: bool,
-    /// For the error reply.
-    message: String,
-}
-
-/// What to do after a message.
-enum Next {
-    Continue,
-    Close(u16, String),
-    Stop,
-}
-
-impl Reader<'_> {
+impl<F: Handler> Reader<'_, F> {
     async fn run<T>(
         mut self,
         mut stream: T,
@@ -239,23 +223,28 @@ impl Reader<'_> {
     where
         T: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
     {
-        let mut next = self.apply(effects, None).await;
-        let limits = &self.shared.websocket;
+        let mut next = self.dispatcher.apply(effects, None).await;
+        let limits = self.settings;
         let opened = Instant::now();
         let expires = opened + limits.max_duration;
+        // The connection ends at its maximum duration or when its token
+        // expires, whichever comes first.
+        let ends = self
+            .token_expires
+            .map_or(expires, |token| token.min(expires));
         let mut last_frame = opened;
-        // One timer for the idle timeout and the maximum duration; a frame
-        // only notes the time, the timer is moved when it fires.
-        let timer = tokio::time::sleep_until((opened + limits.idle_timeout).min(expires));
+        // One timer for the idle timeout and the end; a frame only notes
+        // the time, the timer is moved when it fires.
+        let timer = tokio::time::sleep_until((opened + limits.idle_timeout).min(ends));
         // Created once: registering a waiter per message costs.
-        let shutdown = self.shared.shutdown.cancelled();
+        let shutdown = limits.shutdown.cancelled();
         let writer_gone = writer_done.cancelled();
         tokio::pin!(shutdown, writer_gone, timer);
         while let Next::Continue = next {
             let frame = tokio::select! {
                 biased;
                 _ = &mut shutdown => {
-                    next = Next::Close(close_code::GOING_AWAY, "server shutting down".into());
+                    next = Next::Close(Close::Shutdown);
                     break;
                 }
                 _ = &mut writer_gone => {
@@ -265,15 +254,16 @@ impl Reader<'_> {
                 _ = &mut timer => {
                     let now = Instant::now();
                     let idle_until = last_frame + limits.idle_timeout;
+                    if self.token_expires.is_some_and(|token| now >= token) {
+                        next = Next::Close(Close::TokenExpired);
+                        break;
+                    }
                     if now >= expires {
-                        next = Next::Close(close_code::GOING_AWAY, format!(
-                            "connection reached its maximum duration of {} (websocket.max_duration)",
-                            humantime::format_duration(limits.max_duration)
-                        ));
+                        next = Next::Close(Close::MaxDuration(limits.max_duration));
                         break;
                     }
                     if now < idle_until {
-                        timer.as_mut().reset(idle_until.min(expires));
+                        timer.as_mut().reset(idle_until.min(ends));
                         continue;
                     }
                     // A frame that came in while this task waited for the
@@ -286,14 +276,11 @@ impl Reader<'_> {
                         Poll::Ready(frame) => {
                             timer
                                 .as_mut()
-                                .reset((Instant::now() + limits.idle_timeout).min(expires));
+                                .reset((Instant::now() + limits.idle_timeout).min(ends));
                             frame
                         }
                         Poll::Pending => {
-                            next = Next::Close(close_code::GOING_AWAY, format!(
-                                "idle for {} (websocket.idle_timeout)",
-                                humantime::format_duration(limits.idle_timeout)
-                            ));
+                            next = Next::Close(Close::Idle(limits.idle_timeout));
                             break;
                         }
                     }
@@ -305,26 +292,17 @@ impl Reader<'_> {
                 && !message.is_close()
                 && self.rate.check().is_err()
             {
-                next = Next::Close(
-                    close_code::POLICY,
-                    format!(
-                        "more than {} messages per second (websocket.max_message_rate)",
-                        limits.max_message_rate
-                    ),
-                );
+                next = Next::Close(Close::Rate(limits.max_message_rate));
                 break;
             }
             next = match frame {
-                None => return ClientClose::Closed(close_code::ABNORMAL, String::new()),
+                None => return ClientClose::Closed(close::code::ABNORMAL, String::new()),
                 Some(Ok(Message::Text(text))) => {
                     // Without a copy when the frame's buffer is not shared.
                     let bytes = Vec::from(bytes::Bytes::from(text));
                     match String::from_utf8(bytes) {
                         Ok(text) => self.on_message(Payload::Text(text)).await,
-                        Err(_) => Next::Close(
-                            close_code::INVALID_DATA,
-                            "text message is not valid UTF-8".into(),
-                        ),
+                        Err(_) => Next::Close(Close::InvalidUtf8),
                     }
                 }
                 Some(Ok(Message::Binary(data))) => {
@@ -333,21 +311,21 @@ impl Reader<'_> {
                 Some(Ok(Message::Close(frame))) => {
                     let (code, reason) = frame
                         .map(|f| (u16::from(f.code), f.reason.as_str().to_owned()))
-                        .unwrap_or((close_code::NORMAL, String::new()));
+                        .unwrap_or((close::code::NORMAL, String::new()));
                     return ClientClose::Closed(code, reason);
                 }
                 Some(Ok(_)) => Next::Continue, // ping, pong: answered by tungstenite
-                Some(Err(error)) => match close_for(&error, &self.shared.websocket) {
-                    Some((code, reason)) => Next::Close(code, reason),
-                    None => return ClientClose::Closed(close_code::ABNORMAL, String::new()),
+                Some(Err(error)) => match close_for(&error, limits.max_frame_size) {
+                    Some(close) => Next::Close(close),
+                    None => return ClientClose::Closed(close::code::ABNORMAL, String::new()),
                 },
             };
         }
-        if let Next::Close(code, reason) = next {
-            let _ = self.outbound.send(Outbound::Close(code, reason)).await;
+        if let Next::Close(close) = next {
+            // Dropping the dispatcher (and its sender) lets the writer
+            // finish what is queued.
+            self.dispatcher.close(close).await;
         }
-        // Dropping the sender lets the writer finish what is queued.
-        drop(self.outbound);
         ClientClose::Open(stream)
     }
 
@@ -358,238 +336,7 @@ impl Reader<'_> {
         };
         self.counters.received.inc();
         self.counters.received_bytes.inc_by(len as u64);
-        let receipt = match self.copy(&payload).await {
-            Ok(receipt) => receipt,
-            Err(next) => return next,
-        };
-        // Boxed, like every function call here: the call's state is large
-        // and only lives while it runs, so it should not be part of every
-        // idle connection's task.
-        // A client whose messages keep failing has its calls run at the
-        // lowest priority from the start.
-        let priority = if self.penalty.is_zero() {
-            Priority::Normal
-        } else {
-            Priority::Low
-        };
-        match Box::pin(
-            self.function
-                .on_message(self.ctx.clone(), payload, priority),
-        )
-        .await
-        {
-            Ok(Ok(effects)) => match self.oversized_reply(&effects) {
-                None => {
-                    self.penalty = Duration::ZERO;
-                    self.apply(effects, receipt).await
-                }
-                Some(failure) => self.fail(failure, receipt).await,
-            },
-            Ok(Err(error)) => {
-                let (kind, message) = match error {
-                    HandlerError::BadRequest(m) => ("bad-request", m),
-                    HandlerError::Internal(m) => ("internal", m),
-                };
-                let body = serde_json::json!({ "error": kind, "message": message }).to_string();
-                self.send(Outbound::Message {
-                    receipt,
-                    message: Message::Text(body.into()),
-                })
-                .await
-            }
-            Err(error) => {
-                let failure = Failure {
-                    kind: error.kind(),
-                    overloaded: matches!(error, runtime::InvokeError::Overloaded { .. }),
-                    message: error.to_string(),
-                };
-                self.fail(failure, receipt).await
-            }
-        }
-    }
-
-    /// A reply larger than `websocket.max_message_size` fails the message:
-    /// the client could not be sent it.
-    fn oversized_reply(&self, effects: &[Effect]) -> Option<Failure> {
-        let limit = self.shared.websocket.max_message_size;
-        effects.iter().find_map(|effect| {
-            let Effect::Reply(payload) = effect else {
-                return None;
-            };
-            let len = match payload {
-                Payload::Text(text) => text.len(),
-                Payload::Binary(data) => data.len(),
-            };
-            (len > limit).then(|| Failure {
-                kind: "reply_too_large",
-                overloaded: false,
-                message: format!(
-                    "function {:?} replied with {len} bytes, over the limit of {limit} (websocket.max_message_size)",
-                    self.function.name()
-                ),
-            })
-        })
-    }
-
-    /// The function failed on this message: count it, and tell the client
-    /// with an error reply or a close, as `runtime.on_error` says. The
-    /// copy's receipt still orders what the client sees.
-    async fn fail(&mut self, failure: Failure, receipt: Option<Receipt>) -> Next {
-        self.shared
-            .metrics
-            .message_failures
-            .with_label_values(&[self.route, failure.kind])
-            .inc();
-        let next = self.tell_failure(failure, receipt).await;
-        if let Next::Continue = next {
-            // Read this client's next message only after a pause.
-            let limit = self.shared.fault_backoff;
-            self.penalty = (self.penalty * 2).clamp(FIRST_PENALTY.min(limit), limit);
-            tokio::time::sleep(self.penalty).await;
-        }
-        next
-    }
-
-    async fn tell_failure(&mut self, failure: Failure, receipt: Option<Receipt>) -> Next {
-        match self.shared.on_error {
-            OnError::Reply => {
-                let error = if failure.overloaded {
-                    "overloaded"
-                } else {
-                    "function-failed"
-                };
-                let body = serde_json::json!({
-                    "error": error,
-                    "kind": failure.kind,
-                    "message": failure.message,
-                })
-                .to_string();
-                self.send(Outbound::Message {
-                    receipt,
-                    message: Message::Text(body.into()),
-                })
-                .await
-            }
-            OnError::Close => {
-                if let Some(receipt) = receipt
-                    && let Next::Stop = self.send(Outbound::Receipt(receipt)).await
-                {
-                    return Next::Stop;
-                }
-                if failure.overloaded {
-                    Next::Close(
-                        close_code::TRY_AGAIN_LATER,
-                        "function overloaded; try again later".into(),
-                    )
-                } else {
-                    Next::Close(
-                        close_code::INTERNAL,
-                        format!("function error: {}", failure.kind),
-                    )
-                }
-            }
-        }
-    }
-
-    /// Hand the message's copy to the publisher. Returns the receipt the
-    /// reply must wait for: the copy durable in receipt mode, accepted
-    /// (spooled, or published with spool room reserved) in async mode.
-    async fn copy(&self, payload: &Payload) -> Result<Option<Receipt>, Next> {
-        let mode = self.shared.queue_mode;
-        let Some(publisher) = &self.shared.publisher else {
-            return Ok(None);
-        };
-        let (body, text) = match payload {
-            Payload::Text(text) => (text.as_bytes().to_vec(), true),
-            Payload::Binary(data) => (data.clone(), false),
-        };
-        if mode == QueueMode::Async && !publisher.is_ready() {
-            return Err(Next::Close(
-                close_code::TRY_AGAIN_LATER,
-                "message not stored: broker unreachable and spool full".into(),
-            ));
-        }
-        let copy = QueueMessage::new(
-            text,
-            body,
-            &self.ctx.id,
-            self.route,
-            self.function.name(),
-            self.function.version(),
-            &self.shared.node_id,
-        );
-        match publisher.publish(copy).await {
-            Ok(receipt) => Ok(Some(receipt)),
-            Err(_) => Err(Next::Close(
-                close_code::GOING_AWAY,
-                "server shutting down".into(),
-            )),
-        }
-    }
-
-    /// Carry out a function's effects, in order. The copy's receipt goes
-    /// with the first reply (or alone, if there is none).
-    async fn apply(&mut self, effects: Vec<Effect>, mut receipt: Option<Receipt>) -> Next {
-        let mut next = Next::Continue;
-        for effect in effects {
-            match effect {
-                Effect::Reply(payload) => {
-                    let message = match payload {
-                        Payload::Text(text) => Message::Text(text.into()),
-                        Payload::Binary(data) => Message::Binary(data.into()),
-                    };
-                    if let Next::Stop = self
-                        .send(Outbound::Message {
-                            receipt: receipt.take(),
-                            message,
-                        })
-                        .await
-                    {
-                        return Next::Stop;
-                    }
-                }
-                Effect::Close((code, reason)) => {
-                    let code = if code == close_code::NORMAL || (3000..=4999).contains(&code) {
-                        code
-                    } else {
-                        tracing::warn!(
-                            function = self.function.name(),
-                            code,
-                            "a function may close with 1000 or 3000-4999; using 1000"
-                        );
-                        close_code::NORMAL
-                    };
-                    next = Next::Close(code, reason);
-                    break;
-                }
-                other => {
-                    let name = effect_name(&other);
-                    self.shared
-                        .metrics
-                        .effects_unsupported
-                        .with_label_values(&[name])
-                        .inc();
-                    tracing::debug!(
-                        function = self.function.name(),
-                        effect = name,
-                        "effect not supported on this node yet; ignored"
-                    );
-                }
-            }
-        }
-        if let Some(receipt) = receipt
-            && let Next::Stop = self.send(Outbound::Receipt(receipt)).await
-        {
-            return Next::Stop;
-        }
-        next
-    }
-
-    async fn send(&mut self, outbound: Outbound) -> Next {
-        match self.outbound.send(outbound).await {
-            Ok(()) => Next::Continue,
-            Err(_) => Next::Stop,
-        }
+        self.dispatcher.on_message(payload).await
     }
 }
 
@@ -621,12 +368,12 @@ async fn write<K>(
     mut queue: mpsc::Receiver<Outbound>,
     counters: &Counters,
     done: &CancellationToken,
-    shared: &Shared,
-) -> (K, Option<(u16, String)>, bool)
+    settings: &ConnectionSettings,
+) -> (K, Option<Close>, bool)
 where
     K: futures_util::Sink<Message, Error = WsError> + Unpin,
 {
-    let send_timeout = shared.websocket.send_timeout;
+    let send_timeout = settings.send_timeout;
     let mut failure = None;
     let mut sent_close = None;
     // Replies fed to the sink but not yet written to the socket. They are
@@ -651,11 +398,15 @@ where
                 }
             }
         };
-        let (receipt, message) = match outbound {
-            Outbound::Message { receipt, message } => (receipt, Some(message)),
-            Outbound::Receipt(receipt) => (Some(receipt), None),
-            Outbound::Close(code, reason) => {
-                sent_close = Some((code, reason));
+        let (receipt, message, bytes) = match outbound {
+            Outbound::Message {
+                receipt,
+                message,
+                bytes,
+            } => (receipt, Some(message), bytes),
+            Outbound::Receipt(receipt) => (Some(receipt), None, None),
+            Outbound::Close(close) => {
+                sent_close = Some(close);
                 break;
             }
         };
@@ -677,11 +428,8 @@ where
             },
         };
         if let Err(error) = durable {
-            let code = match error {
-                crate::publisher::PublishError::Closed => close_code::GOING_AWAY,
-                _ => close_code::TRY_AGAIN_LATER,
-            };
-            sent_close = Some((code, format!("message not stored: {error}")));
+            tracing::debug!("a copy was not kept, its reply is not sent: {error}");
+            sent_close = Some(not_stored_close(&error));
             break;
         }
         let Some(message) = message else { continue };
@@ -700,13 +448,15 @@ where
                 break;
             }
         }
+        // Its bytes are in the socket's write buffer now.
+        drop(bytes);
         counters.sent.inc();
         counters.sent_bytes.inc_by(len);
         unflushed = true;
     }
     let stalled = matches!(failure, Some(WriteFailure::Stalled));
     if stalled {
-        shared
+        settings
             .metrics
             .closes
             .with_label_values(&["slow_consumer"])
@@ -714,15 +464,15 @@ where
         tracing::debug!(
             "client did not read for {send_timeout:?} (websocket.send_timeout): connection dropped"
         );
-    } else if let Some((code, reason)) = &sent_close {
-        shared
+    } else if let Some(close) = &sent_close {
+        settings
             .metrics
             .closes
-            .with_label_values(&[&code.to_string()])
+            .with_label_values(&[close.label()])
             .inc();
         let frame = CloseFrame {
-            code: CloseCode::from(*code),
-            reason: clip_reason(reason).into(),
+            code: CloseCode::from(close.code()),
+            reason: close.reason().into(),
         };
         let _ = tokio::time::timeout(send_timeout, sink.send(Message::Close(Some(frame)))).await;
     } else {
@@ -732,63 +482,323 @@ where
     (sink, sent_close, stalled)
 }
 
-/// The close code and reason for a read error, or `None` when the socket
-/// is simply gone.
-fn close_for(error: &WsError, limits: &crate::config::WebSocketSettings) -> Option<(u16, String)> {
+/// The close for a read error, or `None` when the socket is simply gone.
+fn close_for(error: &WsError, max_frame_size: usize) -> Option<Close> {
     match error {
-        WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => Some((
-            close_code::TOO_BIG,
+        WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => Some(Close::TooBig(
             format!("message of {size} bytes is over the limit of {max_size}"),
         )),
-        WsError::Capacity(_) => Some((
-            close_code::TOO_BIG,
-            format!("frame over the limit of {} bytes", limits.max_frame_size),
-        )),
-        WsError::Utf8(_) => Some((
-            close_code::INVALID_DATA,
-            "text message is not valid UTF-8".into(),
-        )),
+        WsError::Capacity(_) => Some(Close::TooBig(format!(
+            "frame over the limit of {max_frame_size} bytes"
+        ))),
+        WsError::Utf8(_) => Some(Close::InvalidUtf8),
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)
         | WsError::ConnectionClosed
         | WsError::AlreadyClosed
         | WsError::Io(_) => None,
-        WsError::Protocol(e) => Some((close_code::PROTOCOL, format!("protocol error: {e}"))),
+        WsError::Protocol(e) => Some(Close::Protocol(e.to_string())),
         _ => None,
     }
 }
 
-/// A close reason fits in 123 bytes.
-fn clip_reason(reason: &str) -> String {
-    let mut end = reason.len().min(123);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    reason[..end].to_owned()
-}
-
-fn effect_name(effect: &Effect) -> &'static str {
-    match effect {
-        Effect::Reply(_) => "reply",
-        Effect::Send(_) => "send",
-        Effect::Join(_) => "join",
-        Effect::Leave(_) => "leave",
-        Effect::Broadcast(_) => "broadcast",
-        Effect::Publish(_) => "publish",
-        Effect::SetState(_) => "set-state",
-        Effect::Close(_) => "close",
-    }
-}
-
+/// The connection in-process, over an in-memory stream, with a scripted
+/// function and paused time: every time limit is checked to the tick.
 #[cfg(test)]
 mod tests {
-    use super::clip_reason;
+    use std::sync::Mutex;
 
-    #[test]
-    fn close_reasons_fit_the_frame() {
-        assert_eq!(clip_reason("short"), "short");
-        let long = "é".repeat(100);
-        let clipped = clip_reason(&long);
-        assert!(clipped.len() <= 123);
-        assert!(long.starts_with(&clipped));
+    use futures_util::{SinkExt, StreamExt};
+    use runtime::{HandlerError, InvokeError, Priority};
+    use tokio::io::DuplexStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    use super::*;
+    use crate::config::{OnError, QueueMode};
+
+    /// Echoes text; `fail` traps (with internals in its reason), `big`
+    /// replies with 100 KiB. Notes when each call started.
+    #[derive(Default)]
+    struct Scripted {
+        calls: Mutex<Vec<Instant>>,
+        disconnected: Mutex<Option<u16>>,
+    }
+
+    impl Handler for Scripted {
+        fn name(&self) -> &str {
+            "scripted"
+        }
+
+        fn version(&self) -> &str {
+            "v1"
+        }
+
+        async fn on_message(
+            &self,
+            _ctx: Arc<Context>,
+            payload: Payload,
+            _priority: Priority,
+        ) -> Result<Result<Vec<Effect>, HandlerError>, InvokeError> {
+            self.calls.lock().unwrap().push(Instant::now());
+            match &payload {
+                Payload::Text(text) if text == "fail" => Err(InvokeError::Trap {
+                    function: "scripted".into(),
+                    reason: "wasm trap: unreachable at /var/lib/tidegate/artifacts/x.cwasm".into(),
+                }),
+                Payload::Text(text) if text == "big" => {
+                    Ok(Ok(vec![Effect::Reply(Payload::Binary(vec![7; 100 << 10]))]))
+                }
+                _ => Ok(Ok(vec![Effect::Reply(payload)])),
+            }
+        }
+
+        async fn on_disconnect(
+            &self,
+            _ctx: Arc<Context>,
+            code: u16,
+            _reason: String,
+        ) -> Result<Vec<Effect>, InvokeError> {
+            *self.disconnected.lock().unwrap() = Some(code);
+            Ok(Vec::new())
+        }
+    }
+
+    fn settings() -> ConnectionSettings {
+        let metrics = Metrics::new().unwrap();
+        ConnectionSettings {
+            idle_timeout: Duration::from_secs(30),
+            max_duration: Duration::from_secs(3600),
+            max_message_rate: NonZeroU32::new(1000).unwrap(),
+            send_queue: std::num::NonZeroUsize::new(256).unwrap(),
+            send_timeout: Duration::from_secs(3600),
+            max_frame_size: 1 << 20,
+            dispatch: Arc::new(DispatchSettings {
+                node_id: "node".into(),
+                queue_mode: QueueMode::Off,
+                publisher: None,
+                on_error: OnError::Reply,
+                fault_backoff: Duration::from_secs(1),
+                max_reply_size: 1 << 20,
+                send_queue_bytes: 1 << 20,
+                metrics: metrics.clone(),
+            }),
+            metrics,
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    type Client = WebSocketStream<DuplexStream>;
+
+    /// Serve a connection; the client's end, and the function.
+    async fn open(settings: ConnectionSettings) -> (Client, Arc<Scripted>) {
+        open_with(settings, None).await
+    }
+
+    async fn open_with(
+        settings: ConnectionSettings,
+        expires_at: Option<std::time::Instant>,
+    ) -> (Client, Arc<Scripted>) {
+        let (server, client) = tokio::io::duplex(16 << 10);
+        let function = Arc::new(Scripted::default());
+        let opened = Opened {
+            ctx: Context {
+                id: "node.1".into(),
+                route: "/".into(),
+                claims: Vec::new(),
+                state: None,
+            },
+            function: function.clone(),
+            route: "/".into(),
+            effects: Vec::new(),
+            expires_at,
+        };
+        let server = WebSocketStream::from_raw_socket(server, Role::Server, None).await;
+        tokio::spawn(serve(server, opened, Arc::new(settings)));
+        let client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+        (client, function)
+    }
+
+    async fn echo(client: &mut Client, text: &str) {
+        client.send(Message::Text(text.into())).await.unwrap();
+        assert_eq!(
+            client.next().await.unwrap().unwrap(),
+            Message::Text(text.into())
+        );
+    }
+
+    /// The close frame the gateway sends next (data before it is skipped).
+    async fn close_frame(client: &mut Client) -> (u16, String) {
+        loop {
+            match client.next().await {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return (u16::from(frame.code), frame.reason.to_string());
+                }
+                Some(Ok(Message::Close(None))) | None | Some(Err(_)) => {
+                    panic!("closed without a close frame")
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_closes_with_1001_at_the_idle_timeout() {
+        let (mut client, function) = open(settings()).await;
+        echo(&mut client, "hello").await;
+        let last = Instant::now();
+        let (code, reason) = close_frame(&mut client).await;
+        assert_eq!(code, 1001);
+        assert!(reason.contains("websocket.idle_timeout"), "{reason}");
+        assert_eq!(last.elapsed().as_secs(), 30);
+        drop(client);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(*function.disconnected.lock().unwrap(), Some(1001));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn activity_postpones_the_idle_timeout() {
+        let (mut client, _) = open(settings()).await;
+        let opened = Instant::now();
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            echo(&mut client, "still here").await;
+        }
+        let (code, _) = close_frame(&mut client).await;
+        assert_eq!(code, 1001);
+        // 60 s of activity, then 30 s of silence.
+        assert_eq!(opened.elapsed().as_secs(), 90);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_closes_with_1001_at_its_maximum_duration() {
+        let mut settings = settings();
+        settings.max_duration = Duration::from_secs(100);
+        let (mut client, _) = open(settings).await;
+        let opened = Instant::now();
+        // Pings every 20 s keep it from idling; the maximum duration
+        // still ends it.
+        let (code, reason) = loop {
+            tokio::select! {
+                frame = client.next() => match frame {
+                    Some(Ok(Message::Close(Some(frame)))) => {
+                        break (u16::from(frame.code), frame.reason.to_string());
+                    }
+                    Some(Ok(_)) => {}
+                    other => panic!("closed without a close frame: {other:?}"),
+                },
+                _ = tokio::time::sleep(Duration::from_secs(20)) => {
+                    client.send(Message::Ping(Vec::new().into())).await.unwrap();
+                }
+            }
+        };
+        assert_eq!(code, 1001);
+        assert!(reason.contains("websocket.max_duration"), "{reason}");
+        assert_eq!(opened.elapsed().as_secs(), 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_over_the_message_rate_is_closed_with_1008() {
+        let mut settings = settings();
+        settings.max_message_rate = NonZeroU32::new(5).unwrap();
+        let (mut client, function) = open(settings).await;
+        for n in 0..10 {
+            if client
+                .send(Message::Text(format!("{n}").into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        let (code, reason) = close_frame(&mut client).await;
+        assert_eq!(code, 1008);
+        assert!(reason.contains("websocket.max_message_rate"), "{reason}");
+        assert_eq!(function.calls.lock().unwrap().len(), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_in_a_row_pause_the_client_doubling_and_tell_no_internals() {
+        let (mut client, function) = open(settings()).await;
+        for _ in 0..3 {
+            client.send(Message::Text("fail".into())).await.unwrap();
+            let Some(Ok(Message::Text(reply))) = client.next().await else {
+                panic!("an error reply");
+            };
+            let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+            assert_eq!(reply["error"], "function-failed");
+            assert_eq!(reply["kind"], "trap");
+            let message = reply["message"].as_str().unwrap();
+            assert!(
+                !message.contains("wasm") && !message.contains('/'),
+                "{message}"
+            );
+        }
+        echo(&mut client, "ok").await;
+        echo(&mut client, "ok again").await;
+        let calls = function.calls.lock().unwrap().clone();
+        let gaps: Vec<u128> = calls
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_millis())
+            .collect();
+        // 10 ms after the first failure, 20 after the second, 40 after the
+        // third; a success clears the pause.
+        assert_eq!(gaps, [10, 20, 40, 0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queued_replies_are_bounded_in_bytes_and_none_is_lost() {
+        let mut settings = settings();
+        let mut dispatch = DispatchSettings {
+            send_queue_bytes: 256 << 10,
+            ..Arc::try_unwrap(settings.dispatch).ok().unwrap()
+        };
+        dispatch.max_reply_size = 128 << 10;
+        settings.dispatch = Arc::new(dispatch);
+        let (mut client, function) = open(settings).await;
+        // The client sends 20 messages whose replies are 100 KiB each and
+        // reads nothing: the gateway stops reading once about 256 KiB of
+        // replies wait (plus what the in-memory stream holds).
+        for _ in 0..20 {
+            client.send(Message::Text("big".into())).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let called = function.calls.lock().unwrap().len();
+        assert!(
+            called <= 5,
+            "{called} replies were made while none was read"
+        );
+        for _ in 0..20 {
+            match client.next().await {
+                Some(Ok(Message::Binary(data))) => assert_eq!(data.len(), 100 << 10),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(function.calls.lock().unwrap().len(), 20);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_closes_with_1008_when_its_token_expires() {
+        let expires = std::time::Instant::now() + Duration::from_secs(45);
+        let (mut client, _) = open_with(settings(), Some(expires)).await;
+        let opened = Instant::now();
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            echo(&mut client, "fresh").await;
+        }
+        let (code, reason) = close_frame(&mut client).await;
+        assert_eq!(code, 1008);
+        assert!(reason.contains("expired"), "{reason}");
+        assert_eq!(opened.elapsed().as_secs(), 45);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_closes_with_1001_after_the_message_in_hand() {
+        let settings = settings();
+        let shutdown = settings.shutdown.clone();
+        let (mut client, _) = open(settings).await;
+        echo(&mut client, "before").await;
+        shutdown.cancel();
+        let (code, reason) = close_frame(&mut client).await;
+        assert_eq!(code, 1001);
+        assert!(reason.contains("shutting down"), "{reason}");
     }
 }

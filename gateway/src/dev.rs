@@ -5,7 +5,7 @@ use std::path::Path;
 
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
 
-use crate::tls::CertFiles;
+use crate::config::CertFiles;
 
 /// How long the development certificate is valid.
 const VALIDITY_DAYS: i64 = 30;

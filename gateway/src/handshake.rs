@@ -5,30 +5,50 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use runtime::{Connection, Effect, Function};
+use runtime::{Connection, Context, Function, Registry};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::create_response;
 use tokio_tungstenite::tungstenite::http;
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-use crate::server::Shared;
+use crate::auth::JwtVerifier;
+use crate::config::AuthSettings;
+use crate::connection::Opened;
+use crate::router::Router;
 
 /// Most request headers parsed.
 const MAX_HEADERS: usize = 64;
+
+/// What the upgrade needs: where each path goes, the functions, who may
+/// connect, and the WebSocket settings of new connections.
+pub struct Upgrader {
+    /// This node's id, the first part of every connection id.
+    pub node_id: String,
+    /// Path to function.
+    pub router: Router,
+    /// The functions.
+    pub registry: Arc<Registry>,
+    /// Where tokens are, and the authorizer function.
+    pub auth: AuthSettings,
+    /// JWT validation, when configured.
+    pub jwt: Option<JwtVerifier>,
+    /// Frame and buffer limits of the WebSocket.
+    pub ws_config: WebSocketConfig,
+    /// Largest request head (`websocket.max_request_head`).
+    pub max_request_head: usize,
+    /// Request headers passed to functions (`websocket.forward_headers`).
+    pub forward_headers: Vec<String>,
+    /// Allowed `Origin`s (`websocket.allowed_origins`); empty: any.
+    pub allowed_origins: Vec<String>,
+}
 
 /// A connection that completed the upgrade.
 pub struct Accepted<S> {
     /// The WebSocket, ready for frames.
     pub ws: WebSocketStream<S>,
-    /// What the function knows about the connection.
-    pub conn: Connection,
-    /// The function version serving this connection.
-    pub function: Arc<Function>,
-    /// The route, as configured.
-    pub route: String,
-    /// Effects `on-connect` asked for, to carry out once open.
-    pub effects: Vec<Effect>,
+    /// What the upgrade decided, for the connection.
+    pub opened: Opened<Function>,
 }
 
 /// Why an upgrade did not happen.
@@ -79,261 +99,279 @@ struct RequestHead {
     leftover: Vec<u8>,
 }
 
-/// Run the upgrade on `stream`. A `refusal` decided before the request
-/// (a connection limit) is sent once the request head is read. On refusal
-/// the HTTP error has already been written.
-///
-/// # Errors
-/// A [`Refusal`] saying why the connection was not upgraded.
-pub async fn accept<S>(
-    mut stream: S,
-    peer: SocketAddr,
-    shared: &Shared,
-    refusal: Option<Refusal>,
-) -> Result<Box<Accepted<S>>, Refusal>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    match prepare(&mut stream, peer, shared, refusal).await {
-        Ok((head, conn, function, route, decision)) => {
-            let mut response = match create_response(&head.request) {
-                Ok(response) => response,
-                Err(e) => {
-                    let refusal =
-                        Refusal::http(400, "bad_upgrade", format!("not a WebSocket upgrade: {e}"));
-                    write_refusal(&mut stream, &refusal).await;
-                    return Err(refusal);
-                }
-            };
-            if let Some(protocol) = &conn.subprotocol
-                && let Ok(value) = http::HeaderValue::from_str(protocol)
-            {
-                response
-                    .headers_mut()
-                    .insert("sec-websocket-protocol", value);
-            }
-            let mut bytes = b"HTTP/1.1 101 Switching Protocols\r\n".to_vec();
-            for (name, value) in response.headers() {
-                bytes.extend_from_slice(name.as_str().as_bytes());
-                bytes.extend_from_slice(b": ");
-                bytes.extend_from_slice(value.as_bytes());
-                bytes.extend_from_slice(b"\r\n");
-            }
-            bytes.extend_from_slice(b"\r\n");
-            stream.write_all(&bytes).await?;
-            stream.flush().await?;
-            let ws = WebSocketStream::from_partially_read(
-                stream,
-                head.leftover,
-                Role::Server,
-                Some(shared.ws_config),
-            )
-            .await;
-            // Boxed, so handing it to the connection moves a pointer: an
-            // async fn keeps its arguments for its whole life.
-            Ok(Box::new(Accepted {
-                ws,
-                conn,
-                function,
-                route,
-                effects: decision.effects,
-            }))
-        }
-        Err(refusal) => {
-            write_refusal(&mut stream, &refusal).await;
-            Err(refusal)
-        }
-    }
-}
-
+/// What the upgrade learned before answering.
 type Prepared = (
     RequestHead,
     Connection,
     Arc<Function>,
     String,
     runtime::ConnectDecision,
+    Option<std::time::Instant>,
 );
 
-async fn prepare<S>(
-    stream: &mut S,
-    peer: SocketAddr,
-    shared: &Shared,
-    refusal: Option<Refusal>,
-) -> Result<Prepared, Refusal>
-where
-    S: AsyncRead + Unpin,
-{
-    let head = read_head(stream, shared.websocket.max_request_head).await?;
-    if let Some(refusal) = refusal {
-        return Err(refusal);
-    }
-    let request = &head.request;
-    if request.method() != http::Method::GET {
-        return Err(Refusal::http(
-            405,
-            "method",
-            "only GET upgrades to a WebSocket",
-        ));
-    }
-    check_origin(request, &shared.websocket.allowed_origins)?;
-    let path = request.uri().path().to_owned();
-    let Some(matched) = shared.router.resolve(&path) else {
-        return Err(Refusal::http(
-            404,
-            "no_route",
-            format!("no route serves {path}"),
-        ));
-    };
-    let route = matched.route.to_owned();
-    let Some(function) = shared.registry.get(matched.function) else {
-        return Err(Refusal::http(
-            503,
-            "function_unavailable",
-            format!("function {} is not loaded", matched.function),
-        ));
-    };
-    let full_query: Vec<(String, String)> = request
-        .uri()
-        .query()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default();
-    let mut query = full_query.clone();
-    let auth = &shared.auth;
-    let mut claims = Vec::new();
-    if shared.jwt.is_some() || auth.authorizer.is_some() {
-        // The function never sees the token.
-        let token = auth.token.take(request.headers(), &mut query);
-        if let Some(verifier) = &shared.jwt {
-            let Some(token) = token else {
-                return Err(Refusal::http(
-                    401,
-                    "missing_token",
-                    format!(
-                        "no token: send it in the {} header (Bearer) or the {} query parameter",
-                        auth.token.header, auth.token.query
-                    ),
-                ));
-            };
-            claims = verifier
-                .verify(&token)
-                .map_err(|reason| Refusal::http(401, "invalid_token", reason))?
-                .claims;
+impl Upgrader {
+    /// Run the upgrade on `stream`. A `refusal` decided before the request
+    /// (a connection limit) is sent once the request head is read. On refusal
+    /// the HTTP error has already been written.
+    ///
+    /// # Errors
+    /// A [`Refusal`] saying why the connection was not upgraded.
+    pub async fn accept<S>(
+        &self,
+        mut stream: S,
+        peer: SocketAddr,
+        refusal: Option<Refusal>,
+    ) -> Result<Box<Accepted<S>>, Refusal>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        match self.prepare(&mut stream, peer, refusal).await {
+            Ok((head, conn, function, route, decision, expires_at)) => {
+                let mut response = match create_response(&head.request) {
+                    Ok(response) => response,
+                    Err(e) => {
+                        let refusal = Refusal::http(
+                            400,
+                            "bad_upgrade",
+                            format!("not a WebSocket upgrade: {e}"),
+                        );
+                        write_refusal(&mut stream, &refusal).await;
+                        return Err(refusal);
+                    }
+                };
+                if let Some(protocol) = &conn.subprotocol
+                    && let Ok(value) = http::HeaderValue::from_str(protocol)
+                {
+                    response
+                        .headers_mut()
+                        .insert("sec-websocket-protocol", value);
+                }
+                let mut bytes = b"HTTP/1.1 101 Switching Protocols\r\n".to_vec();
+                for (name, value) in response.headers() {
+                    bytes.extend_from_slice(name.as_str().as_bytes());
+                    bytes.extend_from_slice(b": ");
+                    bytes.extend_from_slice(value.as_bytes());
+                    bytes.extend_from_slice(b"\r\n");
+                }
+                bytes.extend_from_slice(b"\r\n");
+                stream.write_all(&bytes).await?;
+                stream.flush().await?;
+                let ws = WebSocketStream::from_partially_read(
+                    stream,
+                    head.leftover,
+                    Role::Server,
+                    Some(self.ws_config),
+                )
+                .await;
+                // Boxed, so handing it to the connection moves a pointer: an
+                // async fn keeps its arguments for its whole life.
+                Ok(Box::new(Accepted {
+                    ws,
+                    opened: Opened {
+                        ctx: Context {
+                            id: conn.id,
+                            route: conn.route,
+                            claims: conn.claims,
+                            state: conn.state,
+                        },
+                        function,
+                        route,
+                        effects: decision.effects,
+                        expires_at,
+                    },
+                }))
+            }
+            Err(refusal) => {
+                write_refusal(&mut stream, &refusal).await;
+                Err(refusal)
+            }
         }
     }
-    let headers = shared
-        .websocket
-        .forward_headers
-        .iter()
-        .flat_map(|name| {
-            request
-                .headers()
-                .get_all(name.as_str())
-                .iter()
-                .filter_map(|value| value.to_str().ok())
-                .map(|value| (name.clone(), value.to_owned()))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    let offered: Vec<String> = request
-        .headers()
-        .get_all("sec-websocket-protocol")
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(|p| p.trim().to_owned())
-        .filter(|p| !p.is_empty())
-        .collect();
-    let mut conn = Connection {
-        id: format!("{}.{}", shared.node_id, uuid::Uuid::now_v7().simple()),
-        route: route.clone(),
-        path,
-        query,
-        headers,
-        subprotocol: None,
-        remote_addr: peer.to_string(),
-        claims,
-        state: None,
-    };
-    if let Some(name) = &auth.authorizer {
-        authorize(name, &mut conn, request, full_query, shared).await?;
-    }
-    let conn = Arc::new(conn);
-    let decision = function.on_connect(conn.clone()).await.map_err(|e| {
-        Refusal::http(
-            500,
-            "function_error",
-            format!("the function failed to accept the connection: {}", e.kind()),
-        )
-    })?;
-    // The call has ended, so this is the only reference left.
-    let mut conn = Arc::unwrap_or_clone(conn);
-    if !decision.accept {
-        return Err(Refusal::http(
-            refusal_status(decision.status, 403),
-            "refused_by_function",
-            "connection refused by the function",
-        ));
-    }
-    conn.claims.extend(decision.claims.iter().cloned());
-    if let Some(chosen) = &decision.subprotocol {
-        if offered.iter().any(|p| p == chosen) {
-            conn.subprotocol = Some(chosen.clone());
-        } else {
-            tracing::warn!(
-                function = function.name(),
-                subprotocol = %chosen,
-                "on-connect chose a subprotocol the client did not offer; none is agreed"
-            );
-        }
-    }
-    Ok((head, conn, function, route, decision))
-}
 
-/// Ask the authorizer function about `conn`: it sees every request header
-/// and the whole query (token included); its claims are added to the
-/// connection's.
-async fn authorize(
-    name: &str,
-    conn: &mut Connection,
-    request: &http::Request<()>,
-    full_query: Vec<(String, String)>,
-    shared: &Shared,
-) -> Result<(), Refusal> {
-    let Some(authorizer) = shared.registry.get(name) else {
-        return Err(Refusal::http(
-            503,
-            "function_unavailable",
-            format!("the authorizer function {name} is not loaded"),
-        ));
-    };
-    let headers = request
-        .headers()
-        .iter()
-        .filter_map(|(name, value)| {
-            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
-        })
-        .collect();
-    let probe = Connection {
-        query: full_query,
-        headers,
-        ..conn.clone()
-    };
-    let decision = authorizer.on_connect(Arc::new(probe)).await.map_err(|e| {
-        Refusal::http(
-            500,
-            "authorizer_error",
-            format!("the authorizer failed: {}", e.kind()),
-        )
-    })?;
-    if !decision.accept {
-        return Err(Refusal::http(
-            refusal_status(decision.status, 401),
-            "refused_by_authorizer",
-            "connection refused by the authorizer",
-        ));
+    async fn prepare<S>(
+        &self,
+        stream: &mut S,
+        peer: SocketAddr,
+        refusal: Option<Refusal>,
+    ) -> Result<Prepared, Refusal>
+    where
+        S: AsyncRead + Unpin,
+    {
+        let head = read_head(stream, self.max_request_head).await?;
+        if let Some(refusal) = refusal {
+            return Err(refusal);
+        }
+        let request = &head.request;
+        if request.method() != http::Method::GET {
+            return Err(Refusal::http(
+                405,
+                "method",
+                "only GET upgrades to a WebSocket",
+            ));
+        }
+        check_origin(request, &self.allowed_origins)?;
+        let path = request.uri().path().to_owned();
+        let Some(matched) = self.router.resolve(&path) else {
+            return Err(Refusal::http(
+                404,
+                "no_route",
+                format!("no route serves {path}"),
+            ));
+        };
+        let route = matched.route.to_owned();
+        let Some(function) = self.registry.get(matched.function) else {
+            return Err(Refusal::http(
+                503,
+                "function_unavailable",
+                format!("function {} is not loaded", matched.function),
+            ));
+        };
+        let full_query: Vec<(String, String)> = request
+            .uri()
+            .query()
+            .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+            .unwrap_or_default();
+        let mut query = full_query.clone();
+        let auth = &self.auth;
+        let mut claims = Vec::new();
+        let mut expires_at = None;
+        if self.jwt.is_some() || auth.authorizer.is_some() {
+            // The function never sees the token.
+            let token = auth.token.take(request.headers(), &mut query);
+            if let Some(verifier) = &self.jwt {
+                let Some(token) = token else {
+                    return Err(Refusal::http(
+                        401,
+                        "missing_token",
+                        format!(
+                            "no token: send it in the {} header (Bearer) or the {} query parameter",
+                            auth.token.header, auth.token.query
+                        ),
+                    ));
+                };
+                let verified = verifier
+                    .verify(&token)
+                    .map_err(|reason| Refusal::http(401, "invalid_token", reason))?;
+                if verifier.close_on_expiry() {
+                    expires_at = verified.deadline();
+                }
+                claims = verified.claims;
+            }
+        }
+        let headers = self
+            .forward_headers
+            .iter()
+            .flat_map(|name| {
+                request
+                    .headers()
+                    .get_all(name.as_str())
+                    .iter()
+                    .filter_map(|value| value.to_str().ok())
+                    .map(|value| (name.clone(), value.to_owned()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let offered: Vec<String> = request
+            .headers()
+            .get_all("sec-websocket-protocol")
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty())
+            .collect();
+        let mut conn = Connection {
+            id: format!("{}.{}", self.node_id, uuid::Uuid::now_v7().simple()),
+            route: route.clone(),
+            path,
+            query,
+            headers,
+            subprotocol: None,
+            remote_addr: peer.to_string(),
+            claims,
+            state: None,
+        };
+        if let Some(name) = &auth.authorizer {
+            self.authorize(name, &mut conn, request, full_query).await?;
+        }
+        let conn = Arc::new(conn);
+        let decision = function.on_connect(conn.clone()).await.map_err(|e| {
+            Refusal::http(
+                500,
+                "function_error",
+                format!("the function failed to accept the connection: {}", e.kind()),
+            )
+        })?;
+        // The call has ended, so this is the only reference left.
+        let mut conn = Arc::unwrap_or_clone(conn);
+        if !decision.accept {
+            return Err(Refusal::http(
+                refusal_status(decision.status, 403),
+                "refused_by_function",
+                "connection refused by the function",
+            ));
+        }
+        conn.claims.extend(decision.claims.iter().cloned());
+        if let Some(chosen) = &decision.subprotocol {
+            if offered.iter().any(|p| p == chosen) {
+                conn.subprotocol = Some(chosen.clone());
+            } else {
+                tracing::warn!(
+                    function = function.name(),
+                    subprotocol = %chosen,
+                    "on-connect chose a subprotocol the client did not offer; none is agreed"
+                );
+            }
+        }
+        Ok((head, conn, function, route, decision, expires_at))
     }
-    conn.claims.extend(decision.claims);
-    Ok(())
+
+    /// Ask the authorizer function about `conn`: it sees every request header
+    /// and the whole query (token included); its claims are added to the
+    /// connection's.
+    async fn authorize(
+        &self,
+        name: &str,
+        conn: &mut Connection,
+        request: &http::Request<()>,
+        full_query: Vec<(String, String)>,
+    ) -> Result<(), Refusal> {
+        let Some(authorizer) = self.registry.get(name) else {
+            return Err(Refusal::http(
+                503,
+                "function_unavailable",
+                format!("the authorizer function {name} is not loaded"),
+            ));
+        };
+        let headers = request
+            .headers()
+            .iter()
+            .filter_map(|(name, value)| {
+                Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+            })
+            .collect();
+        let probe = Connection {
+            query: full_query,
+            headers,
+            ..conn.clone()
+        };
+        let decision = authorizer.on_connect(Arc::new(probe)).await.map_err(|e| {
+            Refusal::http(
+                500,
+                "authorizer_error",
+                format!("the authorizer failed: {}", e.kind()),
+            )
+        })?;
+        if !decision.accept {
+            return Err(Refusal::http(
+                refusal_status(decision.status, 401),
+                "refused_by_authorizer",
+                "connection refused by the authorizer",
+            ));
+        }
+        conn.claims.extend(decision.claims);
+        Ok(())
+    }
 }
 
 /// The status a function chose to refuse with, if it is an HTTP error.

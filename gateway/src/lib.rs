@@ -1,30 +1,39 @@
 //! Tidegate's gateway: the network side.
 //!
-//! - [`cli`]: `tidegate serve [--config FILE] [--dev]`.
-//! - [`config`]: the file plus `TIDEGATE__*` variables, validated once.
-//! - [`server`]: wiring, signals, drain.
-//! - [`listener`]: accept, admission, TLS and upgrade under timeouts.
+//! Modules, from the top (a module uses only those below it):
+//! - [`cli`]: `tidegate serve [--config FILE] [--dev]`; passes the signal.
+//! - [`app`]: [`app::App`] builds every part, binds, serves until a
+//!   shutdown future completes, then drains.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/v1/`.
+//! - [`listener`]: accept, the PROXY header, admission, TLS and the upgrade
+//!   under timeouts, then the connection.
+//! - [`handshake`]: the HTTP upgrade ([`handshake::Upgrader`]): routing,
+//!   authentication, `on-connect`.
+//! - [`connection`]: one WebSocket: reading, writing, time limits, the
+//!   closing handshake.
+//! - [`dispatch`]: one message: copy, call, effects, failure policy.
+//! - [`close`]: the close codes the gateway sends, and why.
+//! - [`publisher`]: the RabbitMQ copy, publisher confirms, the spool.
 //! - [`limits`]: connection limits in total, per address, in handshakes.
 //! - [`proxy_protocol`]: the real client address from a load balancer.
-//! - [`state_dir`]: the state directory, the gateway user's own.
-//! - [`tls`]: rustls (ring) from PEM files; [`dev`]: the `--dev` certificate.
-//! - [`handshake`]: the HTTP upgrade, routing, authentication, `on-connect`.
 //! - [`auth`]: JWT validation of the token a client connects with.
 //! - [`router`]: path to function.
-//! - [`connection`]: one WebSocket: in-order messages, pipelined replies.
-//! - [`publisher`]: the RabbitMQ copy, publisher confirms, the spool.
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/v1/`.
-//! - [`metrics`]: the Prometheus metrics.
-//! - [`logging`]: log output.
+//! - [`tls`]: rustls (ring) from PEM files; [`dev`]: the `--dev` certificate.
+//! - [`state_dir`]: the state directory, the gateway user's own.
+//! - [`config`]: the file plus `TIDEGATE__*` variables, validated once.
+//! - [`metrics`]: the Prometheus metrics; [`logging`]: log output.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod app;
 pub mod auth;
 pub mod cli;
+pub mod close;
 pub mod config;
 pub mod connection;
 pub mod dev;
+pub mod dispatch;
 pub mod handshake;
 pub mod limits;
 pub mod listener;
@@ -33,6 +42,5 @@ pub mod metrics;
 pub mod proxy_protocol;
 pub mod publisher;
 pub mod router;
-pub mod server;
 pub mod state_dir;
 pub mod tls;

@@ -7,17 +7,40 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::connection;
-use crate::handshake::{self, Refusal};
-use crate::limits::HandshakeSlot;
+use crate::connection::{self, ConnectionSettings};
+use crate::handshake::{self, Refusal, Upgrader};
+use crate::limits::{Admission, HandshakeSlot};
+use crate::metrics::Metrics;
 use crate::proxy_protocol::{self, ProxyHeaderError};
-use crate::server::Shared;
+
+/// What the listeners need: who is let in, how long each step may take,
+/// the upgrade, and what connections need once open.
+pub struct Intake {
+    /// Connection limits.
+    pub admission: Admission,
+    /// Balancers whose connections start with a PROXY protocol header.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
+    /// Longest the TLS handshake may take.
+    pub tls_handshake_timeout: Duration,
+    /// Longest the PROXY header and the upgrade request may take.
+    pub handshake_timeout: Duration,
+    /// The HTTP upgrade.
+    pub upgrader: Upgrader,
+    /// What open connections need.
+    pub connections: Arc<ConnectionSettings>,
+    /// Refused connections are counted here.
+    pub metrics: Metrics,
+    /// Cancelled once, when the gateway starts shutting down.
+    pub shutdown: CancellationToken,
+}
 
 /// Bind a WebSocket listener.
 ///
@@ -46,7 +69,7 @@ pub async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
 pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    shared: Arc<Shared>,
+    shared: Arc<Intake>,
     tracker: TaskTracker,
 ) {
     loop {
@@ -93,8 +116,16 @@ pub async fn serve(
             drop(place);
             drop(handshake_slot);
             match upgraded {
-                Ok(Upgraded::Tls(accepted)) => connection::serve(accepted, shared).await,
-                Ok(Upgraded::Plain(accepted)) => connection::serve(accepted, shared).await,
+                Ok(Upgraded::Tls(accepted)) => {
+                    let accepted = *accepted;
+                    connection::serve(accepted.ws, accepted.opened, shared.connections.clone())
+                        .await;
+                }
+                Ok(Upgraded::Plain(accepted)) => {
+                    let accepted = *accepted;
+                    connection::serve(accepted.ws, accepted.opened, shared.connections.clone())
+                        .await;
+                }
                 Err(rejection) => {
                     reject(&shared, &rejection, client);
                 }
@@ -112,7 +143,7 @@ pub async fn serve(
 async fn admit_socket(
     mut tcp: TcpStream,
     peer: SocketAddr,
-    shared: &Shared,
+    shared: &Intake,
 ) -> Option<(TcpStream, SocketAddr, HandshakeSlot)> {
     let client = if proxy_protocol::required_from(peer.ip(), &shared.proxy_protocol_from) {
         let header = tokio::time::timeout(
@@ -141,7 +172,7 @@ async fn admit_socket(
     Some((tcp, client, slot))
 }
 
-fn reject(shared: &Shared, rejection: &Rejection, client: SocketAddr) {
+fn reject(shared: &Intake, rejection: &Rejection, client: SocketAddr) {
     let reason = rejection.reason();
     shared
         .metrics
@@ -162,7 +193,7 @@ async fn upgrade_tls(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
-    shared: &Shared,
+    shared: &Intake,
     refusal: Option<Refusal>,
 ) -> Result<Upgraded, Rejection> {
     // Boxed: the TLS handshake's state is only needed until it completes.
@@ -179,7 +210,7 @@ async fn upgrade_tls(
 async fn upgrade<S>(
     stream: S,
     peer: SocketAddr,
-    shared: &Shared,
+    shared: &Intake,
     refusal: Option<Refusal>,
 ) -> Result<Box<handshake::Accepted<S>>, Rejection>
 where
@@ -188,7 +219,7 @@ where
     // Boxed: the request buffers are only needed until the upgrade.
     Box::pin(tokio::time::timeout(
         shared.handshake_timeout,
-        handshake::accept(stream, peer, shared, refusal),
+        shared.upgrader.accept(stream, peer, refusal),
     ))
     .await
     .map_err(|_| Rejection::Timeout)?

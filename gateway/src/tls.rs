@@ -22,7 +22,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::TlsSettings;
+use crate::config::{CertFiles, TlsSettings};
 
 /// Why the TLS set-up failed; each names the file.
 #[derive(Debug, thiserror::Error)]
@@ -61,15 +61,6 @@ pub enum TlsError {
 /// The process-wide crypto provider. Installing it twice is harmless.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// One certificate chain and its key, as files.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertFiles {
-    /// PEM certificate chain, leaf first.
-    pub cert: PathBuf,
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
-    pub key: PathBuf,
 }
 
 /// The certificates in use, swapped as a whole on reload.

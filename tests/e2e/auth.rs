@@ -268,7 +268,6 @@ async fn a_rotated_jwks_file_is_reloaded_and_a_bad_one_keeps_the_keys_in_use() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "B11d: the connection loop does not close at Accepted::expires_at yet"]
 async fn a_connection_closes_with_1008_when_its_token_expires_unless_configured() {
     let jwt = |close: bool| {
         gateway(&format!(

@@ -3,7 +3,10 @@
 //! directory and queue, and deletes the queue when done.
 
 // Shared with the no_loss test binary; each uses part of them.
-#[expect(dead_code, reason = "shared by the e2e and no_loss binaries; each uses part")]
+#[expect(
+    dead_code,
+    reason = "shared by the e2e and no_loss binaries; each uses part"
+)]
 mod harness;
 mod proxy;
 

@@ -7,10 +7,16 @@
 //! end-to-end tests, and Cargo runs test binaries one after another. The
 //! tests here take turns too.
 
-#[expect(dead_code, reason = "shared by the e2e and no_loss binaries; each uses part")]
+#[expect(
+    dead_code,
+    reason = "shared by the e2e and no_loss binaries; each uses part"
+)]
 #[path = "../e2e/harness.rs"]
 mod harness;
-#[expect(dead_code, reason = "shared by the e2e and no_loss binaries; each uses part")]
+#[expect(
+    dead_code,
+    reason = "shared by the e2e and no_loss binaries; each uses part"
+)]
 #[path = "../e2e/proxy.rs"]
 mod proxy;
 

@@ -1,0 +1,452 @@
+//! What happens to one message of a connection, in order: its copy is
+//! handed to the publisher, the function runs, its effects are carried
+//! out, and a failure is answered as `runtime.on_error` says (with a pause
+//! before the client's next message when failures repeat). The connection
+//! only reads, writes and closes; everything between a message and what
+//! the client gets back is here.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_channel::mpsc;
+use futures_util::SinkExt;
+use runtime::{Context, Effect, HandlerError, InvokeError, Payload, Priority};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::close::Close;
+use crate::config::{OnError, QueueMode};
+use crate::metrics::Metrics;
+use crate::publisher::{PublishError, Publisher, QueueMessage, Receipt};
+
+/// The pause after a first failure in a row (see [`Dispatcher`]).
+const FIRST_PENALTY: Duration = Duration::from_millis(10);
+
+/// The function a connection's events go to: the runtime's
+/// [`runtime::Function`], or a scripted one in tests.
+pub trait Handler: Send + Sync + 'static {
+    /// The function's name (queue headers, logs).
+    fn name(&self) -> &str;
+    /// The version serving this connection (queue headers).
+    fn version(&self) -> &str;
+    /// Run `on-message`. The inner `Result` is the function's own answer;
+    /// the outer one says whether it ran at all.
+    fn on_message(
+        &self,
+        ctx: Arc<Context>,
+        payload: Payload,
+        priority: Priority,
+    ) -> impl Future<Output = Result<Result<Vec<Effect>, HandlerError>, InvokeError>> + Send;
+    /// Run `on-disconnect`.
+    fn on_disconnect(
+        &self,
+        ctx: Arc<Context>,
+        code: u16,
+        reason: String,
+    ) -> impl Future<Output = Result<Vec<Effect>, InvokeError>> + Send;
+}
+
+impl Handler for runtime::Function {
+    fn name(&self) -> &str {
+        runtime::Function::name(self)
+    }
+
+    fn version(&self) -> &str {
+        runtime::Function::version(self)
+    }
+
+    fn on_message(
+        &self,
+        ctx: Arc<Context>,
+        payload: Payload,
+        priority: Priority,
+    ) -> impl Future<Output = Result<Result<Vec<Effect>, HandlerError>, InvokeError>> + Send {
+        runtime::Function::on_message(self, ctx, payload, priority)
+    }
+
+    fn on_disconnect(
+        &self,
+        ctx: Arc<Context>,
+        code: u16,
+        reason: String,
+    ) -> impl Future<Output = Result<Vec<Effect>, InvokeError>> + Send {
+        runtime::Function::on_disconnect(self, ctx, code, reason)
+    }
+}
+
+/// How messages are handled, the same for every connection.
+pub struct DispatchSettings {
+    /// This node's id, carried by the copies' headers.
+    pub node_id: String,
+    /// Whether replies wait for the copy.
+    pub queue_mode: QueueMode,
+    /// The copy path; `None` when `queue.mode = "off"`.
+    pub publisher: Option<Publisher>,
+    /// What a client sees when the function fails on its message.
+    pub on_error: OnError,
+    /// Longest pause before reading a client whose messages keep failing.
+    pub fault_backoff: Duration,
+    /// Largest reply (`websocket.max_message_size`): a larger one fails the
+    /// message, since the client could not be sent it.
+    pub max_reply_size: usize,
+    /// Most bytes of replies queued for one connection
+    /// (`websocket.send_queue_bytes`).
+    pub send_queue_bytes: usize,
+    /// Failures and unsupported effects are counted here.
+    pub metrics: Metrics,
+}
+
+/// What the dispatcher hands the connection's writer, in order.
+pub enum Outbound {
+    /// A message to send once `receipt` (if any) is ready. `_bytes` holds
+    /// its place in the connection's byte budget until it is written.
+    Message {
+        /// The copy this reply waits for.
+        receipt: Option<Receipt>,
+        /// The reply.
+        message: Message,
+        /// Its bytes in `websocket.send_queue_bytes`, given back once sent.
+        bytes: Option<OwnedSemaphorePermit>,
+    },
+    /// A copy with no reply: waited for only to notice a failure.
+    Receipt(Receipt),
+    /// Close the connection.
+    Close(Close),
+}
+
+/// What to do after a message.
+pub enum Next {
+    /// Read the next one.
+    Continue,
+    /// Close the connection.
+    Close(Close),
+    /// The writer is gone: stop reading.
+    Stop,
+}
+
+/// Why the function failed on a message.
+struct Failure {
+    /// Metric label and `kind` of the error reply.
+    kind: &'static str,
+    /// All instances busy and the queue full (1013 rather than 1011).
+    overloaded: bool,
+    /// For the error reply: what happened, without the gateway's internals.
+    message: String,
+}
+
+/// One connection's messages, in order.
+pub struct Dispatcher<F> {
+    /// How messages are handled.
+    settings: Arc<DispatchSettings>,
+    /// What every call is told about the connection.
+    ctx: Arc<Context>,
+    /// The function serving the connection.
+    function: Arc<F>,
+    /// The route, for metric labels and the copies' headers.
+    route: Arc<str>,
+    /// To the connection's writer.
+    outbound: mpsc::Sender<Outbound>,
+    /// The connection's reply bytes not yet written.
+    queued_bytes: Arc<Semaphore>,
+    /// Pause after the function failed on this connection's last message:
+    /// doubled at each failure in a row (up to `runtime.fault_backoff`),
+    /// cleared by a success, so one client cannot keep a function failing
+    /// (and burning CPU) back to back.
+    penalty: Duration,
+}
+
+impl<F: Handler> Dispatcher<F> {
+    /// A dispatcher for one connection, handing what the client gets to
+    /// `outbound`.
+    pub fn new(
+        settings: Arc<DispatchSettings>,
+        ctx: Arc<Context>,
+        function: Arc<F>,
+        route: Arc<str>,
+        outbound: mpsc::Sender<Outbound>,
+    ) -> Self {
+        let queued_bytes = Arc::new(Semaphore::new(settings.send_queue_bytes));
+        Self {
+            settings,
+            ctx,
+            function,
+            route,
+            outbound,
+            queued_bytes,
+            penalty: Duration::ZERO,
+        }
+    }
+
+    /// Handle one message: copy, call, effects, failure policy, backoff.
+    pub async fn on_message(&mut self, payload: Payload) -> Next {
+        let receipt = match self.copy(&payload).await {
+            Ok(receipt) => receipt,
+            Err(close) => return Next::Close(close),
+        };
+        // A client whose messages keep failing has its calls run at the
+        // lowest priority from the start.
+        let priority = if self.penalty.is_zero() {
+            Priority::Normal
+        } else {
+            Priority::Low
+        };
+        // Boxed: the call's state is large and only lives while it runs,
+        // so it should not be part of every idle connection's task.
+        let called = Box::pin(
+            self.function
+                .on_message(self.ctx.clone(), payload, priority),
+        )
+        .await;
+        match called {
+            Ok(Ok(effects)) => match self.oversized_reply(&effects) {
+                None => {
+                    self.penalty = Duration::ZERO;
+                    self.apply(effects, receipt).await
+                }
+                Some(failure) => self.fail(failure, receipt).await,
+            },
+            Ok(Err(error)) => {
+                let (kind, message) = match error {
+                    HandlerError::BadRequest(m) => ("bad-request", m),
+                    HandlerError::Internal(m) => ("internal", m),
+                };
+                let body = serde_json::json!({ "error": kind, "message": message }).to_string();
+                self.reply(Message::Text(body.into()), receipt).await
+            }
+            Err(error) => {
+                // The client gets the kind and a short message; the log
+                // gets the detail (wasmtime's words, file paths).
+                tracing::debug!(
+                    connection = %self.ctx.id,
+                    function = self.function.name(),
+                    "the function failed on a message: {error}"
+                );
+                let failure = Failure {
+                    kind: error.kind(),
+                    overloaded: matches!(error, InvokeError::Overloaded { .. }),
+                    message: error.client_message().to_owned(),
+                };
+                self.fail(failure, receipt).await
+            }
+        }
+    }
+
+    /// Carry out a function's effects, in order (also `on-connect`'s). The
+    /// copy's receipt goes with the first reply (or alone, if there is
+    /// none).
+    pub async fn apply(&mut self, effects: Vec<Effect>, mut receipt: Option<Receipt>) -> Next {
+        let mut next = Next::Continue;
+        for effect in effects {
+            match effect {
+                Effect::Reply(payload) => {
+                    let message = match payload {
+                        Payload::Text(text) => Message::Text(text.into()),
+                        Payload::Binary(data) => Message::Binary(data.into()),
+                    };
+                    if let Next::Stop = self.reply(message, receipt.take()).await {
+                        return Next::Stop;
+                    }
+                }
+                Effect::Close((code, reason)) => {
+                    let close = Close::by_function(code, reason).unwrap_or_else(|fallback| {
+                        tracing::warn!(
+                            function = self.function.name(),
+                            code,
+                            "a function may close with 1000 or 3000-4999; using 1000"
+                        );
+                        fallback
+                    });
+                    next = Next::Close(close);
+                    break;
+                }
+                other => {
+                    let name = effect_name(&other);
+                    self.settings
+                        .metrics
+                        .effects_unsupported
+                        .with_label_values(&[name])
+                        .inc();
+                    tracing::debug!(
+                        function = self.function.name(),
+                        effect = name,
+                        "effect not supported on this node yet; ignored"
+                    );
+                }
+            }
+        }
+        if let Some(receipt) = receipt
+            && let Next::Stop = self.send(Outbound::Receipt(receipt)).await
+        {
+            return Next::Stop;
+        }
+        next
+    }
+
+    /// Hand the connection's close to the writer, after what is queued.
+    pub async fn close(mut self, close: Close) {
+        let _ = self.send(Outbound::Close(close)).await;
+    }
+
+    /// Queue a reply, once its bytes fit in `websocket.send_queue_bytes`
+    /// (a reply over the whole budget waits until the queue is empty).
+    async fn reply(&mut self, message: Message, receipt: Option<Receipt>) -> Next {
+        let len = message.len().min(self.settings.send_queue_bytes);
+        let bytes = match u32::try_from(len) {
+            Ok(0) => None,
+            Ok(len) => match self.queued_bytes.clone().acquire_many_owned(len).await {
+                Ok(permit) => Some(permit),
+                // Never closed: the dispatcher owns the semaphore.
+                Err(_) => return Next::Stop,
+            },
+            // The budget is validated to fit in a u32.
+            Err(_) => None,
+        };
+        self.send(Outbound::Message {
+            receipt,
+            message,
+            bytes,
+        })
+        .await
+    }
+
+    /// A reply larger than `websocket.max_message_size` fails the message:
+    /// the client could not be sent it.
+    fn oversized_reply(&self, effects: &[Effect]) -> Option<Failure> {
+        let limit = self.settings.max_reply_size;
+        effects.iter().find_map(|effect| {
+            let Effect::Reply(payload) = effect else {
+                return None;
+            };
+            let len = match payload {
+                Payload::Text(text) => text.len(),
+                Payload::Binary(data) => data.len(),
+            };
+            (len > limit).then(|| Failure {
+                kind: "reply_too_large",
+                overloaded: false,
+                message: format!(
+                    "the function replied with {len} bytes, over the limit of {limit} (websocket.max_message_size)"
+                ),
+            })
+        })
+    }
+
+    /// The function failed on this message: count it, and tell the client
+    /// with an error reply or a close, as `runtime.on_error` says. The
+    /// copy's receipt still orders what the client sees.
+    async fn fail(&mut self, failure: Failure, receipt: Option<Receipt>) -> Next {
+        self.settings
+            .metrics
+            .message_failures
+            .with_label_values(&[&self.route, failure.kind])
+            .inc();
+        let next = self.tell_failure(failure, receipt).await;
+        if let Next::Continue = next {
+            // Read this client's next message only after a pause.
+            let limit = self.settings.fault_backoff;
+            self.penalty = (self.penalty * 2).clamp(FIRST_PENALTY.min(limit), limit);
+            tokio::time::sleep(self.penalty).await;
+        }
+        next
+    }
+
+    async fn tell_failure(&mut self, failure: Failure, receipt: Option<Receipt>) -> Next {
+        match self.settings.on_error {
+            OnError::Reply => {
+                let error = if failure.overloaded {
+                    "overloaded"
+                } else {
+                    "function-failed"
+                };
+                let body = serde_json::json!({
+                    "error": error,
+                    "kind": failure.kind,
+                    "message": failure.message,
+                })
+                .to_string();
+                self.reply(Message::Text(body.into()), receipt).await
+            }
+            OnError::Close => {
+                if let Some(receipt) = receipt
+                    && let Next::Stop = self.send(Outbound::Receipt(receipt)).await
+                {
+                    return Next::Stop;
+                }
+                if failure.overloaded {
+                    Next::Close(Close::Overloaded)
+                } else {
+                    Next::Close(Close::FunctionFailed(failure.kind))
+                }
+            }
+        }
+    }
+
+    /// Hand the message's copy to the publisher. Returns the receipt the
+    /// reply must wait for: the copy durable in receipt mode, accepted
+    /// (spooled, or published with spool room reserved) in async mode.
+    async fn copy(&self, payload: &Payload) -> Result<Option<Receipt>, Close> {
+        let Some(publisher) = &self.settings.publisher else {
+            return Ok(None);
+        };
+        let (body, text) = match payload {
+            Payload::Text(text) => (text.as_bytes().to_vec(), true),
+            Payload::Binary(data) => (data.clone(), false),
+        };
+        if self.settings.queue_mode == QueueMode::Async && !publisher.is_ready() {
+            return Err(Close::NotStored(not_stored(&PublishError::SpoolFull)));
+        }
+        let copy = QueueMessage::new(
+            text,
+            body,
+            &self.ctx.id,
+            &self.route,
+            self.function.name(),
+            self.function.version(),
+            &self.settings.node_id,
+        );
+        match publisher.publish(copy).await {
+            Ok(receipt) => Ok(Some(receipt)),
+            Err(_) => Err(Close::Shutdown),
+        }
+    }
+
+    async fn send(&mut self, outbound: Outbound) -> Next {
+        match self.outbound.send(outbound).await {
+            Ok(()) => Next::Continue,
+            Err(_) => Next::Stop,
+        }
+    }
+}
+
+/// The close for a copy that could not be kept: why, in words that hold
+/// no file path or I/O detail (those are in the log).
+pub fn not_stored_close(error: &PublishError) -> Close {
+    match error {
+        PublishError::Closed => Close::Shutdown,
+        other => Close::NotStored(not_stored(other)),
+    }
+}
+
+fn not_stored(error: &PublishError) -> String {
+    match error {
+        PublishError::SpoolFull => "the broker is unreachable and the spool is full".into(),
+        PublishError::SpoolFailed(_) => "the spool could not be written".into(),
+        PublishError::Closed => "the gateway is shutting down".into(),
+        // Its text is written for clients: no path, no I/O detail.
+        in_doubt @ PublishError::InDoubt => in_doubt.to_string(),
+    }
+}
+
+fn effect_name(effect: &Effect) -> &'static str {
+    match effect {
+        Effect::Reply(_) => "reply",
+        Effect::Send(_) => "send",
+        Effect::Join(_) => "join",
+        Effect::Leave(_) => "leave",
+        Effect::Broadcast(_) => "broadcast",
+        Effect::Publish(_) => "publish",
+        Effect::SetState(_) => "set-state",
+        Effect::Close(_) => "close",
+    }
+}
