@@ -544,6 +544,9 @@ mod tests {
                     function: "scripted".into(),
                     reason: "wasm trap: unreachable at /var/lib/tidegate/artifacts/x.cwasm".into(),
                 }),
+                Payload::Text(text) if text == "stopping" => Err(InvokeError::ShuttingDown {
+                    function: "scripted".into(),
+                }),
                 Payload::Text(text) if text == "big" => {
                     Ok(Ok(vec![Effect::Reply(Payload::Binary(vec![7; 100 << 10]))]))
                 }
@@ -800,5 +803,21 @@ mod tests {
         let (code, reason) = close_frame(&mut client).await;
         assert_eq!(code, 1001);
         assert!(reason.contains("shutting down"), "{reason}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_refused_by_a_stopping_runtime_closes_with_1001_not_as_a_failure() {
+        let settings = settings();
+        let metrics = settings.metrics.clone();
+        let (mut client, _) = open(settings).await;
+        client.send(Message::Text("stopping".into())).await.unwrap();
+        let (code, reason) = close_frame(&mut client).await;
+        assert_eq!(code, 1001);
+        assert!(reason.contains("shutting down"), "{reason}");
+        let failures = metrics
+            .message_failures
+            .with_label_values(&["/", "shutdown"])
+            .get();
+        assert_eq!(failures, 0, "shutdown is not a function failure");
     }
 }

@@ -214,6 +214,16 @@ impl<F: Handler> Dispatcher<F> {
                 let body = serde_json::json!({ "error": kind, "message": message }).to_string();
                 self.reply(Message::Text(body.into()), receipt).await
             }
+            // Not the function's fault, nor the client's: the connection
+            // closes as every other does at shutdown.
+            Err(InvokeError::ShuttingDown { .. }) => {
+                if let Some(receipt) = receipt
+                    && let Next::Stop = self.send(Outbound::Receipt(receipt)).await
+                {
+                    return Next::Stop;
+                }
+                Next::Close(Close::Shutdown)
+            }
             Err(error) => {
                 // The client gets the kind and a short message; the log
                 // gets the detail (wasmtime's words, file paths).

@@ -95,6 +95,13 @@ pub enum InvokeError {
     /// The function's code could not be loaded or instantiated.
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// The runtime is shutting down: the call was not run (or was cut
+    /// short when its thread pool stopped). Not a fault of the function.
+    #[error("function {function:?} was not run: the runtime is shutting down")]
+    ShuttingDown {
+        /// The function's name.
+        function: String,
+    },
     /// The function could not be instantiated (for example the instance
     /// pool of the whole node is exhausted).
     #[error("function {function:?} could not be instantiated: {reason}")]
@@ -121,6 +128,7 @@ impl InvokeError {
             InvokeError::MemoryLimit { .. } => "the function exceeded its memory limit",
             InvokeError::Load(_) => "the function could not be loaded",
             InvokeError::Instantiate { .. } => "the function could not be started",
+            InvokeError::ShuttingDown { .. } => "the gateway is shutting down",
         }
     }
 
@@ -135,6 +143,7 @@ impl InvokeError {
             InvokeError::MemoryLimit { .. } => "memory_limit",
             InvokeError::Load(_) => "load_error",
             InvokeError::Instantiate { .. } => "instantiate_error",
+            InvokeError::ShuttingDown { .. } => "shutdown",
         }
     }
 }

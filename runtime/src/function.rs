@@ -344,9 +344,8 @@ impl Function {
                     std::panic::resume_unwind(failed.into_panic())
                 }
                 Ok(Err(_)) => {
-                    return Err(InvokeError::Instantiate {
+                    return Err(InvokeError::ShuttingDown {
                         function: self.name.to_string(),
-                        reason: "the runtime is shutting down".into(),
                     });
                 }
             };
@@ -445,9 +444,8 @@ impl Function {
                     });
                 }
                 self.permits.clone().acquire_owned().await.map_err(|_| {
-                    InvokeError::Instantiate {
+                    InvokeError::ShuttingDown {
                         function: self.name.to_string(),
-                        reason: "the function is shutting down".into(),
                     }
                 })?
             }
