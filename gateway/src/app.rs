@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminLimits, AdminState};
 use crate::auth::JwtVerifier;
-use crate::config::{FunctionSource, QueueMode, Settings, TlsSettings, WebSocketSettings};
+use crate::config::{self, FunctionSource, QueueMode, Settings, TlsSettings, WebSocketSettings};
 use crate::connection::ConnectionSettings;
 use crate::dispatch::DispatchSettings;
 use crate::handshake::Upgrader;
@@ -114,7 +114,9 @@ impl App {
         );
         for (name, source) in &settings.functions {
             let wasm = match source {
-                FunctionSource::Builtin(builtin) => builtin_function(builtin)?.to_vec(),
+                FunctionSource::Builtin(builtin) => config::builtin(builtin)
+                    .with_context(|| format!("no builtin function {builtin:?}"))?
+                    .to_vec(),
                 FunctionSource::File(path) => std::fs::read(path).with_context(|| {
                     format!("functions.{name}.wasm: cannot read {}", path.display())
                 })?,
@@ -370,13 +372,6 @@ fn raise_file_limit(max_connections: usize) {
         ),
         Ok(limit) => tracing::debug!(limit, "open-file limit"),
         Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
-    }
-}
-
-fn builtin_function(name: &str) -> anyhow::Result<&'static [u8]> {
-    match name {
-        "echo" => Ok(tidegate_functions::ECHO),
-        other => anyhow::bail!("no builtin function {other:?}"),
     }
 }
 

@@ -1,0 +1,88 @@
+//! `[admin]`: the admin listener (`/metrics`, `/healthz`, `/readyz` and the
+//! management API under `/v1/`), its token, and the bounds that keep it
+//! from using up the process's file descriptors.
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{ConfigError, invalid, non_zero, parse_addr, positive};
+
+/// `[admin]` as written; `None` takes the default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    /// `admin.listen`, `ip:port`.
+    listen: Option<String>,
+    /// `admin.token`.
+    token: Option<String>,
+    /// `admin.max_connections`.
+    max_connections: Option<usize>,
+    /// `admin.header_timeout`, e.g. `10s`.
+    #[serde(default, with = "humantime_serde")]
+    header_timeout: Option<Duration>,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// Address of `/metrics`, `/healthz`, `/readyz` and `/v1/`.
+    pub listen: SocketAddr,
+    /// Bearer token of the management API; without one `/v1/` is off.
+    pub token: Option<String>,
+    /// Most admin connections open at once (`admin.max_connections`);
+    /// further ones wait in the accept backlog, so the admin listener
+    /// cannot use up the process's file descriptors.
+    pub max_connections: NonZeroUsize,
+    /// Longest a client may take to send a request head, also between
+    /// requests on a kept-alive connection (`admin.header_timeout`).
+    pub header_timeout: Duration,
+}
+
+impl AdminSettings {
+    /// Default of `admin.listen`: loopback only.
+    pub const LISTEN: &str = "127.0.0.1:9090";
+    /// Shortest `admin.token`, in characters.
+    pub const MIN_TOKEN_LEN: usize = 16;
+    /// Default of `admin.max_connections`: probes, a scraper and a few
+    /// operators, with room to spare.
+    pub const MAX_CONNECTIONS: usize = 64;
+    /// Default of `admin.header_timeout`.
+    pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+}
+
+impl RawAdmin {
+    /// The admin listener's settings.
+    pub(super) fn validate(self) -> Result<AdminSettings, ConfigError> {
+        Ok(AdminSettings {
+            listen: parse_addr(
+                "admin.listen",
+                self.listen.as_deref().unwrap_or(AdminSettings::LISTEN),
+            )?,
+            token: match self.token {
+                Some(token) if token.len() < AdminSettings::MIN_TOKEN_LEN => {
+                    return Err(invalid(
+                        "admin.token",
+                        format!(
+                            "must be at least {} characters (use a random string)",
+                            AdminSettings::MIN_TOKEN_LEN
+                        ),
+                    ));
+                }
+                token => token,
+            },
+            max_connections: non_zero(
+                "admin.max_connections",
+                self.max_connections,
+                AdminSettings::MAX_CONNECTIONS,
+            )?,
+            header_timeout: positive(
+                "admin.header_timeout",
+                self.header_timeout,
+                AdminSettings::HEADER_TIMEOUT,
+            )?,
+        })
+    }
+}

@@ -1,0 +1,204 @@
+//! `[queue]`: the RabbitMQ copy of every message: the broker, the queue,
+//! when a client gets its reply relative to the copy ([`QueueMode`]), and
+//! the spool that holds copies while the broker is unreachable.
+
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{ConfigError, invalid, non_zero, positive};
+
+/// `[queue]` as written; `None` takes the default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawQueue {
+    /// `queue.url`, `amqp://` or `amqps://`.
+    url: Option<String>,
+    /// `queue.queue`: the queue's name.
+    queue: Option<String>,
+    /// `queue.mode`: `receipt`, `async` or `off`.
+    #[serde(default, deserialize_with = "super::word")]
+    mode: Option<QueueMode>,
+    /// `queue.max_in_flight`.
+    max_in_flight: Option<usize>,
+    /// `queue.spool_dir`.
+    spool_dir: Option<PathBuf>,
+    /// `queue.spool_max_bytes`.
+    spool_max_bytes: Option<u64>,
+    /// `queue.connect_timeout`, e.g. `5s`.
+    #[serde(default, with = "humantime_serde")]
+    connect_timeout: Option<Duration>,
+    /// `queue.reconnect_interval`, e.g. `1s`.
+    #[serde(default, with = "humantime_serde")]
+    reconnect_interval: Option<Duration>,
+    /// `queue.confirm_timeout`, e.g. `10s`.
+    #[serde(default, with = "humantime_serde")]
+    confirm_timeout: Option<Duration>,
+}
+
+/// When a client gets the reply to a message (`queue.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueMode {
+    /// The reply is sent once the copy is durable (confirmed by RabbitMQ or
+    /// fsync'ed to the spool): an echo is a receipt.
+    Receipt,
+    /// The reply is sent without waiting; the copy is still confirmed or
+    /// spooled, but a crash can lose copies of replied messages.
+    Async,
+    /// No copies at all: messages only go through the function. For
+    /// deployments that do not need the queue, and for measuring the
+    /// function path alone.
+    Off,
+}
+
+/// The RabbitMQ copy of every message.
+#[derive(Debug, Clone)]
+pub struct QueueSettings {
+    /// AMQP URL of the broker.
+    pub url: String,
+    /// The durable queue copies go to (default exchange, routing key = name).
+    pub queue: String,
+    /// When replies are sent relative to the copy.
+    pub mode: QueueMode,
+    /// Most copies published and not yet confirmed.
+    pub max_in_flight: NonZeroUsize,
+    /// Where copies go while the broker is unreachable.
+    pub spool_dir: PathBuf,
+    /// Largest spool, in bytes; when full, messages are refused (1013).
+    pub spool_max_bytes: u64,
+    /// Longest a connection attempt to the broker may take.
+    pub connect_timeout: Duration,
+    /// Pause between attempts to reach the broker.
+    pub reconnect_interval: Duration,
+    /// Longest to wait for the broker to confirm a copy before the link is
+    /// considered broken and unconfirmed copies are spooled.
+    pub confirm_timeout: Duration,
+}
+
+impl QueueSettings {
+    /// Default of `queue.url`: a broker on this host, its default user.
+    pub const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    /// The schemes `queue.url` may start with.
+    pub const URL_SCHEMES: &[&str] = &["amqp://", "amqps://"];
+    /// Default of `queue.queue`.
+    pub const QUEUE: &str = "tidegate.messages";
+    /// Longest queue name, in bytes (an AMQP short string).
+    pub const MAX_QUEUE_NAME: usize = 255;
+    /// Queue names with this prefix are the broker's own.
+    pub const RESERVED_QUEUE_PREFIX: &str = "amq.";
+    /// Default of `queue.mode`.
+    pub const MODE: QueueMode = QueueMode::Receipt;
+    /// Default of `queue.max_in_flight`.
+    pub const MAX_IN_FLIGHT: usize = 1024;
+    /// Default of `queue.spool_dir`, under `server.state_dir`.
+    pub const SPOOL_DIR: &str = "spool";
+    /// Default of `queue.spool_max_bytes`: 1 GiB.
+    pub const SPOOL_MAX_BYTES: u64 = 1 << 30;
+    /// Least `queue.spool_max_bytes`: 1 MiB.
+    pub const MIN_SPOOL_MAX_BYTES: u64 = 1 << 20;
+    /// Default of `queue.connect_timeout`.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Default of `queue.reconnect_interval`.
+    pub const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+    /// Default of `queue.confirm_timeout`.
+    pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+}
+
+impl RawQueue {
+    /// The queue's settings; the spool defaults to a folder of `state_dir`.
+    pub(super) fn validate(self, state_dir: &Path) -> Result<QueueSettings, ConfigError> {
+        let url = self.url.unwrap_or_else(|| QueueSettings::URL.into());
+        if !QueueSettings::URL_SCHEMES
+            .iter()
+            .any(|scheme| url.starts_with(scheme))
+        {
+            return Err(invalid("queue.url", "must start with amqp:// or amqps://"));
+        }
+        let queue = self.queue.unwrap_or_else(|| QueueSettings::QUEUE.into());
+        if queue.is_empty()
+            || queue.len() > QueueSettings::MAX_QUEUE_NAME
+            || queue.starts_with(QueueSettings::RESERVED_QUEUE_PREFIX)
+        {
+            return Err(invalid(
+                "queue.queue",
+                format!(
+                    "{queue:?}: a queue name is 1 to {} bytes and may not start with {:?}",
+                    QueueSettings::MAX_QUEUE_NAME,
+                    QueueSettings::RESERVED_QUEUE_PREFIX
+                ),
+            ));
+        }
+        Ok(QueueSettings {
+            url,
+            queue,
+            mode: self.mode.unwrap_or(QueueSettings::MODE),
+            max_in_flight: non_zero(
+                "queue.max_in_flight",
+                self.max_in_flight,
+                QueueSettings::MAX_IN_FLIGHT,
+            )?,
+            spool_dir: self
+                .spool_dir
+                .unwrap_or_else(|| state_dir.join(QueueSettings::SPOOL_DIR)),
+            spool_max_bytes: {
+                let bytes = self
+                    .spool_max_bytes
+                    .unwrap_or(QueueSettings::SPOOL_MAX_BYTES);
+                if bytes < QueueSettings::MIN_SPOOL_MAX_BYTES {
+                    return Err(invalid(
+                        "queue.spool_max_bytes",
+                        format!(
+                            "must be at least {} (1 MiB)",
+                            QueueSettings::MIN_SPOOL_MAX_BYTES
+                        ),
+                    ));
+                }
+                bytes
+            },
+            connect_timeout: positive(
+                "queue.connect_timeout",
+                self.connect_timeout,
+                QueueSettings::CONNECT_TIMEOUT,
+            )?,
+            reconnect_interval: positive(
+                "queue.reconnect_interval",
+                self.reconnect_interval,
+                QueueSettings::RECONNECT_INTERVAL,
+            )?,
+            confirm_timeout: positive(
+                "queue.confirm_timeout",
+                self.confirm_timeout,
+                QueueSettings::CONFIRM_TIMEOUT,
+            )?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Settings;
+    use super::super::tests::MINIMAL;
+    use super::*;
+
+    #[test]
+    fn queue_modes_are_lower_case_words_and_others_are_refused() {
+        let mode = |value: &str| {
+            Settings::from_toml(
+                &format!("{MINIMAL}\n[queue]\nmode = {value}\n"),
+                vec![],
+                false,
+            )
+            .map(|settings| settings.queue.mode)
+        };
+        assert_eq!(mode("\"receipt\"").unwrap(), QueueMode::Receipt);
+        assert_eq!(mode("\"async\"").unwrap(), QueueMode::Async);
+        assert_eq!(mode("\"off\"").unwrap(), QueueMode::Off);
+        for bad in ["\"Async\"", "\"sometimes\"", "3"] {
+            let error = mode(bad).unwrap_err().to_string();
+            assert!(error.contains("queue.mode"), "{bad}: {error}");
+        }
+    }
+}
