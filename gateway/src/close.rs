@@ -42,6 +42,11 @@ pub enum Close {
     Overloaded,
     /// The message's copy could not be kept (1013).
     NotStored(String),
+    /// The broker link broke before it confirmed the message's copy: the
+    /// copy is kept and will reach the queue, perhaps twice (same
+    /// `message_id`), so its reply is not sent and the client must not
+    /// send it again (1013).
+    InDoubt,
     /// The function asked to close, with 1000 or 3000-4999.
     ByFunction {
         /// The code it chose.
@@ -61,7 +66,7 @@ impl Close {
             Close::Rate(_) | Close::TokenExpired => 1008,
             Close::TooBig(_) => 1009,
             Close::FunctionFailed(_) => 1011,
-            Close::Overloaded | Close::NotStored(_) => 1013,
+            Close::Overloaded | Close::NotStored(_) | Close::InDoubt => 1013,
             Close::ByFunction { code, .. } => *code,
         }
     }
@@ -104,6 +109,9 @@ impl Close {
             Close::FunctionFailed(kind) => format!("function error: {kind}"),
             Close::Overloaded => "function overloaded; try again later".to_owned(),
             Close::NotStored(why) => format!("message not stored: {why}"),
+            Close::InDoubt => "message kept but in doubt: it reaches the queue, perhaps twice \
+                               (same message_id); do not send it again"
+                .to_owned(),
             Close::ByFunction { reason, .. } => reason.clone(),
         };
         clip(reason)
@@ -152,6 +160,7 @@ mod tests {
             (Close::FunctionFailed("trap"), 1011, "1011"),
             (Close::Overloaded, 1013, "1013"),
             (Close::NotStored("x".into()), 1013, "1013"),
+            (Close::InDoubt, 1013, "1013"),
             (
                 Close::ByFunction {
                     code: 4000,
@@ -183,6 +192,13 @@ mod tests {
             Close::by_function(1011, String::new()).unwrap_err().code(),
             1000
         );
+    }
+
+    #[test]
+    fn the_in_doubt_reason_is_whole_in_the_frame() {
+        let reason = Close::InDoubt.reason();
+        assert!(reason.len() <= 123, "{} bytes", reason.len());
+        assert!(reason.ends_with("do not send it again"), "{reason}");
     }
 
     #[test]

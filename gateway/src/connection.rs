@@ -544,6 +544,9 @@ mod tests {
                     function: "scripted".into(),
                     reason: "wasm trap: unreachable at /var/lib/tidegate/artifacts/x.cwasm".into(),
                 }),
+                Payload::Text(text) if text == "refuse-big" => {
+                    Ok(Err(HandlerError::BadRequest("x".repeat(200 << 10))))
+                }
                 Payload::Text(text) if text == "stopping" => Err(InvokeError::ShuttingDown {
                     function: "scripted".into(),
                 }),
@@ -819,5 +822,24 @@ mod tests {
             .with_label_values(&["/", "shutdown"])
             .get();
         assert_eq!(failures, 0, "shutdown is not a function failure");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_error_reply_over_the_message_limit_fails_the_message_not_the_connection() {
+        let mut settings = settings();
+        let mut dispatch = Arc::try_unwrap(settings.dispatch).ok().unwrap();
+        dispatch.max_reply_size = 128 << 10;
+        settings.dispatch = Arc::new(dispatch);
+        let (mut client, _) = open(settings).await;
+        client
+            .send(Message::Text("refuse-big".into()))
+            .await
+            .unwrap();
+        let Some(Ok(Message::Text(reply))) = client.next().await else {
+            panic!("an error reply, not a dropped connection");
+        };
+        let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+        assert_eq!(reply["kind"], "reply_too_large");
+        echo(&mut client, "still open").await;
     }
 }

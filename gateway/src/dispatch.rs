@@ -212,7 +212,12 @@ impl<F: Handler> Dispatcher<F> {
                     HandlerError::Internal(m) => ("internal", m),
                 };
                 let body = serde_json::json!({ "error": kind, "message": message }).to_string();
-                self.reply(Message::Text(body.into()), receipt).await
+                // The function's error is a reply too: over the limit, the
+                // client could not be sent it.
+                match self.oversized(body.len()) {
+                    None => self.reply(Message::Text(body.into()), receipt).await,
+                    Some(failure) => self.fail(failure, receipt).await,
+                }
             }
             // Not the function's fault, nor the client's: the connection
             // closes as every other does at shutdown.
@@ -323,22 +328,26 @@ impl<F: Handler> Dispatcher<F> {
     /// A reply larger than `websocket.max_message_size` fails the message:
     /// the client could not be sent it.
     fn oversized_reply(&self, effects: &[Effect]) -> Option<Failure> {
-        let limit = self.settings.max_reply_size;
         effects.iter().find_map(|effect| {
             let Effect::Reply(payload) = effect else {
                 return None;
             };
-            let len = match payload {
+            self.oversized(match payload {
                 Payload::Text(text) => text.len(),
                 Payload::Binary(data) => data.len(),
-            };
-            (len > limit).then(|| Failure {
-                kind: "reply_too_large",
-                overloaded: false,
-                message: format!(
-                    "the function replied with {len} bytes, over the limit of {limit} (websocket.max_message_size)"
-                ),
             })
+        })
+    }
+
+    /// The failure for a reply of `len` bytes, if it is over the limit.
+    fn oversized(&self, len: usize) -> Option<Failure> {
+        let limit = self.settings.max_reply_size;
+        (len > limit).then(|| Failure {
+            kind: "reply_too_large",
+            overloaded: false,
+            message: format!(
+                "the function replied with {len} bytes, over the limit of {limit} (websocket.max_message_size)"
+            ),
         })
     }
 
@@ -434,6 +443,7 @@ impl<F: Handler> Dispatcher<F> {
 pub fn not_stored_close(error: &PublishError) -> Close {
     match error {
         PublishError::Closed => Close::Shutdown,
+        PublishError::InDoubt => Close::InDoubt,
         other => Close::NotStored(not_stored(other)),
     }
 }
@@ -443,8 +453,7 @@ fn not_stored(error: &PublishError) -> String {
         PublishError::SpoolFull => "the broker is unreachable and the spool is full".into(),
         PublishError::SpoolFailed(_) => "the spool could not be written".into(),
         PublishError::Closed => "the gateway is shutting down".into(),
-        // Its text is written for clients: no path, no I/O detail.
-        in_doubt @ PublishError::InDoubt => in_doubt.to_string(),
+        PublishError::InDoubt => "kept, perhaps twice".into(),
     }
 }
 
