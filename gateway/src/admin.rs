@@ -19,6 +19,7 @@ use runtime::Registry;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -45,7 +46,8 @@ pub struct AdminLimits {
     /// Most connections open at once; more wait in the accept backlog.
     pub max_connections: usize,
     /// Longest a client may take to send a request head (also while a
-    /// kept-alive connection sits idle between requests).
+    /// kept-alive connection sits idle between requests), and to take
+    /// any part of a response.
     pub header_timeout: Duration,
 }
 
@@ -114,10 +116,18 @@ async fn serve_router(
                 }
             },
         };
+        // A client that stops taking its responses would hold its place
+        // forever (the header timeout only runs while a request head is
+        // awaited): a write that makes no progress for as long fails.
+        let mut io = TimeoutStream::new(tcp);
+        io.set_write_timeout(Some(limits.header_timeout));
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
-            .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
+            .serve_connection(
+                TokioIo::new(Box::pin(io)),
+                TowerToHyperService::new(app.clone()),
+            );
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -294,6 +304,36 @@ mod tests {
             .await
             .expect("served once a place is free")
             .unwrap();
+        assert_eq!(answer, "HTTP/1.1 200 OK");
+    }
+
+    #[tokio::test]
+    async fn clients_that_do_not_take_their_responses_give_their_places_back() {
+        let limits = AdminLimits {
+            max_connections: 2,
+            header_timeout: Duration::from_millis(300),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Responses of 64 KiB, so a client that does not read soon fills
+        // its socket's buffers.
+        let app = Router::new()
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/big", get(|| async { "x".repeat(64 << 10) }));
+        let stop = CancellationToken::new();
+        tokio::spawn(serve_router(listener, app, limits, stop.clone()));
+        let mut stalled = Vec::new();
+        for _ in 0..2 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+            let mut tcp = socket.connect(addr).await.unwrap();
+            let requests = "GET /big HTTP/1.1\r\nHost: admin\r\n\r\n".repeat(200);
+            tcp.write_all(requests.as_bytes()).await.unwrap();
+            stalled.push(tcp);
+        }
+        let answer = tokio::time::timeout(Duration::from_secs(10), healthz(addr))
+            .await
+            .expect("probes are answered once the stalled clients are dropped");
         assert_eq!(answer, "HTTP/1.1 200 OK");
     }
 
