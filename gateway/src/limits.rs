@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -21,13 +22,20 @@ pub struct Admission {
     max_connections: usize,
     /// One permit per connection in its handshake.
     handshakes: Arc<Semaphore>,
+    /// `server.max_handshakes`.
+    max_handshakes: usize,
     /// Open connections (and handshakes) by client address.
     per_ip: Arc<PerIp>,
     /// Connections in their handshake by client address.
     handshakes_per_ip: Arc<PerIp>,
     /// Bits of an IPv6 address that name one client.
     ipv6_prefix: u8,
+    /// When a refusal at accept was last logged, and how many since.
+    refusals_logged: Mutex<(Option<Instant>, u64)>,
 }
+
+/// Refusals at accept are logged at most this often (they come in floods).
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// A place among one address's handshakes; given back on drop.
 pub struct HandshakeSlot {
@@ -48,6 +56,7 @@ impl Admission {
             open: Arc::new(Semaphore::new(server.max_connections.get())),
             max_connections: server.max_connections.get(),
             handshakes: Arc::new(Semaphore::new(server.max_handshakes.get())),
+            max_handshakes: server.max_handshakes.get(),
             per_ip: Arc::new(PerIp {
                 max: server.max_connections_per_ip.get(),
                 counts: Mutex::new(HashMap::new()),
@@ -57,18 +66,51 @@ impl Admission {
                 counts: Mutex::new(HashMap::new()),
             }),
             ipv6_prefix: server.ipv6_client_prefix,
+            refusals_logged: Mutex::new((None, 0)),
         }
     }
 
-    /// Take one of `ip`'s handshake places, right after accept; `None`
-    /// when it already holds `server.max_handshakes_per_ip`: the socket is
-    /// then closed at once, before any TLS work.
+    /// Take one of `ip`'s handshake places, right after accept (with the
+    /// socket's own place among `server.max_handshakes` already held).
+    /// `None` when places are contended (more than half of them in use)
+    /// and `ip` already holds `server.max_handshakes_per_ip`: the socket is
+    /// then closed at once, before any TLS work. Uncontended, a burst from
+    /// one address (many clients behind one NAT) is let through.
     pub fn handshake_slot(&self, ip: IpAddr) -> Option<HandshakeSlot> {
         let client = self.client(ip);
-        self.handshakes_per_ip
+        let contended = self.handshakes.available_permits() < self.max_handshakes / 2;
+        let slot = self
+            .handshakes_per_ip
             .clone()
-            .take(client)
-            .map(|slot| HandshakeSlot { _slot: slot })
+            .take_within(client, contended)
+            .map(|slot| HandshakeSlot { _slot: slot });
+        if slot.is_none() {
+            self.log_refusal(client);
+        }
+        slot
+    }
+
+    /// Say, at most every 10 s, that sockets are being closed at accept.
+    fn log_refusal(&self, client: IpAddr) {
+        let mut logged = self
+            .refusals_logged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        logged.1 += 1;
+        if logged
+            .0
+            .is_none_or(|at| at.elapsed() >= REFUSAL_LOG_INTERVAL)
+        {
+            tracing::warn!(
+                %client,
+                refused = logged.1,
+                limit = self.handshakes_per_ip.max,
+                "handshake places are contended and this address holds server.max_handshakes_per_ip: \
+                 its new sockets are closed before TLS (counted in \
+                 tidegate_connections_rejected_total{{reason=\"per_ip_handshake_limit\"}})"
+            );
+            *logged = (Some(Instant::now()), 0);
+        }
     }
 
     /// The address connections are counted under: IPv4 (also when mapped
@@ -150,10 +192,15 @@ struct IpSlot {
 
 impl PerIp {
     fn take(self: Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        self.take_within(ip, true)
+    }
+
+    /// Count one more for `ip`; refuse at the limit only when `enforce`.
+    fn take_within(self: Arc<Self>, ip: IpAddr, enforce: bool) -> Option<IpSlot> {
         {
             let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
             let count = counts.entry(ip).or_insert(0);
-            if *count >= self.max {
+            if enforce && *count >= self.max {
                 return None;
             }
             *count += 1;
@@ -265,19 +312,41 @@ mod tests {
         assert_eq!(status(admission.admit("2001:db8::1".parse().unwrap())), 429);
     }
 
-    #[test]
-    fn handshake_places_are_limited_per_address_and_given_back() {
+    #[tokio::test]
+    async fn handshake_places_are_limited_per_address_when_contended_and_given_back() {
+        // 4 handshake places, 2 per address once more than half are used.
         let admission = Admission::new(&settings(10, 10));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let first = admission.handshake_slot(a).unwrap();
-        let _second = admission.handshake_slot(a).unwrap();
+        let mut places = Vec::new();
+        let mut slots = Vec::new();
+        for _ in 0..2 {
+            places.push(admission.handshake_place().await.unwrap());
+            slots.push(admission.handshake_slot(a).unwrap());
+        }
+        // The third socket's own place makes 3 of 4 used: contended.
+        places.push(admission.handshake_place().await.unwrap());
         assert!(admission.handshake_slot(a).is_none());
         assert!(
             admission
                 .handshake_slot("10.0.0.2".parse().unwrap())
                 .is_some()
         );
-        drop(first);
+        drop(slots.remove(0));
         assert!(admission.handshake_slot(a).is_some());
+    }
+
+    #[tokio::test]
+    async fn uncontended_a_burst_from_one_address_is_let_through() {
+        let mut server = settings(100, 100);
+        server.max_handshakes = NonZeroUsize::new(64).unwrap();
+        let admission = Admission::new(&server);
+        let nat: IpAddr = "192.0.2.1".parse().unwrap();
+        let mut held = Vec::new();
+        // 10 sockets from one address, over its 2, with 10 of 64 places
+        // in use: all taken.
+        for _ in 0..10 {
+            let place = admission.handshake_place().await.unwrap();
+            held.push((place, admission.handshake_slot(nat).expect("let through")));
+        }
     }
 }

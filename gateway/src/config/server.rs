@@ -68,8 +68,9 @@ pub struct ServerSettings {
     /// backlog.
     pub max_handshakes: NonZeroUsize,
     /// Most connections from one client address in their TLS or upgrade
-    /// handshake at once (`server.max_handshakes_per_ip`); further sockets
-    /// from it are closed at once, without TLS, so one host cannot hold
+    /// handshake at once while handshake places are contended (more than
+    /// half in use) (`server.max_handshakes_per_ip`); further sockets from
+    /// it are then closed at once, without TLS, so one host cannot hold
     /// every handshake place.
     pub max_handshakes_per_ip: NonZeroUsize,
     /// IPv6 clients are counted per network of this prefix length
@@ -108,10 +109,11 @@ impl ServerSettings {
     pub const MAX_CONNECTIONS_PER_IP: usize = 1_000;
     /// Default of `server.max_handshakes`.
     pub const MAX_HANDSHAKES: usize = 1_024;
-    /// Default of `server.max_handshakes_per_ip`: an eighth of the default
-    /// `server.max_handshakes`, room for a burst of reconnects behind one
-    /// NAT address while other clients still find places.
-    pub const MAX_HANDSHAKES_PER_IP: usize = 128;
+    /// Default of `server.max_handshakes_per_ip`. It is enforced only while
+    /// more than half of the handshake places are in use, so a burst of
+    /// reconnects behind one NAT address passes when places are free, and
+    /// under a flood it takes 32 addresses to hold every place.
+    pub const MAX_HANDSHAKES_PER_IP: usize = 32;
     /// Default of `server.ipv6_client_prefix`.
     pub const IPV6_CLIENT_PREFIX: u8 = 64;
     /// The values `server.ipv6_client_prefix` may take.
@@ -294,7 +296,7 @@ mod tests {
     fn client_address_settings_have_defaults_and_take_networks() {
         let file = write(MINIMAL);
         let settings = Settings::from_sources(Some(file.path()), vec![], false).unwrap();
-        assert_eq!(settings.server.max_handshakes_per_ip.get(), 128);
+        assert_eq!(settings.server.max_handshakes_per_ip.get(), 32);
         assert_eq!(settings.server.ipv6_client_prefix, 64);
         assert!(settings.server.proxy_protocol_from.is_empty());
         let env = vec![(
