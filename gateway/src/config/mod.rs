@@ -44,6 +44,10 @@ pub use self::server::ServerSettings;
 pub use self::tls::{CertFiles, TlsSettings};
 pub use self::websocket::WebSocketSettings;
 
+/// Room a spooled copy takes beyond its body, at most: its framing, id,
+/// timestamp and headers (connection id, route, function, version, node).
+const SPOOL_RECORD_OVERHEAD: u64 = 64 << 10;
+
 /// Environment variables with this prefix (then `__`) override the file.
 pub const ENV_PREFIX: &str = "TIDEGATE";
 
@@ -229,6 +233,19 @@ impl RawConfig {
         let websocket = self.websocket.validate()?;
         let admin = self.admin.validate()?;
         let queue = self.queue.validate(&server.state_dir)?;
+        // A copy of the largest message must fit in the spool: a copy that
+        // cannot reserve its room there is refused even with the broker up.
+        let largest_copy = websocket.max_message_size as u64 + SPOOL_RECORD_OVERHEAD;
+        if queue.mode != QueueMode::Off && queue.spool_max_bytes < largest_copy {
+            return Err(invalid(
+                "queue.spool_max_bytes",
+                format!(
+                    "{} is too small for one copy of the largest message: at least {largest_copy} \
+                     (websocket.max_message_size plus {SPOOL_RECORD_OVERHEAD} for its headers)",
+                    queue.spool_max_bytes
+                ),
+            ));
+        }
         let runtime = self.runtime.validate(&server.state_dir)?;
         let auth = self.auth.validate()?;
         let mut functions = functions::validate_functions(self.functions)?;
@@ -455,6 +472,31 @@ mod tests {
             settings.websocket.forward_headers,
             vec!["x-tenant", "origin"]
         );
+    }
+
+    #[test]
+    fn the_spool_must_hold_one_copy_of_the_largest_message() {
+        let file = write(MINIMAL);
+        let env = |mode: &str| {
+            vec![
+                (
+                    "TIDEGATE__WEBSOCKET__MAX_MESSAGE_SIZE".to_owned(),
+                    "2097152".to_owned(),
+                ),
+                (
+                    "TIDEGATE__QUEUE__SPOOL_MAX_BYTES".to_owned(),
+                    "1048576".to_owned(),
+                ),
+                ("TIDEGATE__QUEUE__MODE".to_owned(), mode.to_owned()),
+            ]
+        };
+        let error = Settings::from_sources(Some(file.path()), env("receipt"), false)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("queue.spool_max_bytes"), "{error}");
+        assert!(error.contains("websocket.max_message_size"), "{error}");
+        // Without copies there is no spool to fit in.
+        Settings::from_sources(Some(file.path()), env("off"), false).unwrap();
     }
 
     #[test]
