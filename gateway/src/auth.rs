@@ -542,8 +542,16 @@ impl TokenSource {
                 }
                 .to_owned()
             });
-        let position = query.iter().position(|(name, _)| *name == self.query);
-        let from_query = position.map(|i| query.remove(i).1);
+        // Every copy of the parameter is taken out: the function never
+        // sees a token, not even a second one.
+        let mut from_query = None;
+        query.retain(|(name, value)| {
+            if *name != self.query {
+                return true;
+            }
+            from_query.get_or_insert_with(|| value.clone());
+            false
+        });
         from_header.filter(|token| !token.is_empty()).or(from_query)
     }
 }
@@ -556,6 +564,22 @@ mod tests {
     use serde_json::json;
 
     const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
+
+    #[test]
+    fn every_copy_of_the_token_parameter_is_kept_from_the_function() {
+        let source = TokenSource {
+            header: "authorization".into(),
+            query: "access_token".into(),
+        };
+        let mut query = vec![
+            ("access_token".to_owned(), "first".to_owned()),
+            ("room".to_owned(), "7".to_owned()),
+            ("access_token".to_owned(), "second".to_owned()),
+        ];
+        let headers = tokio_tungstenite::tungstenite::http::HeaderMap::new();
+        assert_eq!(source.take(&headers, &mut query).as_deref(), Some("first"));
+        assert_eq!(query, vec![("room".to_owned(), "7".to_owned())]);
+    }
 
     fn settings() -> JwtSettings {
         JwtSettings {

@@ -25,8 +25,8 @@ pub(super) struct RawAdmin {
     header_timeout: Option<Duration>,
 }
 
-/// The admin listener.
-#[derive(Debug, Clone)]
+/// The admin listener. Its `Debug` shows no token.
+#[derive(Clone)]
 pub struct AdminSettings {
     /// Address of `/metrics`, `/healthz`, `/readyz` and `/v1/`.
     pub listen: SocketAddr,
@@ -39,6 +39,24 @@ pub struct AdminSettings {
     /// Longest a client may take to send a request head, also between
     /// requests on a kept-alive connection (`admin.header_timeout`).
     pub header_timeout: Duration,
+}
+
+impl std::fmt::Debug for AdminSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Named field by field, so a new one is not forgotten here.
+        let Self {
+            listen,
+            token,
+            max_connections,
+            header_timeout,
+        } = self;
+        f.debug_struct("AdminSettings")
+            .field("listen", listen)
+            .field("token", &token.as_ref().map(|_| super::REDACTED))
+            .field("max_connections", max_connections)
+            .field("header_timeout", header_timeout)
+            .finish()
+    }
 }
 
 impl AdminSettings {

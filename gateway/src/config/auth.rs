@@ -100,8 +100,8 @@ impl TokenSource {
     pub const QUERY: &str = "access_token";
 }
 
-/// JWT validation keys and checks.
-#[derive(Debug, Clone)]
+/// JWT validation keys and checks. Its `Debug` shows no secret.
+#[derive(Clone)]
 pub struct JwtSettings {
     /// HS256 shared secret (`auth.jwt.hs256_secret`), at least 32 bytes.
     pub hs256_secret: Option<String>,
@@ -124,6 +124,35 @@ pub struct JwtSettings {
     /// (`exp` plus the leeway), so access ends with the token's life
     /// (`auth.jwt.close_on_expiry`, true by default).
     pub close_on_expiry: bool,
+}
+
+impl std::fmt::Debug for JwtSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Named field by field, so a new one is not forgotten here.
+        let Self {
+            hs256_secret,
+            rs256_public_keys,
+            jwks_file,
+            jwks_reload_interval,
+            audience,
+            issuer,
+            leeway,
+            close_on_expiry,
+        } = self;
+        f.debug_struct("JwtSettings")
+            .field(
+                "hs256_secret",
+                &hs256_secret.as_ref().map(|_| super::REDACTED),
+            )
+            .field("rs256_public_keys", rs256_public_keys)
+            .field("jwks_file", jwks_file)
+            .field("jwks_reload_interval", jwks_reload_interval)
+            .field("audience", audience)
+            .field("issuer", issuer)
+            .field("leeway", leeway)
+            .field("close_on_expiry", close_on_expiry)
+            .finish()
+    }
 }
 
 impl JwtSettings {

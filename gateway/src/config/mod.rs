@@ -38,11 +38,14 @@ use serde::Deserialize;
 pub use self::admin::AdminSettings;
 pub use self::auth::{AuthSettings, JwtSettings, PemKey, TokenSource};
 pub use self::functions::{BUILTINS, FunctionSource, builtin};
-pub use self::queue::{QueueMode, QueueSettings};
+pub use self::queue::{QueueMode, QueueSettings, redact_url};
 pub use self::runtime::OnError;
 pub use self::server::ServerSettings;
 pub use self::tls::{CertFiles, TlsSettings};
 pub use self::websocket::WebSocketSettings;
+
+/// What `Debug` shows in place of a secret.
+const REDACTED: &str = "***";
 
 /// Room a spooled copy takes beyond its body, at most: its framing, id,
 /// timestamp and headers (connection id, route, function, version, node).
@@ -497,6 +500,34 @@ mod tests {
         assert!(error.contains("websocket.max_message_size"), "{error}");
         // Without copies there is no spool to fit in.
         Settings::from_sources(Some(file.path()), env("off"), false).unwrap();
+    }
+
+    #[test]
+    fn debug_output_shows_no_secret() {
+        let file = write(MINIMAL);
+        let env = vec![
+            (
+                "TIDEGATE__ADMIN__TOKEN".to_owned(),
+                "admin-token-0123456789".to_owned(),
+            ),
+            (
+                "TIDEGATE__AUTH__JWT__HS256_SECRET".to_owned(),
+                "jwt-secret-0123456789-0123456789-0123456789".to_owned(),
+            ),
+            (
+                "TIDEGATE__QUEUE__URL".to_owned(),
+                "amqp://tidegate:broker-password@rabbit:5672/%2f".to_owned(),
+            ),
+        ];
+        let settings = Settings::from_sources(Some(file.path()), env, false).unwrap();
+        let shown = format!("{settings:?}");
+        for secret in ["admin-token-0123456789", "jwt-secret-", "broker-password"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(
+            shown.contains("amqp://tidegate:***@rabbit:5672/%2f"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -54,8 +54,9 @@ pub enum QueueMode {
     Off,
 }
 
-/// The RabbitMQ copy of every message.
-#[derive(Debug, Clone)]
+/// The RabbitMQ copy of every message. Its `Debug` shows the URL without
+/// its password.
+#[derive(Clone)]
 pub struct QueueSettings {
     /// AMQP URL of the broker.
     pub url: String,
@@ -76,6 +77,48 @@ pub struct QueueSettings {
     /// Longest to wait for the broker to confirm a copy before the link is
     /// considered broken and unconfirmed copies are spooled.
     pub confirm_timeout: Duration,
+}
+
+impl std::fmt::Debug for QueueSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Named field by field, so a new one is not forgotten here.
+        let Self {
+            url,
+            queue,
+            mode,
+            max_in_flight,
+            spool_dir,
+            spool_max_bytes,
+            connect_timeout,
+            reconnect_interval,
+            confirm_timeout,
+        } = self;
+        f.debug_struct("QueueSettings")
+            .field("url", &redact_url(url))
+            .field("queue", queue)
+            .field("mode", mode)
+            .field("max_in_flight", max_in_flight)
+            .field("spool_dir", spool_dir)
+            .field("spool_max_bytes", spool_max_bytes)
+            .field("connect_timeout", connect_timeout)
+            .field("reconnect_interval", reconnect_interval)
+            .field("confirm_timeout", confirm_timeout)
+            .finish()
+    }
+}
+
+/// `url` without its password, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
 }
 
 impl QueueSettings {
