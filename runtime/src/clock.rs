@@ -117,7 +117,11 @@ pub(crate) struct EpochTicker {
 
 impl EpochTicker {
     /// Start ticking `engine`'s epoch.
-    pub(crate) fn start(engine: wasmtime::Engine) -> Self {
+    ///
+    /// # Errors
+    /// When the thread cannot be started: without it no time limit fires
+    /// and no per-second budget renews, so the runtime must not start.
+    pub(crate) fn start(engine: wasmtime::Engine) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let clock = Arc::new(Clock::new());
         let (flag, shared) = (stop.clone(), clock.clone());
@@ -134,16 +138,12 @@ impl EpochTicker {
                     shared.tick();
                     engine.increment_epoch();
                 }
-            })
-            .ok();
-        if thread.is_none() {
-            tracing::error!("could not start the epoch thread: function time limits will not fire");
-        }
-        Self {
+            })?;
+        Ok(Self {
             stop,
             clock,
-            thread,
-        }
+            thread: Some(thread),
+        })
     }
 
     /// The clock this ticker keeps.

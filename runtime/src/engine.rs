@@ -75,7 +75,8 @@ impl Engine {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let background = Background::start(threads, config.long_call_lowest_priority)
             .map_err(|e| LoadError::Engine(format!("starting the long-call threads: {e}")))?;
-        let ticker = EpochTicker::start(engine.clone());
+        let ticker = EpochTicker::start(engine.clone())
+            .map_err(|e| LoadError::Engine(format!("starting the epoch thread: {e}")))?;
         Ok(Arc::new(Self {
             engine,
             linker,
