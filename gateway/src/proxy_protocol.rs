@@ -82,10 +82,12 @@ pub async fn read_header(tcp: &mut TcpStream) -> Result<Option<SocketAddr>, Prox
 
 /// What the bytes seen so far hold.
 #[derive(Debug, PartialEq)]
-enum Parsed {
+pub enum Parsed {
     /// A whole header of `len` bytes.
     Header {
+        /// The header's length: the bytes to take before the TLS handshake.
         len: usize,
+        /// The client it names, if any.
         client: Option<SocketAddr>,
     },
     /// The start of a header.
@@ -94,7 +96,8 @@ enum Parsed {
     Invalid(String),
 }
 
-fn parse(bytes: &[u8]) -> Parsed {
+/// Look at the first bytes of a connection (public for the fuzz target).
+pub fn parse(bytes: &[u8]) -> Parsed {
     let result = HeaderResult::parse(bytes);
     if result.is_incomplete() {
         return Parsed::Incomplete;
