@@ -57,12 +57,21 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 /// The warning for an admin listener reachable from other hosts without
 /// a token, if `listen` is one.
 pub fn exposure_warning(listen: SocketAddr, token: Option<&str>) -> Option<String> {
-    (token.is_none() && !listen.ip().is_loopback()).then(|| {
-        format!(
+    if listen.ip().is_loopback() {
+        return None;
+    }
+    Some(match token {
+        None => format!(
             "the admin listener on {listen} is reachable from other hosts and has no admin.token: \
              anyone who reaches it reads /metrics; bind admin.listen to 127.0.0.1, or set \
              admin.token and restrict access to the port"
-        )
+        ),
+        // The token guards /v1/ only: probes and scrapers do not send one.
+        Some(_) => format!(
+            "the admin listener on {listen} is reachable from other hosts: /v1/ needs \
+             admin.token, but /metrics, /healthz and /readyz answer anyone who reaches it; \
+             restrict access to the port (a network policy, a firewall)"
+        ),
     })
 }
 
@@ -343,7 +352,8 @@ mod tests {
         let local: SocketAddr = "127.0.0.1:9090".parse().unwrap();
         let warning = exposure_warning(public, None).expect("warned");
         assert!(warning.contains("admin.token"), "{warning}");
-        assert!(exposure_warning(public, Some("a-long-enough-token")).is_none());
+        let with_token = exposure_warning(public, Some("a-long-enough-token")).expect("warned");
+        assert!(with_token.contains("/metrics"), "{with_token}");
         assert!(exposure_warning(local, None).is_none());
         assert!(exposure_warning("[::1]:9090".parse().unwrap(), None).is_none());
     }
