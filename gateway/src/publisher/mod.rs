@@ -420,6 +420,11 @@ impl Worker {
                         // A disk that refused a write may have room again.
                         self.spool.retry();
                     }
+                    // A log left full of confirmed records because its
+                    // head could not be saved is emptied once it can be.
+                    if let Err(e) = self.spool.empty_if_done() {
+                        tracing::debug!("the confirmed spool still cannot be emptied: {e}");
+                    }
                     self.write_stranded();
                 }
                 _ = sleep_until_opt(deadline) => {
@@ -592,7 +597,10 @@ impl Worker {
                     .with_label_values(&["replayed"])
                     .inc();
                 if let Err(e) = self.spool.confirm_until(next, 1) {
-                    tracing::error!("{e}");
+                    tracing::error!(
+                        "{e}; the spool keeps its confirmed copies (they may be published again \
+                         after a restart) and stores new ones after them"
+                    );
                 }
                 self.update_status();
             }

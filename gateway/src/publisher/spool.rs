@@ -12,10 +12,16 @@
 //! The directory is private to the gateway's user (0700) and so are its
 //! files (0600): they hold every message body.
 //!
-//! When every record is confirmed the log is truncated to zero. A torn
-//! record at the end (a crash during a write, before its fsync, so never
-//! acknowledged to a client) is cut off with a warning; a corrupt record
-//! elsewhere is moved aside, with everything after it, into a
+//! When every record is confirmed the log is truncated to zero, after the
+//! head is saved as 0 (a crash in between only replays confirmed records
+//! again; the reverse order could leave an old head pointing past new
+//! records). While the head cannot be saved the log is not cut: new
+//! records go after the confirmed ones. A head found past the end of the
+//! log is not trusted: the whole log is replayed.
+//!
+//! A torn record at the end (a crash during a write, before its fsync, so
+//! never acknowledged to a client) is cut off with a warning; a corrupt
+//! record elsewhere is moved aside, with everything after it, into a
 //! `spool.corrupt.<time>` file and reported, never silently dropped.
 //!
 //! Records are stored in batches: appended, then written and fsync'ed by
@@ -248,14 +254,30 @@ impl Spool {
             reserved: 0,
             refused: false,
         };
-        spool.head = spool.read_head().min(len);
+        let saved = spool.read_head();
+        spool.head = if saved > len {
+            // The head is made 0 on disk before the log is cut, so a head
+            // past the end means the two disagree: replaying from the start
+            // publishes confirmed records again (consumers drop them by
+            // message_id), while trusting the head could skip records that
+            // clients were told are stored.
+            tracing::warn!(
+                spool = %dir.display(),
+                head = saved,
+                log_bytes = len,
+                "the spool's saved head is past the end of its log; replaying the whole log"
+            );
+            0
+        } else {
+            saved
+        };
         spool.recover()?;
         if spool.messages == 0 && spool.len > 0 {
             // Every record was confirmed but the log was not truncated (a
             // crash in between): start empty, so its bytes do not count
             // against the limit while nothing waits.
-            let end = spool.len;
-            spool.confirm_until(end, 0)?;
+            spool.head = spool.len;
+            spool.empty_if_done()?;
         }
         Ok(spool)
     }
@@ -458,28 +480,57 @@ impl Spool {
     /// nothing is left, the log is truncated.
     ///
     /// # Errors
-    /// [`SpoolError::Io`] when the head or the log cannot be written.
+    /// [`SpoolError::Io`] when the head or the log cannot be written. The
+    /// records are still marked confirmed; a log that could not be emptied
+    /// keeps its confirmed records, new ones are appended after them, and
+    /// [`Spool::empty_if_done`] tries again.
     pub fn confirm_until(&mut self, offset: u64, records: u64) -> Result<(), SpoolError> {
         self.head = offset.min(self.synced_len);
         self.messages = self.messages.saturating_sub(records);
         self.unsaved_head += records;
         if self.head == self.len {
-            // Durable (the cut is fsync'ed): otherwise records confirmed by
-            // the broker could come back after a power loss.
-            self.log.truncate(0).map_err(|e| self.io_error(e))?;
-            self.len = 0;
-            self.synced_len = 0;
-            self.head = 0;
-            self.messages = 0;
-            self.refused = false;
-            // Saved now, before any record is appended to the emptied log:
-            // an older head left on disk would point into the new records,
-            // and the ones before it would never be replayed.
-            return self.write_head();
+            return self.empty_if_done();
         }
         if self.unsaved_head >= HEAD_SAVE_EVERY {
-            return self.write_head();
+            return self.write_head(self.head);
         }
+        Ok(())
+    }
+
+    /// When every record is confirmed, truncate the log to zero, so its
+    /// bytes no longer take room. Nothing to do otherwise, or when the log
+    /// is already empty.
+    ///
+    /// # Errors
+    /// [`SpoolError::Io`] when the head or the log cannot be written; the
+    /// log is then left as it is, and new records go after its end.
+    pub fn empty_if_done(&mut self) -> Result<(), SpoolError> {
+        if self.head != self.len || self.len == 0 {
+            return Ok(());
+        }
+        // The head is 0 on disk before the log is cut. Cut first, a head
+        // that then failed to save would stay on disk pointing past the new
+        // records appended from offset 0, and after a crash they would be
+        // skipped although their clients were told they are stored. This
+        // way a crash between the two only replays confirmed records again
+        // (consumers drop them by message_id). If the head cannot be saved
+        // the log is not cut: new records are appended after the confirmed
+        // ones, where the head on disk, however old, still finds them.
+        self.write_head(0)?;
+        // Durable (the cut is fsync'ed): otherwise confirmed records could
+        // come back after a power loss.
+        if let Err(e) = self.log.truncate(0) {
+            // The head on disk (0) is behind the one here: save it again
+            // on the way out.
+            self.unsaved_head = self.unsaved_head.max(1);
+            return Err(self.io_error(e));
+        }
+        self.len = 0;
+        self.synced_len = 0;
+        self.head = 0;
+        self.messages = 0;
+        self.needs_cut = false;
+        self.refused = false;
         Ok(())
     }
 
@@ -491,9 +542,9 @@ impl Spool {
         }
     }
 
-    /// Save the head: write a temporary file, fsync it, rename it over
-    /// `spool.head`, fsync the directory.
-    fn write_head(&mut self) -> Result<(), SpoolError> {
+    /// Save `head` as the head: write a temporary file, fsync it, rename
+    /// it over `spool.head`, fsync the directory.
+    fn write_head(&mut self, head: u64) -> Result<(), SpoolError> {
         let tmp = self.dir.join("spool.head.tmp");
         let path = self.dir.join("spool.head");
         let write = || {
@@ -502,14 +553,14 @@ impl Spool {
                 .write(true)
                 .truncate(true)
                 .open(&tmp)?;
-            file.write_all(&self.head.to_le_bytes())?;
+            file.write_all(&head.to_le_bytes())?;
             // Before the rename: a renamed file whose bytes did not reach
             // the disk could read as a head in the middle of a record, and
             // everything from there would be moved aside as corrupt.
             file.sync_all()?;
             std::fs::rename(&tmp, &path)?;
-            // The rename itself: after an emptied log, the head must be 0
-            // on disk before new records are appended (see confirm_until).
+            // The rename itself: the head must be 0 on disk before the log
+            // is cut (see empty_if_done).
             sync_dir(&self.dir)
         };
         write().map_err(|source| SpoolError::Io { path, source })?;
@@ -605,7 +656,7 @@ impl Drop for Spool {
     /// replayed again after a clean stop.
     fn drop(&mut self) {
         if self.unsaved_head > 0
-            && let Err(e) = self.write_head()
+            && let Err(e) = self.write_head(self.head)
         {
             tracing::warn!("{e}; some confirmed copies may be published again after restart");
         }
@@ -838,6 +889,120 @@ pub(super) mod tests {
                 .len(),
             0
         );
+    }
+
+    /// A log that notes the head saved on disk each time it is emptied.
+    struct HeadAtCut {
+        file: File,
+        head: PathBuf,
+        seen: Arc<std::sync::Mutex<Vec<u64>>>,
+    }
+
+    impl LogFile for HeadAtCut {
+        fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+            self.file.append(bytes)
+        }
+
+        fn sync(&mut self) -> io::Result<()> {
+            LogFile::sync(&mut self.file)
+        }
+
+        fn truncate(&mut self, len: u64) -> io::Result<()> {
+            if len == 0 {
+                let bytes = std::fs::read(&self.head)?;
+                let head = bytes.try_into().map(u64::from_le_bytes).unwrap_or(u64::MAX);
+                self.seen.lock().unwrap().push(head);
+            }
+            LogFile::truncate(&mut self.file, len)
+        }
+    }
+
+    /// A spool at `dir` whose head was saved after its first two records.
+    fn confirmed_two(dir: &Path) -> u64 {
+        let mut spool = Spool::open(dir, 1 << 20).unwrap();
+        let (_, first) = spool.read_at(0).unwrap().unwrap();
+        let (_, second) = spool.read_at(first).unwrap().unwrap();
+        spool.confirm_until(second, 2).unwrap();
+        // Dropping saves the head.
+        drop(spool);
+        second
+    }
+
+    #[test]
+    fn the_head_is_zero_on_disk_before_the_log_is_emptied() {
+        let dir = spooled(5);
+        confirmed_two(dir.path());
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let head = dir.path().join("spool.head");
+        let watch = seen.clone();
+        let mut spool = Spool::open_with(dir.path(), 1 << 20, |file| {
+            Box::new(HeadAtCut {
+                file,
+                head,
+                seen: watch,
+            })
+        })
+        .unwrap();
+        let end = spool.end();
+        spool.confirm_until(end, 3).unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [0],
+            "the head on disk when the log was cut"
+        );
+    }
+
+    #[test]
+    fn a_head_that_cannot_be_saved_when_the_spool_empties_loses_no_record() {
+        let dir = spooled(5);
+        let second = confirmed_two(dir.path());
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(spool.head(), second);
+        // Something in the way of every save of the head.
+        let obstacle = dir.path().join("spool.head.tmp");
+        std::fs::create_dir(&obstacle).unwrap();
+        let end = spool.end();
+        let error = spool.confirm_until(end, 3).unwrap_err();
+        assert!(error.to_string().contains("spool.head"), "{error}");
+        assert!(spool.is_empty());
+        // New copies are stored, and told so.
+        spool.append(&message(5)).unwrap();
+        spool.sync().unwrap();
+        // Gone without saving the head, as in a crash.
+        drop(spool);
+        std::fs::remove_dir(&obstacle).unwrap();
+        // The confirmed records after the old head are published again
+        // (with their message_id); the new one is not lost.
+        let (replayed, moved_aside) = reopened(dir.path());
+        assert_eq!(replayed, bodies(2..6));
+        assert!(!moved_aside);
+    }
+
+    #[test]
+    fn a_log_left_full_of_confirmed_records_is_emptied_once_the_head_can_be_saved() {
+        let dir = spooled(3);
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let obstacle = dir.path().join("spool.head.tmp");
+        std::fs::create_dir(&obstacle).unwrap();
+        let end = spool.end();
+        assert!(spool.confirm_until(end, 3).is_err());
+        assert_eq!(spool.bytes(), end);
+        std::fs::remove_dir(&obstacle).unwrap();
+        spool.empty_if_done().unwrap();
+        assert_eq!(spool.bytes(), 0);
+        spool.append(&message(7)).unwrap();
+        spool.sync().unwrap();
+        drop(spool);
+        assert_eq!(reopened(dir.path()).0, bodies(7..8));
+    }
+
+    #[test]
+    fn a_saved_head_past_the_end_of_the_log_replays_the_whole_log() {
+        let dir = spooled(3);
+        std::fs::write(dir.path().join("spool.head"), 1_000_000u64.to_le_bytes()).unwrap();
+        let (replayed, moved_aside) = reopened(dir.path());
+        assert_eq!(replayed, bodies(0..3));
+        assert!(!moved_aside);
     }
 
     #[test]
