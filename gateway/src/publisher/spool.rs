@@ -28,7 +28,9 @@
 //! [`Spool::sync`]. When a write or fsync fails (a full disk), the log is
 //! cut back to its length after the last good sync and the whole batch is
 //! refused, so no partial record is left to shift the framing of later
-//! ones, and no refused record is ever replayed.
+//! ones, and no refused record is ever replayed. The spool then counts as
+//! not writable until a write succeeds: the next batch, or a probe
+//! (`spool.probe`, written, fsync'ed and removed by [`Spool::retry`]).
 
 use std::fs::{DirBuilder, File, OpenOptions, Permissions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -49,6 +51,10 @@ const WRITE_CHUNK: usize = 64 << 10;
 /// dropped; a gateway killed mid-replay publishes at most this many
 /// confirmed records (plus those in flight) again after restart.
 const HEAD_SAVE_EVERY: u64 = 256;
+/// Bytes written and fsync'ed to a probe file to learn whether a disk that
+/// refused a write takes writes again: a block, the least a write of a
+/// record can need.
+const PROBE_BYTES: usize = 4096;
 /// Mode of the spool directory: the gateway's user only.
 const DIR_MODE: u32 = 0o700;
 /// Mode of the spool's files: the gateway's user only.
@@ -85,6 +91,27 @@ pub(super) trait LogFile: Send {
     fn sync(&mut self) -> io::Result<()>;
     /// Cut the log to `len` bytes, durably.
     fn truncate(&mut self, len: u64) -> io::Result<()>;
+    /// Write and fsync a small file at `path`, then remove it: whether the
+    /// disk under the log takes writes again after one failed.
+    fn probe(&mut self, path: &Path) -> io::Result<()> {
+        write_probe(path)
+    }
+}
+
+/// Write [`PROBE_BYTES`] to a new file at `path`, fsync it, and remove it
+/// (also when the write fails, so no probe is left taking room).
+fn write_probe(path: &Path) -> io::Result<()> {
+    let written = private_file()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .and_then(|mut file| {
+            file.write_all(&[0; PROBE_BYTES])?;
+            file.sync_all()
+        });
+    let removed = std::fs::remove_file(path);
+    written.and(removed)
 }
 
 impl LogFile for File {
@@ -154,8 +181,8 @@ pub struct Spool {
     /// A failed write could not be cut back: the log may end with bytes
     /// past `synced_len`, so nothing is appended until a cut succeeds.
     needs_cut: bool,
-    /// The last write to the log failed (cleared by a good sync, or at the
-    /// next [`Spool::retry`]).
+    /// The last write to the log failed (cleared by a good sync, or by a
+    /// [`Spool::retry`] whose probe write succeeds).
     failing: bool,
     /// Offset of the first unconfirmed record.
     head: u64,
@@ -444,14 +471,23 @@ impl Spool {
         Ok(())
     }
 
-    /// After a failed write: try the cut again and let the next copy try
-    /// the disk (it may have room again). Returns whether the spool may be
-    /// written.
+    /// After a failed write: try the cut again, and learn from a probe
+    /// write whether the disk takes writes again. Returns whether the
+    /// spool may be written. Until then [`Spool::has_room`] stays false (so
+    /// does readiness), also when no copy comes to try the disk.
     pub fn retry(&mut self) -> bool {
         if self.cut_if_needed().is_err() {
             return false;
         }
-        self.failing = false;
+        if self.failing {
+            // Without a real write, a disk still full would be reported
+            // writable and refuse the next batch again.
+            if let Err(e) = self.log.probe(&self.dir.join("spool.probe")) {
+                tracing::debug!("the spool's disk still refuses writes: {e}");
+                return false;
+            }
+            self.failing = false;
+        }
         true
     }
 
@@ -803,6 +839,19 @@ pub(super) mod tests {
                 return Err(io::Error::other("fsync failed (small test disk)"));
             }
             self.file.sync_data()
+        }
+
+        fn probe(&mut self, path: &Path) -> io::Result<()> {
+            if self.disk.free.load(Ordering::SeqCst) < PROBE_BYTES as u64 {
+                return Err(io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    "no space left on device (small test disk)",
+                ));
+            }
+            if self.disk.fail_syncs.load(Ordering::SeqCst) {
+                return Err(io::Error::other("fsync failed (small test disk)"));
+            }
+            write_probe(path)
         }
 
         fn truncate(&mut self, len: u64) -> io::Result<()> {
@@ -1258,6 +1307,31 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn a_failing_disk_is_not_reported_writable_until_a_write_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = SmallDisk::new(100);
+        let mut spool =
+            Spool::open_with(dir.path(), 1 << 20, |file| Box::new(disk.wrap(file))).unwrap();
+        for n in 0..3 {
+            spool.append(&message(n)).unwrap();
+        }
+        assert!(spool.sync().is_err());
+        assert!(!spool.has_room());
+        // Still full: retrying changes nothing.
+        assert!(!spool.retry());
+        assert!(!spool.has_room());
+        // Room again, but fsync fails.
+        disk.set_free(1 << 20);
+        disk.fail_syncs(true);
+        assert!(!spool.retry());
+        assert!(!spool.has_room());
+        disk.fail_syncs(false);
+        assert!(spool.retry());
+        assert!(spool.has_room());
+        assert!(!dir.path().join("spool.probe").exists());
+    }
+
+    #[test]
     fn a_batch_larger_than_a_write_is_dropped_whole_when_the_disk_fills_mid_batch() {
         let dir = tempfile::tempdir().unwrap();
         let disk = SmallDisk::new(50 << 10);
@@ -1370,6 +1444,10 @@ pub(super) mod tests {
             "{} records fit in about 10 KB",
             stored.len()
         );
+        // Still full: a probe write fails, so the spool is not taken for
+        // writable.
+        assert!(!spool.retry(), "a full filesystem was taken for writable");
+        assert!(!spool.has_room());
         // Room again: the spool takes records where it left off.
         drop(ballast);
         std::fs::remove_file(&ballast_path).unwrap();

@@ -591,3 +591,27 @@ async fn copies_in_doubt_the_disk_refuses_are_kept_until_it_has_room() {
     assert!(h.publisher.is_ready());
     assert!(h.finish().await.is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn readiness_stays_off_while_the_disk_refuses_writes_and_returns_once_it_takes_them() {
+    let disk = SmallDisk::new(100);
+    let h = Harness::start_on(Some(&disk), false, |_| {}).await;
+    let refused = h.publish_big(0..1).await.pop().unwrap();
+    assert!(matches!(
+        refused.durable().await,
+        Err(PublishError::SpoolFailed(_))
+    ));
+    // Health checks every 250 ms: the disk is still full, so not ready.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !h.publisher.is_ready(),
+        "ready while the disk refuses writes"
+    );
+    // Room again: ready without any copy having to try the disk first.
+    disk.set_free(1 << 20);
+    h.until(|h| h.publisher.is_ready()).await;
+    for receipt in h.publish_big(1..3).await {
+        assert!(matches!(receipt.durable().await, Ok(Durability::Spooled)));
+    }
+    assert_eq!(h.finish().await, names(1..3));
+}
