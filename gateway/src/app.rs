@@ -74,16 +74,18 @@ impl App {
     /// Set every part up and bind the listeners.
     ///
     /// # Errors
-    /// When a part cannot be set up (state directory, certificate,
+    /// When a part cannot be set up (a private directory, certificate,
     /// functions, spool, ports); the error says which and why.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let metrics = Metrics::new().context("registering metrics")?;
         raise_file_limit(settings.server.max_connections.get());
-        crate::state_dir::prepare(&settings.server.state_dir)?;
+        // Only what is used is prepared: the state directory is the
+        // operator's, and each private directory under it is checked where
+        // it is used (see `state_dir`).
         let tls_settings = match &settings.tls {
             Some(tls) => tls.clone(),
             None => {
-                let dir = settings.server.state_dir.join("tls");
+                let dir = crate::state_dir::dev_certificate_dir(&settings.server.state_dir)?;
                 let cert = dev::generate_certificate(&dir)
                     .context("generating the development certificate")?;
                 println!(

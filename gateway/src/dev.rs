@@ -19,7 +19,9 @@ pub struct DevCertificate {
 }
 
 /// Generate a self-signed certificate for `localhost`, `127.0.0.1` and
-/// `::1`, valid for 30 days, and write it (and its key, mode 0600) to `dir`.
+/// `::1`, valid for 30 days, and write it (and its key, mode 0600) to `dir`,
+/// a private directory the caller prepared
+/// ([`crate::state_dir::dev_certificate_dir`]).
 ///
 /// # Errors
 /// When the certificate cannot be generated or written.
@@ -41,14 +43,6 @@ pub fn generate_certificate(dir: &Path) -> anyhow::Result<DevCertificate> {
     let key = KeyPair::generate()?;
     let cert = params.self_signed(&key)?;
 
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
-    }
     let cert_path = dir.join("dev-cert.pem");
     let key_path = dir.join("dev-key.pem");
     write_private(&cert_path, cert.pem().as_bytes())

@@ -1,141 +1,123 @@
-//! The state directory (`server.state_dir`): spool, precompiled artifacts
-//! and the development certificate live under it, and the gateway loads
-//! the artifacts as native code. So it must be the gateway user's own:
-//! created 0700 when missing, owned by the user the gateway runs as, and
-//! writable by no one else.
+//! The state directory (`server.state_dir`): where the gateway's own
+//! directories go unless configured elsewhere: `spool/`
+//! (`queue.spool_dir`), `artifacts/` (`runtime.artifact_dir`) and, in
+//! `--dev` without certificate files, `tls/`.
+//!
+//! The state directory itself is the operator's, often a volume's mount
+//! root: `root:<fsGroup>` mode 2775 on a PersistentVolumeClaim with an
+//! `fsGroup`, 0777 for an `emptyDir`. It is not checked, and nothing is
+//! done to it unless something under it is used: then it is created with
+//! that directory (0700, with its missing parents). So with the spool and
+//! the artifacts configured elsewhere and TLS files given, a missing or
+//! read-only state directory does not matter.
+//!
+//! The directories the gateway reads back are private to its user, each
+//! checked where it is used with [`runtime::private_dir::prepare`], whose
+//! documentation gives the policy and why parents need no check: the
+//! artifacts before every write, the certificate directory here. (The
+//! spool makes its directory private itself when it opens.)
+//!
+//! The `--dev` default (`~/.local/state/tidegate/dev/<port>`) is created
+//! 0700 that way. An existing one is not checked either: nothing is read
+//! back from it but through those private subdirectories, and it lies in
+//! the user's home, where no other user can swap them.
 
-use std::io;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-/// Why the state directory cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum StateDirError {
-    /// It could not be created or inspected.
-    #[error("server.state_dir {path}: {source}")]
-    Io {
-        /// The directory.
-        path: String,
-        /// The I/O error.
-        source: io::Error,
-    },
-    /// It is not a directory (a file, or a symbolic link).
-    #[error("server.state_dir {0} is not a directory (symbolic links are not followed)")]
-    NotADirectory(String),
-    /// Someone else owns it.
-    #[error(
-        "server.state_dir {path} is owned by uid {owner}, not by uid {user} that tidegate runs as: \
-         another user could plant files the gateway loads; use a directory of this user's own"
-    )]
-    Owner {
-        /// The directory.
-        path: String,
-        /// Its owner.
-        owner: u32,
-        /// The gateway's effective user.
-        user: u32,
-    },
-    /// Others may write to it.
-    #[error(
-        "server.state_dir {path} is writable by other users (mode {mode:o}): another user could \
-         plant files the gateway loads; chmod go-w it or use another directory"
-    )]
-    Writable {
-        /// The directory.
-        path: String,
-        /// Its permission bits.
-        mode: u32,
-    },
-}
+use runtime::private_dir::{self, PrivateDirError};
 
-/// Create `dir` (0700, with any missing parents) when it does not exist,
-/// then check that it is a directory of the gateway's user that nobody
-/// else can write to.
+/// The subdirectory of the state directory where `--dev` writes its
+/// certificate.
+pub const DEV_CERTIFICATE_DIR: &str = "tls";
+
+/// The directory for the `--dev` certificate, `<state_dir>/tls`, created
+/// private to the gateway's user (with the state directory, 0700, if that
+/// is missing) and checked to be so.
 ///
 /// # Errors
-/// A [`StateDirError`] naming the directory and what is wrong with it.
-pub fn prepare(dir: &Path) -> Result<(), StateDirError> {
-    let shown = dir.display().to_string();
-    let io = |source| StateDirError::Io {
-        path: shown.clone(),
-        source,
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io)?;
-    // Not followed: a link planted in place of the directory is refused.
-    let meta = std::fs::symlink_metadata(dir).map_err(io)?;
-    if !meta.is_dir() {
-        return Err(StateDirError::NotADirectory(shown));
-    }
-    let user = rustix::process::geteuid().as_raw();
-    if meta.uid() != user {
-        return Err(StateDirError::Owner {
-            path: shown,
-            owner: meta.uid(),
-            user,
-        });
-    }
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o022 != 0 {
-        return Err(StateDirError::Writable { path: shown, mode });
-    }
-    Ok(())
+/// A [`PrivateDirError`] naming `server.state_dir` when the directory
+/// cannot be created or is not private (see [`private_dir::prepare`]).
+pub fn dev_certificate_dir(state_dir: &Path) -> Result<PathBuf, PrivateDirError> {
+    let dir = state_dir.join(DEV_CERTIFICATE_DIR);
+    private_dir::prepare("server.state_dir", &dir)?;
+    Ok(dir)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
+    fn mode(path: &Path) -> u32 {
+        std::fs::symlink_metadata(path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
     #[test]
-    fn a_missing_directory_is_created_for_this_user_only() {
+    fn a_missing_state_directory_is_created_0700_with_the_certificate_directory() {
         let base = tempfile::tempdir().unwrap();
-        let dir = base.path().join("a/b/state");
-        prepare(&dir).unwrap();
-        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o700);
+        let state = base.path().join("a/state");
+        let dir = dev_certificate_dir(&state).unwrap();
+        assert_eq!(dir, state.join("tls"));
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&state), 0o700);
         // Twice is fine.
-        prepare(&dir).unwrap();
+        dev_certificate_dir(&state).unwrap();
     }
 
     #[test]
-    fn a_directory_others_can_write_to_is_refused() {
+    fn a_state_directory_others_can_write_to_gets_a_private_certificate_directory() {
         let base = tempfile::tempdir().unwrap();
-        let dir = base.path().join("shared");
-        std::fs::create_dir(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let error = prepare(&dir).unwrap_err();
-        assert!(matches!(error, StateDirError::Writable { .. }), "{error}");
-        assert!(error.to_string().contains("server.state_dir"), "{error}");
+        let state = base.path().join("shared");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let dir = dev_certificate_dir(&state).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(
+            mode(&state),
+            0o777,
+            "the operator's directory is left alone"
+        );
     }
 
     #[test]
-    fn a_symbolic_link_in_place_of_the_directory_is_refused() {
+    fn a_symbolic_link_in_place_of_the_certificate_directory_is_refused() {
         let base = tempfile::tempdir().unwrap();
-        let target = base.path().join("elsewhere");
-        std::fs::create_dir(&target).unwrap();
-        let link = base.path().join("state");
-        std::os::unix::fs::symlink(&target, &link).unwrap();
-        let error = prepare(&link).unwrap_err();
-        assert!(matches!(error, StateDirError::NotADirectory(_)), "{error}");
+        let elsewhere = base.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, base.path().join("tls")).unwrap();
+        let error = dev_certificate_dir(base.path()).unwrap_err();
+        assert!(
+            matches!(error.problem, private_dir::Problem::NotADirectory),
+            "{error}"
+        );
+        assert!(
+            error.to_string().starts_with("server.state_dir "),
+            "{error}"
+        );
     }
 
     #[test]
-    fn a_directory_of_another_user_is_refused() {
+    fn a_certificate_directory_of_another_user_is_refused() {
         if !rustix::process::geteuid().is_root() {
-            eprintln!("skipped: changing a directory's owner needs root");
+            println!("skipped: changing a directory's owner needs root");
             return;
         }
         let base = tempfile::tempdir().unwrap();
-        let dir = base.path().join("theirs");
+        let dir = base.path().join("tls");
         std::fs::create_dir(&dir).unwrap();
         std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-        let error = prepare(&dir).unwrap_err();
+        let error = dev_certificate_dir(base.path()).unwrap_err();
         assert!(
-            matches!(error, StateDirError::Owner { owner: 65534, .. }),
+            matches!(
+                error.problem,
+                private_dir::Problem::Owner { owner: 65534, .. }
+            ),
             "{error}"
         );
     }

@@ -1,8 +1,11 @@
 //! Precompiled artifacts on disk, which the runtime later loads as native
 //! code, so nobody but the gateway's user may be able to plant or swap one:
 //!
-//! - the directory is created 0700 and must be owned by the gateway's user
-//!   and writable by nobody else;
+//! - the directory (`runtime.artifact_dir`) is a private directory (see
+//!   [`crate::private_dir`]): created 0700, owned by the gateway's user,
+//!   writable by nobody else, checked again before every write; its parents
+//!   are the operator's (a volume's root may be root-owned or writable by
+//!   others);
 //! - an artifact is written 0600 to a new temporary file (never an existing
 //!   one, never through a link) in that directory and renamed into place;
 //! - it is read back without following a symbolic link, and only if it is
@@ -14,12 +17,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
 use crate::error::LoadError;
+use crate::private_dir;
 
 /// What an artifact was when it was written: checked before it is loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,46 +61,21 @@ pub(crate) enum Stale {
     Io(io::Error),
 }
 
+/// The setting the artifact directory comes from, named in its errors.
+const KEY: &str = "runtime.artifact_dir";
+
 /// Create the artifact directory (0700, with missing parents) if needed,
-/// and check that it is fit to load native code from: a directory (not a
-/// link to one) owned by the user Tidegate runs as, that no other user may
-/// write to.
+/// and check that it is fit to load native code from: a private directory
+/// of the user Tidegate runs as (see [`crate::private_dir::prepare`]).
 ///
 /// # Errors
-/// [`LoadError::ArtifactDir`] naming the directory and what is wrong.
+/// [`LoadError::ArtifactDir`] naming the directory, what is wrong and what
+/// to do.
 pub(crate) fn prepare_dir(dir: &Path) -> Result<(), LoadError> {
-    let refuse = |reason: String| LoadError::ArtifactDir {
-        path: dir.to_path_buf(),
-        reason,
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| refuse(format!("cannot be created: {e}")))?;
-    let meta =
-        std::fs::symlink_metadata(dir).map_err(|e| refuse(format!("cannot be inspected: {e}")))?;
-    if !meta.is_dir() {
-        return Err(refuse(
-            "is not a directory (a symbolic link is not followed)".into(),
-        ));
-    }
-    let user = rustix::process::geteuid().as_raw();
-    if meta.uid() != user {
-        return Err(refuse(format!(
-            "is owned by uid {}, not by uid {user} that Tidegate runs as: another user could \
-             plant code that Tidegate loads; use a directory of this user's own",
-            meta.uid()
-        )));
-    }
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o022 != 0 {
-        return Err(refuse(format!(
-            "is writable by other users (mode {mode:o}): they could plant code that Tidegate \
-             loads; chmod go-w it or use another directory"
-        )));
-    }
-    Ok(())
+    private_dir::prepare(KEY, dir).map_err(|e| LoadError::ArtifactDir {
+        path: e.path,
+        reason: e.problem.to_string(),
+    })
 }
 
 /// Write `bytes` as function `name`'s artifact at `path` (in `dir`, checked
@@ -198,6 +177,8 @@ pub(crate) fn path_in(dir: &Path, name: &str, version: &str) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     fn dir() -> (tempfile::TempDir, PathBuf) {

@@ -23,6 +23,8 @@
 //!   pool.
 //! - `artifact`: precompiled artifacts on disk, written and read so that no
 //!   other user can plant or swap the native code the runtime loads.
+//! - [`private_dir`]: directories only the gateway's user may change: the
+//!   artifact directory, and the gateway's own (certificate, spool).
 //! - [`registry`]: the functions this node serves, by name, and the
 //!   background task that scales idle functions down to zero.
 //! - [`metrics`]: the runtime's Prometheus metrics.
@@ -42,6 +44,7 @@ pub mod function;
 mod guest_log;
 mod host;
 pub mod metrics;
+pub mod private_dir;
 pub mod registry;
 
 pub use bindings::types::{ConnectDecision, Connection, Context, Effect, HandlerError, Payload};

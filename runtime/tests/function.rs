@@ -779,6 +779,28 @@ async fn an_artifact_directory_of_another_user_is_refused() {
         "{error}"
     );
     assert!(error.to_string().contains("owned by uid"), "{error}");
+    // And says what to do.
+    assert!(error.to_string().contains("subdirectory"), "{error}");
+}
+
+#[tokio::test]
+async fn an_artifact_directory_its_group_may_write_to_is_made_private_again() {
+    // What the kubelet does to every directory of a volume with an fsGroup
+    // at each mount: the gateway's own directory comes back 2770.
+    let base = tempfile::tempdir().expect("temp dir");
+    let artifacts = base.path().join("artifacts");
+    std::fs::create_dir(&artifacts).expect("created");
+    std::fs::set_permissions(&artifacts, std::fs::Permissions::from_mode(0o2770)).expect("chmod");
+    let registry = registry_in(artifacts.clone()).expect("a group-writable directory of ours");
+    let mode = std::fs::metadata(&artifacts)
+        .expect("exists")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+    registry
+        .load("echo", tidegate_functions::ECHO.to_vec())
+        .await
+        .expect("echo loads");
 }
 
 /// Log records written on this thread while it is alive, as text.

@@ -123,14 +123,192 @@ async fn the_gateway_runs_in_process_on_the_ports_it_reports_and_drains_on_shutd
     assert!(TcpStream::connect(addresses.wss).await.is_err());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_state_directory_others_can_write_to_is_refused_at_build() {
+/// Whether this process may give files away and mount file systems, as the
+/// tests of volumes owned by others need; prints why a test is skipped when
+/// not.
+fn is_root() -> bool {
+    let root = rustix::process::geteuid().is_root();
+    if !root {
+        println!("skipped: volumes owned by other users need root to set up");
+    }
+    root
+}
+
+/// The mode bits of `path` (not following a link) and whether the
+/// gateway's user owns it.
+fn mode_and_ours(path: &Path) -> (u32, bool) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).expect("exists");
+    assert!(meta.is_dir(), "{} is a directory", path.display());
+    (
+        meta.mode() & 0o7777,
+        meta.uid() == rustix::process::geteuid().as_raw(),
+    )
+}
+
+fn chmod(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
-    let state = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(state.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    let error = match App::build(settings(state.path(), &[])).await {
-        Ok(_) => panic!("a world-writable state directory was used"),
-        Err(error) => error.to_string(),
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+async fn build(settings: Settings) -> Result<App, String> {
+    App::build(settings).await.map_err(|e| format!("{e:#}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_root_owned_by_root_and_group_writable_holds_private_subdirectories() {
+    if !is_root() {
+        return;
+    }
+    // A PersistentVolumeClaim with fsGroup 65532 is mounted as root:65532
+    // mode 2775; also as a uid that is not the gateway's.
+    for owner in [0, 65534] {
+        let base = tempfile::tempdir().unwrap();
+        let volume = base.path().join("volume");
+        std::fs::create_dir(&volume).unwrap();
+        std::os::unix::fs::chown(&volume, Some(owner), Some(65532)).unwrap();
+        chmod(&volume, 0o2775);
+        let app = build(settings(&volume, &[]))
+            .await
+            .unwrap_or_else(|e| panic!("owner {owner}: {e}"));
+        for dir in ["tls", "artifacts"] {
+            let (mode, ours) = mode_and_ours(&volume.join(dir));
+            assert_eq!(mode & 0o777, 0o700, "{dir} of a volume owned by {owner}");
+            assert!(ours, "{dir} belongs to the gateway's user");
+        }
+        assert_eq!(mode_and_ours(&volume).0, 0o2775, "the volume is left alone");
+        drop(app);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_world_writable_state_directory_like_an_empty_dir_holds_private_subdirectories() {
+    let base = tempfile::tempdir().unwrap();
+    let volume = base.path().join("empty-dir");
+    std::fs::create_dir(&volume).unwrap();
+    chmod(&volume, 0o777);
+    let app = build(settings(&volume, &[]))
+        .await
+        .expect("an emptyDir volume as the state directory");
+    for dir in ["tls", "artifacts"] {
+        let (mode, ours) = mode_and_ours(&volume.join(dir));
+        assert_eq!(mode & 0o777, 0o700, "{dir}");
+        assert!(ours, "{dir} belongs to the gateway's user");
+    }
+    drop(app);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_directory_of_another_user_in_the_state_directory_is_refused() {
+    if !is_root() {
+        return;
+    }
+    let base = tempfile::tempdir().unwrap();
+    let volume = base.path().join("volume");
+    std::fs::create_dir(&volume).unwrap();
+    std::os::unix::fs::chown(&volume, Some(0), Some(65532)).unwrap();
+    chmod(&volume, 0o2775);
+    // Someone else's directory where the gateway keeps its native code.
+    let artifacts = volume.join("artifacts");
+    std::fs::create_dir(&artifacts).unwrap();
+    std::os::unix::fs::chown(&artifacts, Some(65534), Some(65534)).unwrap();
+    chmod(&artifacts, 0o700);
+    let Err(error) = build(settings(&volume, &[])).await else {
+        panic!("another user's artifact directory was used");
     };
-    assert!(error.contains("server.state_dir"), "{error}");
+    assert!(error.contains("runtime.artifact_dir"), "{error}");
+    assert!(error.contains("owned by uid 65534"), "{error}");
+    assert!(error.contains("subdirectory"), "says what to do: {error}");
+}
+
+/// A read-only file system mounted on a temporary directory, unmounted when
+/// dropped (also when a test fails): a read-only root file system.
+struct ReadOnlyMount {
+    dir: Option<tempfile::TempDir>,
+}
+
+impl ReadOnlyMount {
+    /// `None` when this process may not mount.
+    fn mount() -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "ro,size=64k,mode=0755", "tmpfs"])
+            .arg(dir.path())
+            .status();
+        match status {
+            Ok(status) if status.success() => Some(Self { dir: Some(dir) }),
+            other => {
+                println!("skipped: cannot mount a read-only tmpfs ({other:?})");
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.as_ref().map(tempfile::TempDir::path).unwrap()
+    }
+}
+
+impl Drop for ReadOnlyMount {
+    fn drop(&mut self) {
+        if let Some(dir) = self.dir.take() {
+            let _ = std::process::Command::new("umount")
+                .arg(dir.path())
+                .status();
+            drop(dir);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_state_directory_that_nothing_uses_does_not_stop_the_gateway() {
+    if !is_root() {
+        return;
+    }
+    let Some(read_only) = ReadOnlyMount::mount() else {
+        return;
+    };
+    // The default /var/lib/tidegate on a read-only root file system: it
+    // does not exist and cannot be created.
+    let state = read_only.path().join("var/lib/tidegate");
+    assert!(std::fs::create_dir_all(&state).is_err(), "read-only");
+    let volume = tempfile::tempdir().unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    let cert = gateway::dev::generate_certificate(certs.path()).expect("a certificate");
+    let path = |p: &Path| p.display().to_string();
+    let (cert_file, key_file) = (path(&cert.files.cert), path(&cert.files.key));
+    let artifacts = path(&volume.path().join("artifacts"));
+    let spool = path(&volume.path().join("spool"));
+    let app = build(settings(
+        &state,
+        &[
+            ("TIDEGATE__TLS__CERT", &cert_file),
+            ("TIDEGATE__TLS__KEY", &key_file),
+            ("TIDEGATE__RUNTIME__ARTIFACT_DIR", &artifacts),
+            ("TIDEGATE__QUEUE__SPOOL_DIR", &spool),
+        ],
+    ))
+    .await
+    .expect("the state directory is not used");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let addresses = app.addresses();
+    let running = tokio::spawn(app.run(async {
+        let _ = stopped.await;
+    }));
+    let mut client = connect(addresses.wss, &cert.files.cert).await;
+    client
+        .send(Message::Text("read-only".into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        client.next().await.unwrap().unwrap(),
+        Message::Text("read-only".into())
+    );
+    drop(client);
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("run returns after the drain")
+        .unwrap()
+        .expect("a clean shutdown");
 }
