@@ -19,7 +19,7 @@
 //! - [`auth`]: JWT validation of the token a client connects with.
 //! - [`router`]: path to function.
 //! - [`tls`]: rustls (ring) from PEM files; [`dev`]: the `--dev` certificate.
-//! - [`state_dir`]: the state directory, the gateway user's own.
+//! - [`state_dir`]: the state directory and the private directories in it.
 //! - [`config`]: the file plus `TIDEGATE__*` variables, validated once.
 //! - [`metrics`]: the Prometheus metrics; [`logging`]: log output.
 

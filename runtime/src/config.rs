@@ -16,9 +16,12 @@ pub const DEFAULT_MAX_LOG_LINES_PER_SECOND: NonZeroU32 = match NonZeroU32::new(1
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
     /// Where precompiled artifacts are kept, so an unloaded function can be
-    /// reloaded without compiling it again. Created 0700 if missing; it must
-    /// be owned by the user Tidegate runs as and writable by no one else,
-    /// since what is in it is loaded as native code.
+    /// reloaded without compiling it again. Created 0700 (with its missing
+    /// parents) if missing; it must be a directory of the user Tidegate runs
+    /// as that no one else may write to (one its group may write to is made
+    /// private again), since what is in it is loaded as native code. Its
+    /// parents are the operator's (a volume's root may be shared); see
+    /// [`crate::private_dir`].
     pub artifact_dir: PathBuf,
     /// Most instances one function may have at once; further messages wait
     /// for an instance to come free.
