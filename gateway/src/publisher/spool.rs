@@ -22,7 +22,9 @@
 //! A torn record at the end (a crash during a write, before its fsync, so
 //! never acknowledged to a client) is cut off with a warning; a corrupt
 //! record elsewhere is moved aside, with everything after it, into a
-//! `spool.corrupt.<time>` file and reported, never silently dropped.
+//! new `spool.corrupt.<time>[.<n>]` file (copied without being read into
+//! memory, fsync'ed before the log is cut) and reported, never silently
+//! dropped nor written over an earlier one.
 //!
 //! Records are stored in batches: appended, then written and fsync'ed by
 //! [`Spool::sync`]. When a write or fsync fails (a full disk), the log is
@@ -629,34 +631,33 @@ impl Spool {
         self.messages = messages;
         if let Some(what) = bad {
             let cut = self.len - offset;
-            let aside = self.dir.join(format!(
-                "spool.corrupt.{}",
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or_default()
-            ));
-            let mut rest = Vec::new();
-            self.reader
-                .seek(SeekFrom::Start(offset))
-                .and_then(|_| (&self.reader).take(cut).read_to_end(&mut rest))
-                .map_err(|e| self.io_error(e))?;
-            let keep = || {
-                let mut file = private_file()
-                    .create(true)
-                    .write(true)
-                    .truncate(true)
-                    .open(&aside)?;
-                file.write_all(&rest)?;
+            let (aside, file) = self.create_aside()?;
+            let keep = |mut file: File| {
+                // Streamed, never read into memory: the remainder can be
+                // most of a large spool, and a gateway under a memory
+                // limit would be killed on every start.
+                let mut reader = &self.reader;
+                reader.seek(SeekFrom::Start(offset))?;
+                let copied = io::copy(&mut reader.take(cut), &mut file)?;
+                if copied != cut {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("copied {copied} of {cut} bytes"),
+                    ));
+                }
                 // The bytes moved aside are durable before they are cut
                 // from the log, so a power loss in between loses nothing.
                 file.sync_all()?;
                 sync_dir(&self.dir)
             };
-            keep().map_err(|source| SpoolError::Io {
-                path: aside.clone(),
-                source,
-            })?;
+            if let Err(source) = keep(file) {
+                // The log keeps every byte; a partial copy would mislead.
+                let _ = std::fs::remove_file(&aside);
+                return Err(SpoolError::Io {
+                    path: aside,
+                    source,
+                });
+            }
             self.log.truncate(offset).map_err(|e| self.io_error(e))?;
             self.len = offset;
             self.synced_len = offset;
@@ -677,6 +678,32 @@ impl Spool {
             );
         }
         Ok(())
+    }
+
+    /// Create the file a corrupt remainder is moved into:
+    /// `spool.corrupt.<seconds>`, or with a counter after it when that name
+    /// is taken (two recoveries in one second). Created new, so bytes moved
+    /// aside before are never overwritten.
+    fn create_aside(&self) -> Result<(PathBuf, File), SpoolError> {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        let mut n = 0u32;
+        loop {
+            let name = match n {
+                0 => format!("spool.corrupt.{secs}"),
+                n => format!("spool.corrupt.{secs}.{n}"),
+            };
+            let path = self.dir.join(name);
+            match private_file().write(true).create_new(true).open(&path) {
+                Ok(file) => return Ok((path, file)),
+                // Bounded, in case something other than an existing file
+                // makes every name look taken.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && n < 10_000 => n += 1,
+                Err(source) => return Err(SpoolError::Io { path, source }),
+            }
+        }
     }
 
     fn io_error(&self, source: io::Error) -> SpoolError {
@@ -1116,6 +1143,70 @@ pub(super) mod tests {
             bytes.len() as u64 - second * 2
         );
         assert_eq!(mode(&aside[0].path()), "600");
+    }
+
+    /// The `spool.corrupt.*` files in `dir`, and what each holds.
+    fn moved_aside(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("spool.corrupt.")
+            })
+            .map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                (name, std::fs::read(e.path()).unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_corrupt_remainder_never_overwrites_bytes_moved_aside_before() {
+        let dir = spooled(6);
+        let log = dir.path().join("spool.log");
+        // Every test record has the same size.
+        let record = Spool::open(spooled(1).path(), 1 << 20).unwrap().end() as usize;
+        // Bytes moved aside by an earlier recovery in this second (or the
+        // next, should the clock tick during the test).
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut expected = std::collections::BTreeMap::new();
+        for secs in [now, now + 1] {
+            let name = format!("spool.corrupt.{secs}");
+            std::fs::write(dir.path().join(&name), b"moved aside earlier").unwrap();
+            expected.insert(name, b"moved aside earlier".to_vec());
+        }
+        let mut kept = Vec::new();
+        // Two recoveries in a row: the fifth record, then the third.
+        for bad in [4, 2] {
+            let mut bytes = std::fs::read(&log).unwrap();
+            kept.push(bytes[bad * record..].to_vec());
+            bytes[bad * record + HEADER as usize + 2] ^= 0xff;
+            std::fs::write(&log, &bytes).unwrap();
+            let (replayed, _) = reopened(dir.path());
+            assert_eq!(replayed, bodies(0..bad as u32));
+        }
+        let aside = moved_aside(dir.path());
+        assert_eq!(aside.len(), 4, "{:?}", aside.keys());
+        for (name, bytes) in &expected {
+            assert_eq!(&aside[name], bytes, "{name} was overwritten");
+        }
+        // Each new one holds the bytes cut at its recovery: the corrupt
+        // record (compared by length, it was flipped) and all after it.
+        let shape = |bytes: &[u8]| (bytes.len(), bytes[record..].to_vec());
+        let mut new: Vec<_> = aside
+            .iter()
+            .filter(|(name, _)| !expected.contains_key(*name))
+            .map(|(_, bytes)| shape(bytes))
+            .collect();
+        let mut want: Vec<_> = kept.iter().map(|bytes| shape(bytes)).collect();
+        new.sort();
+        want.sort();
+        assert_eq!(new, want);
     }
 
     /// The permission bits of `path`, in octal.
