@@ -12,6 +12,14 @@
 //! The directory is private to the gateway's user (0700) and so are its
 //! files (0600): they hold every message body.
 //!
+//! Only records the broker has not confirmed, and room reserved for copies
+//! published straight to it, count against `queue.spool_max_bytes`:
+//! during a replay, new copies are taken (behind it) as soon as confirms
+//! free room. Confirmed records stay in the file until every record is
+//! confirmed and the log is emptied, so the file itself is bounded at
+//! twice `queue.spool_max_bytes` ([`FILE_BOUND`]); past that, copies are
+//! refused until the replay catches up.
+//!
 //! When every record is confirmed the log is truncated to zero, after the
 //! head is saved as 0 (a crash in between only replays confirmed records
 //! again; the reverse order could leave an old head pointing past new
@@ -57,6 +65,15 @@ const HEAD_SAVE_EVERY: u64 = 256;
 /// refused a write takes writes again: a block, the least a write of a
 /// record can need.
 const PROBE_BYTES: usize = 4096;
+/// The log file may grow to this many times `queue.spool_max_bytes`.
+/// Confirmed records stay in the file until every record is confirmed and
+/// it is truncated; only the unconfirmed ones count against the limit, so
+/// that after an outage filled the spool, new copies are taken again as
+/// its replay is confirmed (they must go to the spool behind it, to keep
+/// the order). Bounding the file, rather than compacting it, keeps the log
+/// append-only: once new copies come in faster than the replay, they are
+/// refused until the replay catches up and the log is emptied.
+const FILE_BOUND: u64 = 2;
 /// Mode of the spool directory: the gateway's user only.
 const DIR_MODE: u32 = 0o700;
 /// Mode of the spool's files: the gateway's user only.
@@ -140,7 +157,10 @@ impl LogFile for File {
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     /// The spool has no room for this message (`queue.spool_max_bytes`).
-    #[error("the spool is full ({max_bytes} bytes, queue.spool_max_bytes)")]
+    #[error(
+        "the spool is full (queue.spool_max_bytes = {max_bytes} bytes waiting for the broker, \
+         and the file at most twice that)"
+    )]
     Full {
         /// The configured limit.
         max_bytes: u64,
@@ -192,14 +212,18 @@ pub struct Spool {
     unsaved_head: u64,
     /// Records between `head` and `len`.
     messages: u64,
-    /// Most bytes the log may hold.
+    /// Most bytes of unconfirmed records (and reserved room) the log may
+    /// hold: `queue.spool_max_bytes`.
     max_bytes: u64,
+    /// Most bytes the log file may hold, confirmed records included:
+    /// [`FILE_BOUND`] times `max_bytes`.
+    max_file_bytes: u64,
     /// Room held for copies published straight to the broker and not yet
     /// confirmed: if the link drops, they are spooled into it, so that can
     /// never be refused (see [`Spool::reserve`]).
     reserved: u64,
     /// Whether the last append was refused for lack of room (cleared by a
-    /// successful append or a truncation).
+    /// successful append, or when a confirm frees room).
     refused: bool,
 }
 
@@ -280,6 +304,7 @@ impl Spool {
             unsaved_head: 0,
             messages: 0,
             max_bytes,
+            max_file_bytes: max_bytes.saturating_mul(FILE_BOUND),
             reserved: 0,
             refused: false,
         };
@@ -316,10 +341,25 @@ impl Spool {
         self.messages
     }
 
-    /// Bytes the log holds (confirmed records are counted until the log is
-    /// truncated).
+    /// Bytes the log file holds (confirmed records are counted until the
+    /// log is truncated).
     pub fn bytes(&self) -> u64 {
         self.len
+    }
+
+    /// Bytes of the records not confirmed yet: what counts against
+    /// `queue.spool_max_bytes`.
+    pub fn waiting_bytes(&self) -> u64 {
+        // head <= synced_len <= len; saturating, should that ever not hold.
+        self.len.saturating_sub(self.head)
+    }
+
+    /// Whether `bytes` more fit: the unconfirmed records and the reserved
+    /// room stay within `queue.spool_max_bytes`, and the file within its
+    /// bound.
+    fn fits(&self, bytes: u64) -> bool {
+        self.waiting_bytes() + self.reserved + bytes <= self.max_bytes
+            && self.len + self.reserved + bytes <= self.max_file_bytes
     }
 
     /// Whether no record waits.
@@ -327,11 +367,11 @@ impl Spool {
         self.messages == 0
     }
 
-    /// Whether the spool takes copies: it is under its limit (counting
+    /// Whether the spool takes copies: it is under its limits (counting
     /// reserved room), did not just refuse one, and its last write did not
     /// fail.
     pub fn has_room(&self) -> bool {
-        self.len + self.reserved < self.max_bytes && !self.refused && !self.failing
+        self.fits(1) && !self.refused && !self.failing
     }
 
     /// Hold `bytes` of room (a [`record_bound`]) for a copy that is being
@@ -339,7 +379,8 @@ impl Spool {
     /// link drops before its confirm. Returns false, holding nothing, when
     /// the room is not there.
     pub fn reserve(&mut self, bytes: u64) -> bool {
-        if self.len + self.reserved + bytes > self.max_bytes {
+        // Both limits: the copy must fit when it is spooled into this room.
+        if !self.fits(bytes) {
             return false;
         }
         self.reserved += bytes;
@@ -373,7 +414,7 @@ impl Spool {
     pub fn append(&mut self, message: &QueueMessage) -> Result<(), SpoolError> {
         let body = postcard::to_stdvec(message).map_err(|e| self.io_error(io::Error::other(e)))?;
         let record_len = HEADER + body.len() as u64;
-        if self.len + self.reserved + record_len > self.max_bytes {
+        if !self.fits(record_len) {
             self.refused = true;
             return Err(SpoolError::Full {
                 max_bytes: self.max_bytes,
@@ -523,7 +564,13 @@ impl Spool {
     /// keeps its confirmed records, new ones are appended after them, and
     /// [`Spool::empty_if_done`] tries again.
     pub fn confirm_until(&mut self, offset: u64, records: u64) -> Result<(), SpoolError> {
-        self.head = offset.min(self.synced_len);
+        let head = offset.min(self.synced_len);
+        if head > self.head {
+            // Confirmed records no longer count against the limit: a copy
+            // refused a moment ago may fit now.
+            self.refused = false;
+        }
+        self.head = head;
         self.messages = self.messages.saturating_sub(records);
         self.unsaved_head += records;
         if self.head == self.len {
@@ -1096,6 +1143,64 @@ pub(super) mod tests {
         assert!(matches!(spool.append(&big), Err(SpoolError::Full { .. })));
         assert_eq!(spool.messages(), 3);
         assert!(!spool.has_room());
+    }
+
+    #[test]
+    fn only_unconfirmed_records_count_and_the_file_stays_within_twice_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        // Every record of a 1000-byte body has the same size.
+        let copy = |n: u32| QueueMessage {
+            body: vec![7; 1000],
+            ..message(n)
+        };
+        let record = {
+            let scratch = tempfile::tempdir().unwrap();
+            let mut spool = Spool::open(scratch.path(), 1 << 20).unwrap();
+            spool.append(&copy(0)).unwrap();
+            spool.bytes()
+        };
+        // Room for three records waiting; the file may hold six.
+        let mut spool = Spool::open(dir.path(), 3 * record + 10).unwrap();
+        let mut next = 0;
+        let mut append = |spool: &mut Spool| {
+            let appended = spool.append(&copy(next));
+            next += 1;
+            spool.sync().unwrap();
+            appended
+        };
+        for _ in 0..3 {
+            append(&mut spool).unwrap();
+        }
+        assert!(matches!(append(&mut spool), Err(SpoolError::Full { .. })));
+        assert!(!spool.has_room());
+        // Two confirmed: room for two more, while the replay goes on.
+        spool.confirm_until(2 * record, 2).unwrap();
+        assert!(spool.has_room(), "confirms freed room");
+        append(&mut spool).unwrap();
+        append(&mut spool).unwrap();
+        assert!(matches!(append(&mut spool), Err(SpoolError::Full { .. })));
+        // Two more confirmed: two records wait, five are in the file; one
+        // more makes six, the file's bound.
+        spool.confirm_until(4 * record, 2).unwrap();
+        assert_eq!(spool.waiting_bytes(), record);
+        append(&mut spool).unwrap();
+        assert_eq!(spool.bytes(), 6 * record);
+        // Two records wait, room for a third, but the file is at its bound.
+        let refused = append(&mut spool);
+        assert!(
+            matches!(refused, Err(SpoolError::Full { .. })),
+            "{refused:?}"
+        );
+        assert_eq!(spool.waiting_bytes(), 2 * record);
+        assert!(!spool.has_room());
+        // Reserved room must fit in the file too.
+        assert!(!spool.reserve(record));
+        // Once all is confirmed the log is emptied, and takes copies again.
+        let end = spool.end();
+        spool.confirm_until(end, 2).unwrap();
+        assert_eq!(spool.bytes(), 0);
+        append(&mut spool).unwrap();
+        assert!(spool.has_room());
     }
 
     #[test]

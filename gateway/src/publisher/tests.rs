@@ -615,3 +615,40 @@ async fn readiness_stays_off_while_the_disk_refuses_writes_and_returns_once_it_t
     }
     assert_eq!(h.finish().await, names(1..3));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_replay_of_a_full_spool_takes_new_copies_as_confirms_free_room() {
+    let mut h = Harness::start(false, |s| s.spool_max_bytes = room_for(4)).await;
+    for receipt in h.publish_big(0..4).await {
+        assert!(matches!(receipt.durable().await, Ok(Durability::Spooled)));
+    }
+    let refused = h.publish_big(4..5).await.pop().unwrap();
+    assert!(matches!(
+        refused.durable().await,
+        Err(PublishError::SpoolFull)
+    ));
+    assert!(!h.publisher.is_ready());
+    h.broker.set_reachable(true);
+    let mut replaying = h.broker.take(4).await.into_iter();
+    // Two copies of the replay are confirmed; two are still on their way.
+    replaying.next().unwrap().ack();
+    replaying.next().unwrap().ack();
+    h.until(|h| h.spooled() == 2).await;
+    assert!(h.publisher.is_ready(), "confirms freed room in the spool");
+    // New copies are taken, behind the replay.
+    for receipt in h.publish_big(5..7).await {
+        assert!(matches!(receipt.durable().await, Ok(Durability::Spooled)));
+    }
+    let mut seen: Vec<_> = names(0..2);
+    for published in replaying {
+        seen.push(published.name());
+        published.ack();
+    }
+    for published in h.broker.take(2).await {
+        seen.push(published.name());
+        published.ack();
+    }
+    assert_eq!(seen, [names(0..4), names(5..7)].concat());
+    h.until(|h| h.spooled() == 0).await;
+    assert!(h.finish().await.is_empty());
+}
