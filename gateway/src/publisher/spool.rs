@@ -10,7 +10,10 @@
 //! - `lock`: held exclusively while a gateway uses the directory.
 //!
 //! The directory is private to the gateway's user (0700) and so are its
-//! files (0600): they hold every message body.
+//! files (0600): they hold every message body. A directory of another user
+//! (say a volume's mount root) or one others may write to is refused, not
+//! changed: `queue.spool_dir` is then to be a subdirectory, which the
+//! gateway creates (see [`private_dir::prepare`]).
 //!
 //! Only records the broker has not confirmed, and room reserved for copies
 //! published straight to it, count against `queue.spool_max_bytes`:
@@ -42,10 +45,12 @@
 //! not writable until a write succeeds: the next batch, or a probe
 //! (`spool.probe`, written, fsync'ed and removed by [`Spool::retry`]).
 
-use std::fs::{DirBuilder, File, OpenOptions, Permissions};
+use std::fs::{File, OpenOptions, Permissions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use runtime::private_dir::{self, PrivateDirError, Problem};
 
 use super::message::QueueMessage;
 
@@ -74,8 +79,8 @@ const PROBE_BYTES: usize = 4096;
 /// append-only: once new copies come in faster than the replay, they are
 /// refused until the replay catches up and the log is emptied.
 const FILE_BOUND: u64 = 2;
-/// Mode of the spool directory: the gateway's user only.
-const DIR_MODE: u32 = 0o700;
+/// The setting the spool directory comes from, named in its errors.
+const SPOOL_DIR_KEY: &str = "queue.spool_dir";
 /// Mode of the spool's files: the gateway's user only.
 const FILE_MODE: u32 = 0o600;
 
@@ -153,6 +158,17 @@ impl LogFile for File {
     }
 }
 
+/// What to add to a refusal of `queue.spool_dir` that says to point it at
+/// a subdirectory: the default is one.
+fn default_is_a_subdirectory(problem: &Problem) -> &'static str {
+    match problem {
+        Problem::Owner { .. } | Problem::WritableByOthers { .. } => {
+            " (the default queue.spool_dir, <server.state_dir>/spool, is such a subdirectory)"
+        }
+        _ => "",
+    }
+}
+
 /// What can go wrong with the spool.
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -165,6 +181,10 @@ pub enum SpoolError {
         /// The configured limit.
         max_bytes: u64,
     },
+    /// `queue.spool_dir` cannot be the spool's private directory (see
+    /// [`private_dir::prepare`]).
+    #[error("{0}{hint}", hint = default_is_a_subdirectory(&.0.problem))]
+    Dir(PrivateDirError),
     /// Another process holds the spool directory.
     #[error(
         "spool directory {0} is in use by another tidegate process; give each gateway its own queue.spool_dir"
@@ -249,14 +269,12 @@ impl Spool {
             let path = path.to_path_buf();
             move |source| SpoolError::Io { path, source }
         };
-        DirBuilder::new()
-            .recursive(true)
-            .mode(DIR_MODE)
-            .create(dir)
-            .map_err(io(dir))?;
-        File::open(dir)
-            .and_then(|d| make_private(&d, DIR_MODE))
-            .map_err(io(dir))?;
+        // Created 0700 when missing, and made so again when it is ours
+        // but found wider. One another user owns (a volume's mount root,
+        // root:<fsGroup> 2775) or that others may write to is refused, never
+        // chmod'ed: it is not ours to change, and others may have planted
+        // records in it that would be replayed into the queue.
+        private_dir::prepare(SPOOL_DIR_KEY, dir).map_err(SpoolError::Dir)?;
         let lock_path = dir.join("lock");
         let lock = private_file()
             .create(true)
@@ -1314,11 +1332,11 @@ pub(super) mod tests {
         assert_eq!(new, want);
     }
 
-    /// The permission bits of `path`, in octal.
+    /// The permission bits of `path` (setgid included), in octal.
     fn mode(path: &Path) -> String {
         format!(
             "{:o}",
-            std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+            std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
         )
     }
 
@@ -1356,6 +1374,58 @@ pub(super) mod tests {
         for file in ["lock", "spool.log"] {
             assert_eq!(mode(&dir.join(file)), "600", "{file}");
         }
+    }
+
+    #[test]
+    fn a_spool_directory_of_another_user_is_refused_and_left_as_it_is() {
+        if !rustix::process::geteuid().is_root() {
+            println!("skipped: giving a directory to another user needs root");
+            return;
+        }
+        // A volume's mount root with an fsGroup: another owner, 2775.
+        let parent = tempfile::tempdir().unwrap();
+        let volume = parent.path().join("volume");
+        std::fs::create_dir(&volume).unwrap();
+        std::os::unix::fs::chown(&volume, Some(65534), Some(65532)).unwrap();
+        std::fs::set_permissions(&volume, Permissions::from_mode(0o2775)).unwrap();
+        let error = Spool::open(&volume, 1 << 20).err().unwrap();
+        let message = error.to_string();
+        assert!(matches!(error, SpoolError::Dir(_)), "{message}");
+        for part in [
+            "queue.spool_dir",
+            "subdirectory",
+            "<server.state_dir>/spool",
+        ] {
+            assert!(message.contains(part), "{message}");
+        }
+        assert_eq!(
+            mode(&volume),
+            "2775",
+            "chmod'ed a directory of another user"
+        );
+        assert!(!volume.join("lock").exists());
+        // A subdirectory, which the gateway creates, is its own.
+        let dir = volume.join("spool");
+        drop(Spool::open(&dir, 1 << 20).unwrap());
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&dir).unwrap()),
+            rustix::process::geteuid().as_raw()
+        );
+        assert_eq!(mode(&dir), "2700", "private, with the volume's setgid bit");
+    }
+
+    #[test]
+    fn a_spool_directory_others_may_write_to_is_refused() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("spool");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, Permissions::from_mode(0o777)).unwrap();
+        let error = Spool::open(&dir, 1 << 20).err().unwrap();
+        let message = error.to_string();
+        assert!(matches!(error, SpoolError::Dir(_)), "{message}");
+        assert!(message.contains("queue.spool_dir"), "{message}");
+        assert!(message.contains("subdirectory"), "{message}");
+        assert_eq!(mode(&dir), "777");
     }
 
     #[test]
