@@ -968,10 +968,33 @@ pub(super) mod tests {
         )
     }
 
+    /// Open a spool with `open`, again while it is `Locked`, for a while: a
+    /// spool just closed may still be locked by a process another test
+    /// spawns (`mount`, `umount`), which holds a copy of every descriptor
+    /// from its fork until its exec.
+    pub fn unlocked(mut open: impl FnMut() -> Result<Spool, SpoolError>) -> Spool {
+        let start = std::time::Instant::now();
+        loop {
+            match open() {
+                Err(SpoolError::Locked(_))
+                    if start.elapsed() < std::time::Duration::from_secs(10) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                opened => return opened.unwrap(),
+            }
+        }
+    }
+
+    /// [`Spool::open`], through [`unlocked`].
+    fn open_spool(dir: &Path, max_bytes: u64) -> Spool {
+        unlocked(|| Spool::open(dir, max_bytes))
+    }
+
     /// A spool directory holding `count` synced records.
     fn spooled(count: u32) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let mut spool = open_spool(dir.path(), 1 << 20);
         for n in 0..count {
             spool.append(&message(n)).unwrap();
         }
@@ -994,13 +1017,13 @@ pub(super) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sent: Vec<_> = (0..100).map(message).collect();
         {
-            let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+            let mut spool = open_spool(dir.path(), 1 << 20);
             for m in &sent {
                 spool.append(m).unwrap();
             }
             spool.sync().unwrap();
         }
-        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let mut spool = open_spool(dir.path(), 1 << 20);
         assert_eq!(spool.messages(), 100);
         assert_eq!(replay(&mut spool), sent);
     }
@@ -1008,7 +1031,7 @@ pub(super) mod tests {
     #[test]
     fn confirmed_records_are_not_replayed_and_a_drained_log_is_truncated() {
         let dir = tempfile::tempdir().unwrap();
-        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let mut spool = open_spool(dir.path(), 1 << 20);
         for n in 0..10 {
             spool.append(&message(n)).unwrap();
         }
@@ -1017,7 +1040,7 @@ pub(super) mod tests {
         let (_, after_second) = spool.read_at(after_first).unwrap().unwrap();
         spool.confirm_until(after_second, 2).unwrap();
         drop(spool);
-        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let mut spool = open_spool(dir.path(), 1 << 20);
         assert_eq!(spool.messages(), 8);
         let rest = replay(&mut spool);
         assert_eq!(rest.first().unwrap().body, b"message 2");
@@ -1060,7 +1083,7 @@ pub(super) mod tests {
 
     /// A spool at `dir` whose head was saved after its first two records.
     fn confirmed_two(dir: &Path) -> u64 {
-        let mut spool = Spool::open(dir, 1 << 20).unwrap();
+        let mut spool = open_spool(dir, 1 << 20);
         let (_, first) = spool.read_at(0).unwrap().unwrap();
         let (_, second) = spool.read_at(first).unwrap().unwrap();
         spool.confirm_until(second, 2).unwrap();
@@ -1076,14 +1099,15 @@ pub(super) mod tests {
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let head = dir.path().join("spool.head");
         let watch = seen.clone();
-        let mut spool = Spool::open_with(dir.path(), 1 << 20, |file| {
-            Box::new(HeadAtCut {
-                file,
-                head,
-                seen: watch,
+        let mut spool = unlocked(|| {
+            Spool::open_with(dir.path(), 1 << 20, |file| {
+                Box::new(HeadAtCut {
+                    file,
+                    head: head.clone(),
+                    seen: watch.clone(),
+                })
             })
-        })
-        .unwrap();
+        });
         let end = spool.end();
         spool.confirm_until(end, 3).unwrap();
         assert_eq!(
@@ -1097,7 +1121,7 @@ pub(super) mod tests {
     fn a_head_that_cannot_be_saved_when_the_spool_empties_loses_no_record() {
         let dir = spooled(5);
         let second = confirmed_two(dir.path());
-        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let mut spool = open_spool(dir.path(), 1 << 20);
         assert_eq!(spool.head(), second);
         // Something in the way of every save of the head.
         let obstacle = dir.path().join("spool.head.tmp");
@@ -1122,7 +1146,7 @@ pub(super) mod tests {
     #[test]
     fn a_log_left_full_of_confirmed_records_is_emptied_once_the_head_can_be_saved() {
         let dir = spooled(3);
-        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let mut spool = open_spool(dir.path(), 1 << 20);
         let obstacle = dir.path().join("spool.head.tmp");
         std::fs::create_dir(&obstacle).unwrap();
         let end = spool.end();
@@ -1149,7 +1173,7 @@ pub(super) mod tests {
     #[test]
     fn a_full_spool_refuses_instead_of_growing() {
         let dir = tempfile::tempdir().unwrap();
-        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let mut spool = open_spool(dir.path(), 1 << 20);
         let big = QueueMessage {
             body: vec![7; 300 << 10],
             ..message(0)
@@ -1173,12 +1197,12 @@ pub(super) mod tests {
         };
         let record = {
             let scratch = tempfile::tempdir().unwrap();
-            let mut spool = Spool::open(scratch.path(), 1 << 20).unwrap();
+            let mut spool = open_spool(scratch.path(), 1 << 20);
             spool.append(&copy(0)).unwrap();
             spool.bytes()
         };
         // Room for three records waiting; the file may hold six.
-        let mut spool = Spool::open(dir.path(), 3 * record + 10).unwrap();
+        let mut spool = open_spool(dir.path(), 3 * record + 10);
         let mut next = 0;
         let mut append = |spool: &mut Spool| {
             let appended = spool.append(&copy(next));
@@ -1232,7 +1256,7 @@ pub(super) mod tests {
             .unwrap()
             .set_len(len - 3)
             .unwrap();
-        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let mut spool = open_spool(dir.path(), 1 << 20);
         assert_eq!(spool.messages(), 4);
         assert_eq!(replay(&mut spool).len(), 4);
     }
@@ -1243,12 +1267,12 @@ pub(super) mod tests {
         let log = dir.path().join("spool.log");
         let mut bytes = std::fs::read(&log).unwrap();
         // Every test record has the same size.
-        let second = Spool::open(spooled(1).path(), 1 << 20).unwrap().end();
+        let second = open_spool(spooled(1).path(), 1 << 20).end();
         // Flip a byte in the body of the third record.
         let third = (second * 2) as usize;
         bytes[third + HEADER as usize + 2] ^= 0xff;
         std::fs::write(&log, &bytes).unwrap();
-        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let mut spool = open_spool(dir.path(), 1 << 20);
         assert_eq!(spool.messages(), 2);
         assert_eq!(replay(&mut spool).len(), 2);
         let aside: Vec<_> = std::fs::read_dir(dir.path())
@@ -1290,7 +1314,7 @@ pub(super) mod tests {
         let dir = spooled(6);
         let log = dir.path().join("spool.log");
         // Every test record has the same size.
-        let record = Spool::open(spooled(1).path(), 1 << 20).unwrap().end() as usize;
+        let record = open_spool(spooled(1).path(), 1 << 20).end() as usize;
         // Bytes moved aside by an earlier recovery in this second (or the
         // next, should the clock tick during the test).
         let now = std::time::SystemTime::now()
@@ -1344,7 +1368,7 @@ pub(super) mod tests {
     fn the_spool_directory_and_its_files_are_private_to_the_gateway_user() {
         let parent = tempfile::tempdir().unwrap();
         let dir = parent.path().join("spool");
-        let mut spool = Spool::open(&dir, 1 << 20).unwrap();
+        let mut spool = open_spool(&dir, 1 << 20);
         spool.append(&message(0)).unwrap();
         spool.sync().unwrap();
         // Emptying the log saves the head.
@@ -1369,7 +1393,7 @@ pub(super) mod tests {
             std::fs::write(dir.join(file), b"").unwrap();
             std::fs::set_permissions(dir.join(file), Permissions::from_mode(0o644)).unwrap();
         }
-        drop(Spool::open(&dir, 1 << 20).unwrap());
+        drop(open_spool(&dir, 1 << 20));
         assert_eq!(mode(&dir), "700");
         for file in ["lock", "spool.log"] {
             assert_eq!(mode(&dir.join(file)), "600", "{file}");
@@ -1406,7 +1430,7 @@ pub(super) mod tests {
         assert!(!volume.join("lock").exists());
         // A subdirectory, which the gateway creates, is its own.
         let dir = volume.join("spool");
-        drop(Spool::open(&dir, 1 << 20).unwrap());
+        drop(open_spool(&dir, 1 << 20));
         assert_eq!(
             std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&dir).unwrap()),
             rustix::process::geteuid().as_raw()
@@ -1435,7 +1459,7 @@ pub(super) mod tests {
             let bytes = std::fs::read(dir.path().join("spool.head")).unwrap_or_default();
             bytes.try_into().map(u64::from_le_bytes).unwrap_or(0)
         };
-        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let mut spool = open_spool(dir.path(), 1 << 20);
         let mut offset = spool.head();
         let mut offsets = Vec::new();
         while let Some((_, next)) = spool.read_at(offset).unwrap() {
@@ -1455,14 +1479,14 @@ pub(super) mod tests {
         assert_eq!(saved(), offsets[HEAD_SAVE_EVERY as usize - 1]);
         drop(spool);
         assert_eq!(saved(), offsets[HEAD_SAVE_EVERY as usize]);
-        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let spool = open_spool(dir.path(), 1 << 20);
         assert_eq!(spool.messages(), HEAD_SAVE_EVERY - 1);
     }
 
     #[test]
     fn record_bound_is_never_below_the_record() {
         let dir = tempfile::tempdir().unwrap();
-        let mut spool = Spool::open(dir.path(), 64 << 20).unwrap();
+        let mut spool = open_spool(dir.path(), 64 << 20);
         for size in [0, 1, 127, 128, 300, 16_384, 1 << 20] {
             let copy = QueueMessage {
                 body: vec![1; size],
@@ -1485,7 +1509,7 @@ pub(super) mod tests {
             ..message(0)
         };
         let bound = record_bound(&copy);
-        let mut spool = Spool::open(dir.path(), 3 * bound).unwrap();
+        let mut spool = open_spool(dir.path(), 3 * bound);
         assert!(spool.reserve(bound) && spool.reserve(bound));
         spool.append(&copy).unwrap();
         // The third slot is taken: no more room to reserve or append.
@@ -1502,7 +1526,7 @@ pub(super) mod tests {
     /// The bodies of the records a fresh [`Spool::open`] of `dir` replays,
     /// and whether it found anything to move aside.
     fn reopened(dir: &Path) -> (Vec<String>, bool) {
-        let mut spool = Spool::open(dir, 64 << 20).unwrap();
+        let mut spool = open_spool(dir, 64 << 20);
         let bodies = replay(&mut spool)
             .into_iter()
             .map(|m| String::from_utf8(m.body).unwrap())
@@ -1526,7 +1550,7 @@ pub(super) mod tests {
         // Every record of messages 10 to 99 has the same size.
         let record = {
             let scratch = tempfile::tempdir().unwrap();
-            let mut spool = Spool::open(scratch.path(), 1 << 20).unwrap();
+            let mut spool = open_spool(scratch.path(), 1 << 20);
             spool.append(&message(10)).unwrap();
             spool.bytes()
         };
@@ -1680,7 +1704,7 @@ pub(super) mod tests {
             return;
         };
         let spool_dir = fs.path().join("spool");
-        let mut spool = Spool::open(&spool_dir, 64 << 20).unwrap();
+        let mut spool = open_spool(&spool_dir, 64 << 20);
         // Fill the filesystem, then free a little room for the spool.
         let ballast_path = fs.path().join("ballast");
         let mut ballast = File::create(&ballast_path).unwrap();
@@ -1725,7 +1749,7 @@ pub(super) mod tests {
             n += 1;
         }
         drop(spool);
-        let mut spool = Spool::open(&spool_dir, 64 << 20).unwrap();
+        let mut spool = open_spool(&spool_dir, 64 << 20);
         let replayed: Vec<_> = replay(&mut spool).into_iter().map(|m| m.body).collect();
         let expected: Vec<_> = stored.iter().map(|&n| copy(n).body).collect();
         assert_eq!(replayed.len(), expected.len(), "stored {stored:?}");
@@ -1742,7 +1766,7 @@ pub(super) mod tests {
     #[test]
     fn a_second_gateway_cannot_share_the_spool() {
         let dir = tempfile::tempdir().unwrap();
-        let _first = Spool::open(dir.path(), 1 << 20).unwrap();
+        let _first = open_spool(dir.path(), 1 << 20);
         let error = Spool::open(dir.path(), 1 << 20).err().unwrap();
         assert!(matches!(error, SpoolError::Locked(_)), "{error}");
         assert!(error.to_string().contains("queue.spool_dir"));

@@ -145,7 +145,7 @@ impl Harness {
 
 /// The bodies of the records waiting in the spool at `dir`.
 fn spool_bodies(dir: &Path) -> Vec<String> {
-    let mut spool = Spool::open(dir, 1 << 20).unwrap();
+    let mut spool = super::spool::tests::unlocked(|| Spool::open(dir, 1 << 20));
     let mut offset = spool.head();
     let mut out = Vec::new();
     while let Some((message, next)) = spool.read_at(offset).unwrap() {
