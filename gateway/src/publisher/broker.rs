@@ -14,6 +14,7 @@ use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 
 use super::message::QueueMessage;
 use crate::config::QueueSettings;
+pub use crate::config::redact_url as redact;
 
 /// AMQP delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
@@ -237,20 +238,6 @@ impl AmqpLink {
             .connection
             .close(200, "tidegate shutting down".into())
             .await;
-    }
-}
-
-/// The URL without its password, for logs.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }
 
