@@ -27,7 +27,9 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 
 use crate::close::{self, Close};
-use crate::dispatch::{DispatchSettings, Dispatcher, Handler, Next, Outbound, not_stored_close};
+use crate::dispatch::{
+    ByteBudget, DispatchSettings, Dispatcher, Handler, Next, Outbound, not_stored_close,
+};
 use crate::metrics::Metrics;
 
 /// How long to wait for the client's answer to our close frame.
@@ -72,6 +74,15 @@ pub struct Opened<F> {
     pub expires_at: Option<std::time::Instant>,
 }
 
+/// A WebSocket and what its upgrade decided: handed on boxed, so that an
+/// async fn taking it keeps a pointer, not the stream, for its whole life.
+pub struct Upgraded<S, F> {
+    /// The WebSocket, ready for frames.
+    pub ws: WebSocketStream<S>,
+    /// What the upgrade decided, for the connection.
+    pub opened: Opened<F>,
+}
+
 /// Per-route counters, resolved once per connection.
 struct Counters {
     received: IntCounter,
@@ -81,14 +92,12 @@ struct Counters {
 }
 
 /// Serve an upgraded connection until it closes.
-pub async fn serve<S, F>(
-    ws: WebSocketStream<S>,
-    opened: Opened<F>,
-    settings: Arc<ConnectionSettings>,
-) where
+pub async fn serve<S, F>(upgraded: Box<Upgraded<S, F>>, settings: Arc<ConnectionSettings>)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send,
     F: Handler,
 {
+    let Upgraded { ws, opened } = *upgraded;
     let Opened {
         ctx,
         function,
@@ -116,6 +125,9 @@ pub async fn serve<S, F>(
     // Cancelled by the writer when it can no longer send, so the reader
     // stops too.
     let writer_done = CancellationToken::new();
+    // Replies' bytes not yet written: the dispatcher takes, the writer
+    // gives back.
+    let budget = Arc::new(ByteBudget::new(settings.dispatch.send_queue_bytes));
     let reader = Reader {
         rate: governor::RateLimiter::direct(governor::Quota::per_second(settings.max_message_rate)),
         settings: &settings,
@@ -127,11 +139,12 @@ pub async fn serve<S, F>(
             function.clone(),
             Arc::from(route.as_str()),
             outbound,
+            budget.clone(),
         ),
     };
     let (client_close, (sink, sent_close, stalled)) = tokio::join!(
         reader.run(stream, effects, &writer_done),
-        write(sink, queue, &counters, &writer_done, &settings)
+        write(sink, queue, &counters, &writer_done, &budget, &settings)
     );
 
     // Complete the closing handshake: read until the client's close frame
@@ -223,7 +236,8 @@ impl<F: Handler> Reader<'_, F> {
     where
         T: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
     {
-        let mut next = self.dispatcher.apply(effects, None).await;
+        // Boxed: once per connection.
+        let mut next = Box::pin(self.dispatcher.apply(effects, None)).await;
         let limits = self.settings;
         let opened = Instant::now();
         let expires = opened + limits.max_duration;
@@ -324,7 +338,9 @@ impl<F: Handler> Reader<'_, F> {
         if let Next::Close(close) = next {
             // Dropping the dispatcher (and its sender) lets the writer
             // finish what is queued.
-            self.dispatcher.close(close).await;
+            // Boxed: once per connection, so its state is not part of
+            // every idle connection's task.
+            Box::pin(self.dispatcher.close(close)).await;
         }
         ClientClose::Open(stream)
     }
@@ -336,7 +352,10 @@ impl<F: Handler> Reader<'_, F> {
         };
         self.counters.received.inc();
         self.counters.received_bytes.inc_by(len as u64);
-        self.dispatcher.on_message(payload).await
+        // Boxed: a message's handling (the call, the copy, the replies) has
+        // a large state that only lives while it runs, so it should not be
+        // part of every idle connection's task. One allocation per message.
+        Box::pin(self.dispatcher.on_message(payload)).await
     }
 }
 
@@ -368,6 +387,7 @@ async fn write<K>(
     mut queue: mpsc::Receiver<Outbound>,
     counters: &Counters,
     done: &CancellationToken,
+    budget: &ByteBudget,
     settings: &ConnectionSettings,
 ) -> (K, Option<Close>, bool)
 where
@@ -404,7 +424,7 @@ where
                 message,
                 bytes,
             } => (receipt, Some(message), bytes),
-            Outbound::Receipt(receipt) => (Some(receipt), None, None),
+            Outbound::Receipt(receipt) => (Some(receipt), None, 0),
             Outbound::Close(close) => {
                 sent_close = Some(close);
                 break;
@@ -449,7 +469,7 @@ where
             }
         }
         // Its bytes are in the socket's write buffer now.
-        drop(bytes);
+        budget.give_back(bytes);
         counters.sent.inc();
         counters.sent_bytes.inc_by(len);
         unflushed = true;
@@ -478,6 +498,8 @@ where
     } else {
         let _ = flush(&mut sink, send_timeout).await;
     }
+    // Nothing more will be given back: a dispatcher waiting for room stops.
+    budget.close();
     done.cancel();
     (sink, sent_close, stalled)
 }
@@ -617,8 +639,8 @@ mod tests {
             effects: Vec::new(),
             expires_at,
         };
-        let server = WebSocketStream::from_raw_socket(server, Role::Server, None).await;
-        tokio::spawn(serve(server, opened, Arc::new(settings)));
+        let ws = WebSocketStream::from_raw_socket(server, Role::Server, None).await;
+        tokio::spawn(serve(Box::new(Upgraded { ws, opened }), Arc::new(settings)));
         let client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
         (client, function)
     }

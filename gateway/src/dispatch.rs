@@ -12,7 +12,9 @@ use std::time::Duration;
 use futures_channel::mpsc;
 use futures_util::SinkExt;
 use runtime::{Context, Effect, HandlerError, InvokeError, Payload, Priority};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::close::Close;
@@ -99,15 +101,15 @@ pub struct DispatchSettings {
 
 /// What the dispatcher hands the connection's writer, in order.
 pub enum Outbound {
-    /// A message to send once `receipt` (if any) is ready. `_bytes` holds
-    /// its place in the connection's byte budget until it is written.
+    /// A message to send once `receipt` (if any) is ready.
     Message {
         /// The copy this reply waits for.
         receipt: Option<Receipt>,
         /// The reply.
         message: Message,
-        /// Its bytes in `websocket.send_queue_bytes`, given back once sent.
-        bytes: Option<OwnedSemaphorePermit>,
+        /// Its bytes in the connection's [`ByteBudget`], given back once
+        /// written.
+        bytes: usize,
     },
     /// A copy with no reply: waited for only to notice a failure.
     Receipt(Receipt),
@@ -148,7 +150,7 @@ pub struct Dispatcher<F> {
     /// To the connection's writer.
     outbound: mpsc::Sender<Outbound>,
     /// The connection's reply bytes not yet written.
-    queued_bytes: Arc<Semaphore>,
+    budget: Arc<ByteBudget>,
     /// Pause after the function failed on this connection's last message:
     /// doubled at each failure in a row (up to `runtime.fault_backoff`),
     /// cleared by a success, so one client cannot keep a function failing
@@ -165,15 +167,15 @@ impl<F: Handler> Dispatcher<F> {
         function: Arc<F>,
         route: Arc<str>,
         outbound: mpsc::Sender<Outbound>,
+        budget: Arc<ByteBudget>,
     ) -> Self {
-        let queued_bytes = Arc::new(Semaphore::new(settings.send_queue_bytes));
         Self {
             settings,
             ctx,
             function,
             route,
             outbound,
-            queued_bytes,
+            budget,
             penalty: Duration::ZERO,
         }
     }
@@ -191,20 +193,20 @@ impl<F: Handler> Dispatcher<F> {
         } else {
             Priority::Low
         };
-        // Boxed: the call's state is large and only lives while it runs,
-        // so it should not be part of every idle connection's task.
-        let called = Box::pin(
-            self.function
-                .on_message(self.ctx.clone(), payload, priority),
-        )
-        .await;
+        // Not boxed here: the connection boxes this whole future, once per
+        // message, so none of its state is part of an idle connection's
+        // task.
+        let called = self
+            .function
+            .on_message(self.ctx.clone(), payload, priority)
+            .await;
         match called {
             Ok(Ok(effects)) => match self.oversized_reply(&effects) {
                 None => {
                     self.penalty = Duration::ZERO;
                     self.apply(effects, receipt).await
                 }
-                Some(failure) => self.fail(failure, receipt).await,
+                Some(failure) => Box::pin(self.fail(failure, receipt)).await,
             },
             Ok(Err(error)) => {
                 let (kind, message) = match error {
@@ -216,7 +218,7 @@ impl<F: Handler> Dispatcher<F> {
                 // client could not be sent it.
                 match self.oversized(body.len()) {
                     None => self.reply(Message::Text(body.into()), receipt).await,
-                    Some(failure) => self.fail(failure, receipt).await,
+                    Some(failure) => Box::pin(self.fail(failure, receipt)).await,
                 }
             }
             // Not the function's fault, nor the client's: the connection
@@ -242,7 +244,10 @@ impl<F: Handler> Dispatcher<F> {
                     overloaded: matches!(error, InvokeError::Overloaded { .. }),
                     message: error.client_message().to_owned(),
                 };
-                self.fail(failure, receipt).await
+                // Boxed, like every rare path: its state (a pause, an
+                // error reply) should not be part of every idle
+                // connection's task.
+                Box::pin(self.fail(failure, receipt)).await
             }
         }
     }
@@ -306,17 +311,14 @@ impl<F: Handler> Dispatcher<F> {
     /// Queue a reply, once its bytes fit in `websocket.send_queue_bytes`
     /// (a reply over the whole budget waits until the queue is empty).
     async fn reply(&mut self, message: Message, receipt: Option<Receipt>) -> Next {
-        let len = message.len().min(self.settings.send_queue_bytes);
-        let bytes = match u32::try_from(len) {
-            Ok(0) => None,
-            Ok(len) => match self.queued_bytes.clone().acquire_many_owned(len).await {
-                Ok(permit) => Some(permit),
-                // Never closed: the dispatcher owns the semaphore.
-                Err(_) => return Next::Stop,
-            },
-            // The budget is validated to fit in a u32.
-            Err(_) => None,
-        };
+        let bytes = message.len();
+        if !self.budget.take(bytes) {
+            // Waiting for the writer is rare: boxed, so the wait's state is
+            // not part of every idle connection's task.
+            if !Box::pin(self.budget.take_when_room(bytes)).await {
+                return Next::Stop;
+            }
+        }
         self.send(Outbound::Message {
             receipt,
             message,
@@ -438,6 +440,89 @@ impl<F: Handler> Dispatcher<F> {
     }
 }
 
+/// The bytes of replies queued for one connection and not yet written
+/// (`websocket.send_queue_bytes`). Its dispatcher takes, its writer gives
+/// back; both run in the connection's task, and only the dispatcher takes,
+/// so a plain counter does (a semaphore would lock a mutex per reply).
+pub struct ByteBudget {
+    /// Most bytes queued; a reply larger than this counts as this much
+    /// (it waits until the queue is empty).
+    limit: usize,
+    /// Bytes queued now.
+    queued: AtomicUsize,
+    /// The dispatcher waits for room.
+    waiting: AtomicBool,
+    /// The writer has stopped: nothing will be given back.
+    closed: AtomicBool,
+    /// Woken when bytes are given back while the dispatcher waits.
+    room: Notify,
+}
+
+impl ByteBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            queued: AtomicUsize::new(0),
+            waiting: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            room: Notify::new(),
+        }
+    }
+
+    /// Take room for `bytes` if there is some now.
+    fn take(&self, bytes: usize) -> bool {
+        let bytes = bytes.min(self.limit);
+        let queued = self.queued.load(Ordering::SeqCst);
+        // Only the dispatcher adds: room seen here cannot be taken by
+        // someone else before the add.
+        if queued != 0 && queued + bytes > self.limit {
+            return false;
+        }
+        self.queued.fetch_add(bytes, Ordering::SeqCst);
+        true
+    }
+
+    /// Wait for room for `bytes`, and take it; `false` when the writer has
+    /// stopped.
+    async fn take_when_room(&self, bytes: usize) -> bool {
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            self.waiting.store(true, Ordering::SeqCst);
+            // Checked after announcing the wait: a writer that gives back
+            // after this sees `waiting` and wakes this one.
+            if self.closed.load(Ordering::SeqCst) {
+                return false;
+            }
+            if self.take(bytes) {
+                self.waiting.store(false, Ordering::SeqCst);
+                return true;
+            }
+            room.await;
+        }
+    }
+
+    /// Give back the room of a reply written to the socket.
+    pub fn give_back(&self, bytes: usize) {
+        let bytes = bytes.min(self.limit);
+        if bytes == 0 {
+            return;
+        }
+        self.queued.fetch_sub(bytes, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) {
+            self.room.notify_one();
+        }
+    }
+
+    /// The writer has stopped: a waiting dispatcher stops too.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.room.notify_one();
+    }
+}
+
 /// The close for a copy that could not be kept: why, in words that hold
 /// no file path or I/O detail (those are in the log).
 pub fn not_stored_close(error: &PublishError) -> Close {
@@ -467,5 +552,48 @@ fn effect_name(effect: &Effect) -> &'static str {
         Effect::Publish(_) => "publish",
         Effect::SetState(_) => "set-state",
         Effect::Close(_) => "close",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reply_waits_for_room_and_gets_it_when_bytes_are_given_back() {
+        let budget = Arc::new(ByteBudget::new(100));
+        assert!(budget.take(60));
+        assert!(!budget.take(60), "60 + 60 is over 100");
+        let waiting = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.take_when_room(60).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        budget.give_back(60);
+        assert!(waiting.await.unwrap(), "room given back");
+        assert_eq!(budget.queued.load(Ordering::SeqCst), 60);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reply_over_the_whole_budget_waits_for_an_empty_queue_only() {
+        let budget = ByteBudget::new(100);
+        assert!(budget.take(500), "an empty queue takes any one reply");
+        assert!(!budget.take(1));
+        budget.give_back(500);
+        assert!(budget.take(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_reply_stops_when_the_writer_stops() {
+        let budget = Arc::new(ByteBudget::new(100));
+        assert!(budget.take(100));
+        let waiting = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.take_when_room(1).await }
+        });
+        tokio::task::yield_now().await;
+        budget.close();
+        assert!(!waiting.await.unwrap(), "no room will come");
     }
 }

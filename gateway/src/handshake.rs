@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::auth::JwtVerifier;
 use crate::config::AuthSettings;
-use crate::connection::Opened;
+use crate::connection::{Opened, Upgraded};
 use crate::router::Router;
 
 /// Most request headers parsed.
@@ -43,13 +43,9 @@ pub struct Upgrader {
     pub allowed_origins: Vec<String>,
 }
 
-/// A connection that completed the upgrade.
-pub struct Accepted<S> {
-    /// The WebSocket, ready for frames.
-    pub ws: WebSocketStream<S>,
-    /// What the upgrade decided, for the connection.
-    pub opened: Opened<Function>,
-}
+/// A connection that completed the upgrade, boxed so that handing it on
+/// moves a pointer (an async fn keeps its arguments for its whole life).
+pub type Accepted<S> = Upgraded<S, Function>;
 
 /// Why an upgrade did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -165,7 +161,7 @@ impl Upgrader {
                 .await;
                 // Boxed, so handing it to the connection moves a pointer: an
                 // async fn keeps its arguments for its whole life.
-                Ok(Box::new(Accepted {
+                Ok(Box::new(Upgraded {
                     ws,
                     opened: Opened {
                         ctx: Context {

@@ -117,14 +117,10 @@ pub async fn serve(
             drop(handshake_slot);
             match upgraded {
                 Ok(Upgraded::Tls(accepted)) => {
-                    let accepted = *accepted;
-                    connection::serve(accepted.ws, accepted.opened, shared.connections.clone())
-                        .await;
+                    connection::serve(accepted, shared.connections.clone()).await;
                 }
                 Ok(Upgraded::Plain(accepted)) => {
-                    let accepted = *accepted;
-                    connection::serve(accepted.ws, accepted.opened, shared.connections.clone())
-                        .await;
+                    connection::serve(accepted, shared.connections.clone()).await;
                 }
                 Err(rejection) => {
                     reject(&shared, &rejection, client);

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prometheus::{Histogram, IntCounter, IntGauge};
@@ -26,6 +26,7 @@ use crate::error::{InvokeError, LoadError};
 use crate::guest_log::GuestLog;
 use crate::host::{DeadlineExceeded, HostState, MemoryLimitExceeded};
 use crate::metrics::RuntimeMetrics;
+use crate::wall_clock;
 
 /// A function version, ready to be invoked. Cheap to share: connections hold
 /// an `Arc<Function>` so in-flight messages finish on the version they
@@ -332,8 +333,12 @@ impl Function {
             // stopped by the clock here. On expiry `placed` is dropped with
             // the call and its instance, which the lease uncounts. (This is
             // tokio's clock: under paused time it jumps ahead while the
-            // caller's runtime is idle, e.g. waiting for a long call.)
-            let finished = tokio::time::timeout(self.config.timeout, &mut placed).await;
+            // caller's runtime is idle, e.g. waiting for a long call.) The
+            // timer is only armed if the call has to wait.
+            let finished = wall_clock::bounded(&mut placed, self.config.timeout, || {
+                Duration::from_micros(clock.precise_micros().saturating_sub(now))
+            })
+            .await;
             if placed.moved() {
                 self.metrics.long_calls.inc();
             }

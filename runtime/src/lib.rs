@@ -15,6 +15,8 @@
 //!   limits, the invocation deadline, guest output into the log.
 //! - `guest_log`: a function's log lines, escaped (one guest line, one
 //!   record) and limited per second.
+//! - `wall_clock`: the wall-clock bound on a call, armed only when the call
+//!   has to wait.
 //! - `background`: the long-call threads (nice 19) where calls that run long
 //!   finish, so they do not hold up socket I/O and short calls, and where
 //!   failed instances are freed.
@@ -31,7 +33,6 @@
 //! - [`error`]: what can go wrong, typed for the gateway to act on.
 
 #![deny(unsafe_code)]
-#![warn(missing_docs)]
 
 mod artifact;
 mod background;
@@ -46,6 +47,7 @@ mod host;
 pub mod metrics;
 pub mod private_dir;
 pub mod registry;
+mod wall_clock;
 
 pub use bindings::types::{ConnectDecision, Connection, Context, Effect, HandlerError, Payload};
 pub use config::RuntimeConfig;

@@ -312,3 +312,63 @@ async fn an_unwritable_state_directory_that_nothing_uses_does_not_stop_the_gatew
         .unwrap()
         .expect("a clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plain_listener_reads_the_proxy_header_from_a_balancer_too() {
+    let state = tempfile::tempdir().unwrap();
+    let toml = format!(
+        r#"
+        [functions.faulty]
+        wasm = "{}"
+        [routes]
+        "/" = "faulty"
+        "#,
+        tidegate_functions::FAULTY_PATH
+    );
+    let mut env: Vec<(String, String)> = [
+        ("TIDEGATE__SERVER__LISTEN", "127.0.0.1:0"),
+        ("TIDEGATE__SERVER__PLAIN_LISTEN", "127.0.0.1:0"),
+        ("TIDEGATE__SERVER__PROXY_PROTOCOL_FROM", "127.0.0.1"),
+        ("TIDEGATE__ADMIN__LISTEN", "127.0.0.1:0"),
+        ("TIDEGATE__QUEUE__MODE", "off"),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect();
+    env.push((
+        "TIDEGATE__SERVER__STATE_DIR".to_owned(),
+        state.path().display().to_string(),
+    ));
+    let settings = Settings::from_toml(&toml, env, true).expect("valid settings");
+    let app = App::build(settings).await.expect("the gateway builds");
+    let plain = app.addresses().plain.expect("a plain listener");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(app.run(async {
+        let _ = stopped.await;
+    }));
+
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = TcpStream::connect(plain).await.unwrap();
+    tcp.write_all(b"PROXY TCP4 198.51.100.9 10.0.0.1 40123 80\r\n")
+        .await
+        .unwrap();
+    let request = format!("ws://127.0.0.1:{}/?show=remote-addr", plain.port())
+        .into_client_request()
+        .unwrap();
+    let (mut client, _) = tokio_tungstenite::client_async(request, tcp)
+        .await
+        .expect("upgrade after the header");
+    client.send(Message::Text("claims".into())).await.unwrap();
+    let Some(Ok(Message::Text(claims))) = client.next().await else {
+        panic!("claims");
+    };
+    assert!(
+        claims
+            .lines()
+            .any(|l| l == "remote-addr=198.51.100.9:40123"),
+        "{claims}"
+    );
+    drop(client);
+    stop.send(()).unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(30), running).await;
+}
