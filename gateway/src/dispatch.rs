@@ -193,13 +193,14 @@ impl<F: Handler> Dispatcher<F> {
         } else {
             Priority::Low
         };
-        // Not boxed here: the connection boxes this whole future, once per
-        // message, so none of its state is part of an idle connection's
-        // task.
-        let called = self
-            .function
-            .on_message(self.ctx.clone(), payload, priority)
-            .await;
+        // Boxed: the call's state is large and only lives while it runs,
+        // so it should not be part of every idle connection's task. One
+        // allocation per message.
+        let called = Box::pin(
+            self.function
+                .on_message(self.ctx.clone(), payload, priority),
+        )
+        .await;
         match called {
             Ok(Ok(effects)) => match self.oversized_reply(&effects) {
                 None => {
@@ -476,7 +477,7 @@ impl ByteBudget {
         let queued = self.queued.load(Ordering::SeqCst);
         // Only the dispatcher adds: room seen here cannot be taken by
         // someone else before the add.
-        if queued != 0 && queued + bytes > self.limit {
+        if queued != 0 && bytes > self.limit - queued {
             return false;
         }
         self.queued.fetch_add(bytes, Ordering::SeqCst);
@@ -494,6 +495,7 @@ impl ByteBudget {
             // Checked after announcing the wait: a writer that gives back
             // after this sees `waiting` and wakes this one.
             if self.closed.load(Ordering::SeqCst) {
+                self.waiting.store(false, Ordering::SeqCst);
                 return false;
             }
             if self.take(bytes) {

@@ -1,8 +1,8 @@
-//! A wall-clock bound on a call that only costs a timer when the call has
-//! to wait. Most calls finish on their first poll (running wasm is bounded
-//! by the epoch deadline); only a call that waits (in a host call such as a
-//! WASI sleep, or for the CPU on the long-call threads) needs the clock, so
-//! the timer is armed at its first wait, for what is left of the limit.
+//! A wall-clock bound on a call that only costs a timer when the call does
+//! not finish on its first poll. Most calls do (running wasm is bounded by
+//! the epoch deadline); one that waits (in a host call such as a WASI
+//! sleep, on the long-call threads, or yielding at an epoch tick) needs the
+//! clock, so the timer is armed then, for what is left of the limit.
 //! Arming a tokio timer for every call cost about 0.12 us per message.
 
 use std::future::Future;
@@ -50,9 +50,13 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
+        // As tokio's own timeout does: a call that used up the task's
+        // cooperative budget must not keep the timer from being seen.
+        let had_budget = tokio::task::coop::has_budget_remaining();
         if let Poll::Ready(output) = Pin::new(&mut this.call).poll(cx) {
             return Poll::Ready(Ok(output));
         }
+        let spent_budget = had_budget && !tokio::task::coop::has_budget_remaining();
         let timer = match &mut this.timer {
             Some(timer) => timer,
             none => {
@@ -62,7 +66,12 @@ where
                 none.insert(Box::pin(tokio::time::sleep(left)))
             }
         };
-        match timer.as_mut().poll(cx) {
+        let fired = if spent_budget {
+            Pin::new(&mut tokio::task::coop::unconstrained(timer.as_mut())).poll(cx)
+        } else {
+            timer.as_mut().poll(cx)
+        };
+        match fired {
             Poll::Ready(()) => Poll::Ready(Err(Elapsed)),
             Poll::Pending => Poll::Pending,
         }
@@ -115,5 +124,18 @@ mod tests {
             bounded(call, Duration::from_secs(1), || Duration::ZERO).await,
             Ok("done")
         );
+    }
+
+    #[tokio::test]
+    async fn a_call_that_spends_the_task_budget_at_every_poll_is_still_stopped() {
+        // Real time: this call never lets the runtime go idle.
+        let spender = Box::pin(async {
+            loop {
+                tokio::task::consume_budget().await;
+            }
+        });
+        let bounded = bounded(spender, Duration::from_millis(50), || Duration::ZERO);
+        let outcome = tokio::time::timeout(Duration::from_secs(10), bounded).await;
+        assert_eq!(outcome, Ok(Err(Elapsed)), "stopped at its own limit");
     }
 }
