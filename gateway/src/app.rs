@@ -264,6 +264,10 @@ impl App {
             shutdown: stopping,
         } = self;
         let accepting = admin_state.accepting.clone();
+        // Ready before the admin endpoints answer: the listeners are bound
+        // (clients wait in the backlog until the accept loops below start),
+        // and whoever saw the CLI's "listening" line may ask /readyz at once.
+        accepting.store(true, Ordering::Relaxed);
         let admin_stop = CancellationToken::new();
         let admin_task = tokio::spawn(admin::serve(
             admin,
@@ -312,7 +316,6 @@ impl App {
                 "plain WebSocket listener without TLS: keep it behind a TLS-terminating proxy"
             );
         }
-        accepting.store(true, Ordering::Relaxed);
         if settings.queue.mode == QueueMode::Async {
             tracing::warn!(
                 "queue.mode = \"async\": replies do not wait for the copy to be confirmed; a crash can lose copies of replied messages"

@@ -90,6 +90,9 @@ async fn the_gateway_runs_in_process_on_the_ports_it_reports_and_drains_on_shutd
     let running = tokio::spawn(app.run(async {
         let _ = stopped.await;
     }));
+    // Ready from the first answer on: whoever saw the addresses may ask.
+    let ready = admin_get(addresses.admin, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
 
     let cert = state.path().join("tls").join("dev-cert.pem");
     let mut client = connect(addresses.wss, &cert).await;
