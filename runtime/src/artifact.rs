@@ -9,7 +9,7 @@
 //! - an artifact is written 0600 to a new temporary file (never an existing
 //!   one, never through a link) in that directory and renamed into place;
 //! - it is read back without following a symbolic link, and only if it is
-//!   still the file that was written: same length and SHA-256 as the
+//!   still the file that was written: same length and BLAKE3 digest as the
 //!   [`Seal`] kept in memory when it was written.
 //!
 //! Nothing here compiles or loads code: a caller whose artifact does not
@@ -20,8 +20,6 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
 use crate::error::LoadError;
 use crate::private_dir;
 
@@ -30,7 +28,9 @@ use crate::private_dir;
 pub(crate) struct Seal {
     /// Its length, in bytes.
     len: u64,
-    /// Its SHA-256.
+    /// Its BLAKE3 digest: checked at every load from zero, where SHA-256
+    /// (78 us for the echo function's 160 KB artifact here) doubled the
+    /// reload; BLAKE3 takes 20 us.
     digest: [u8; 32],
 }
 
@@ -38,7 +38,7 @@ impl Seal {
     fn of(bytes: &[u8]) -> Self {
         Self {
             len: bytes.len() as u64,
-            digest: Sha256::digest(bytes).into(),
+            digest: *blake3::hash(bytes).as_bytes(),
         }
     }
 }

@@ -759,7 +759,7 @@ fn deserialize(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<Component> {
     // serialized by a compatible engine, as it runs it as native code. These
     // bytes are exactly those `Component::serialize` gave this process from
     // this engine: read without following links from a directory only this
-    // user may write to, and checked against the length and SHA-256 kept in
+    // user may write to, and checked against the length and BLAKE3 digest kept in
     // memory when they were written. wasmtime still checks the header and
     // refuses an incompatible engine.
     #[expect(
