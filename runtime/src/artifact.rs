@@ -110,6 +110,44 @@ pub(crate) fn write(dir: &Path, path: &Path, name: &str, bytes: &[u8]) -> Result
     Ok(Seal::of(bytes))
 }
 
+/// Open the artifact at `path` if it is the file sealed by `seal`: its
+/// bytes are hashed through the returned descriptor, so the caller can map
+/// that same file (`/proc/self/fd/N`) without copying it, whatever becomes
+/// of the path meanwhile.
+///
+/// # Errors
+/// A [`Stale`] saying why it cannot be loaded.
+pub(crate) fn open_checked(path: &Path, seal: Seal) -> Result<File, Stale> {
+    let mut file = open_regular(path)?;
+    let len = file.metadata().map_err(Stale::Io)?.len();
+    if len != seal.len {
+        return Err(Stale::Replaced);
+    }
+    let mut hasher = blake3::Hasher::new();
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut seen = 0u64;
+    loop {
+        let n = file.read(&mut chunk).map_err(Stale::Io)?;
+        if n == 0 {
+            break;
+        }
+        seen += n as u64;
+        // A file that grew is not it.
+        if seen > len {
+            return Err(Stale::Replaced);
+        }
+        hasher.update(&chunk[..n]);
+    }
+    let sealed = Seal {
+        len: seen,
+        digest: *hasher.finalize().as_bytes(),
+    };
+    if sealed != seal {
+        return Err(Stale::Replaced);
+    }
+    Ok(file)
+}
+
 /// Read the artifact at `path` if it is the file sealed by `seal`.
 ///
 /// # Errors

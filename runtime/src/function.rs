@@ -721,18 +721,16 @@ fn reload(
         function: name.to_owned(),
         reason: format!("{e:#}"),
     };
-    let why = match seal.map(|seal| artifact::read(path, seal)) {
+    let why = match seal {
         None => "could not be written when the function was loaded".to_owned(),
-        Some(Err(stale)) => stale.to_string(),
-        Some(Ok(bytes)) => match deserialize(engine, &bytes) {
+        Some(seal) => match load_checked(engine, path, seal) {
             Ok(loaded) => {
                 return Ok(Reloaded {
                     pre: instantiate_pre(engine, &loaded).map_err(failed)?,
                     recompiled: None,
                 });
             }
-            // For example, compiled by an engine of other settings.
-            Err(e) => format!("could not be loaded ({e:#})"),
+            Err(why) => why,
         },
     };
     let compiled = Component::new(&engine.engine, component).map_err(failed)?;
@@ -750,6 +748,35 @@ fn reload(
         pre: instantiate_pre(engine, &compiled).map_err(failed)?,
         recompiled: Some(Recompiled { why, seal }),
     })
+}
+
+/// Load the artifact at `path` if it is the one sealed by `seal`; why not
+/// otherwise. The checked file itself is mapped, through its descriptor
+/// (`/proc/self/fd/N` opens that file even if the path was swapped since),
+/// so the code is not copied; without `/proc` it is read and copied.
+fn load_checked(engine: &Engine, path: &std::path::Path, seal: Seal) -> Result<Component, String> {
+    use std::os::fd::AsRawFd;
+    let file = artifact::open_checked(path, seal).map_err(|stale| stale.to_string())?;
+    let by_descriptor = std::path::PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    let loaded = if by_descriptor.exists() {
+        // SAFETY: as for `deserialize` below: the file mapped is the one
+        // whose length and digest were just checked against the seal kept
+        // since this process wrote it, opened without following links in a
+        // directory only this user may write to; changing it in place needs
+        // this user's rights on a 0600 file.
+        #[expect(
+            unsafe_code,
+            reason = "wasmtime can only load precompiled code through an unsafe call"
+        )]
+        unsafe {
+            Component::deserialize_file(&engine.engine, &by_descriptor)
+        }
+    } else {
+        let bytes = artifact::read(path, seal).map_err(|stale| stale.to_string())?;
+        deserialize(engine, &bytes)
+    };
+    // For example, compiled by an engine of other settings.
+    loaded.map_err(|e| format!("could not be loaded ({e:#})"))
 }
 
 /// Load precompiled code from `bytes`, which [`artifact::read`] has checked
