@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const TARGET: &str = "wasm32-wasip2";
-const COMPONENTS: &[&str] = &["echo", "faulty", "authorizer"];
+const COMPONENTS: &[&str] = &["echo", "faulty", "authorizer", "chat", "router"];
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
@@ -24,6 +24,8 @@ fn main() {
         "echo",
         "faulty",
         "authorizer",
+        "chat",
+        "router",
     ] {
         println!(
             "cargo:rerun-if-changed={}",

@@ -17,3 +17,10 @@ pub const FAULTY_PATH: &str = concat!(env!("TIDEGATE_FUNCTIONS_DIR"), "/faulty.w
 
 /// Path of the example `$connect` authorizer (see `functions/authorizer`).
 pub const AUTHORIZER_PATH: &str = concat!(env!("TIDEGATE_FUNCTIONS_DIR"), "/authorizer.wasm");
+
+/// Path of the example chat rooms function (see `functions/chat`).
+pub const CHAT_PATH: &str = concat!(env!("TIDEGATE_FUNCTIONS_DIR"), "/chat.wasm");
+
+/// Path of the example for custom routes, which says which action it was
+/// sent (see `functions/router`).
+pub const ROUTER_PATH: &str = concat!(env!("TIDEGATE_FUNCTIONS_DIR"), "/router.wasm");
