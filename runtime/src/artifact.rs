@@ -213,6 +213,139 @@ pub(crate) fn path_in(dir: &Path, name: &str, version: &str) -> PathBuf {
     dir.join(format!("{name}-{version}.cwasm"))
 }
 
+/// What an artifact was compiled from: its component (SHA-256) by an engine
+/// of these settings ([`engine_fingerprint`]). Kept beside the artifact in
+/// its seal file, so a restart reuses the artifact only for that component
+/// and that engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Source {
+    /// SHA-256 of the component.
+    pub(crate) component: [u8; 32],
+    /// The engine's [`engine_fingerprint`].
+    pub(crate) engine: u64,
+}
+
+/// A fingerprint of everything about `engine` that precompiled code depends
+/// on (wasmtime's version, target, compiler settings, features): artifacts
+/// of another fingerprint are compiled again rather than loaded.
+pub(crate) fn engine_fingerprint(engine: &wasmtime::Engine) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // Fixed keys: the same engine gives the same value in every process of
+    // this binary; another binary may give another, which only costs a
+    // compile.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The seal file of the artifact at `path`: its [`Seal`] and [`Source`],
+/// so that a restart can trust the artifact as if this process had written
+/// it.
+fn seal_path(path: &Path) -> PathBuf {
+    path.with_extension("seal")
+}
+
+/// First line of a seal file; another one is not read.
+const SEAL_FORMAT: &str = "tidegate-artifact-seal 1";
+
+/// Write `bytes` as the artifact at `path` (see [`write`]), then its seal
+/// file, which says what it was compiled from. The artifact is written
+/// first: a crash in between leaves an old seal that does not match it,
+/// so the artifact is compiled again rather than trusted.
+///
+/// # Errors
+/// As [`write`].
+pub(crate) fn write_sealed(
+    dir: &Path,
+    path: &Path,
+    name: &str,
+    bytes: &[u8],
+    source: Source,
+) -> Result<Seal, LoadError> {
+    let seal = write(dir, path, name, bytes)?;
+    let text = format!(
+        "{SEAL_FORMAT}\nengine {:016x}\ncomponent {}\nlength {}\nblake3 {}\n",
+        source.engine,
+        hex(&source.component),
+        seal.len,
+        hex(&seal.digest),
+    );
+    write(dir, &seal_path(path), name, text.as_bytes())?;
+    Ok(seal)
+}
+
+/// The seal of the artifact at `path` as its seal file gives it, if that
+/// file says the artifact was compiled from `source`; why not otherwise.
+/// The artifact itself is not read here: [`open_checked`] checks it
+/// against the seal before it is loaded.
+pub(crate) fn saved_seal(path: &Path, source: Source) -> Result<Seal, String> {
+    let seal_file = seal_path(path);
+    let mut text = String::new();
+    open_regular(&seal_file)
+        .map_err(|stale| format!("its seal file {} {stale}", seal_file.display()))?
+        .take(1024)
+        .read_to_string(&mut text)
+        .map_err(|e| {
+            format!(
+                "its seal file {} could not be read: {e}",
+                seal_file.display()
+            )
+        })?;
+    let (saved, seal) = parse_seal(&text)
+        .ok_or_else(|| format!("its seal file {} is damaged", seal_file.display()))?;
+    if saved.component != source.component {
+        return Err("was compiled from another component".into());
+    }
+    if saved.engine != source.engine {
+        return Err("was compiled by another engine (another Tidegate or wasmtime build, or other runtime settings)".into());
+    }
+    Ok(seal)
+}
+
+fn parse_seal(text: &str) -> Option<(Source, Seal)> {
+    let mut lines = text.lines();
+    if lines.next()? != SEAL_FORMAT {
+        return None;
+    }
+    let mut field = |key: &str| lines.next()?.strip_prefix(key)?.strip_prefix(' ');
+    let engine = u64::from_str_radix(field("engine")?, 16).ok()?;
+    let component = unhex(field("component")?)?;
+    let len = field("length")?.parse().ok()?;
+    let digest = unhex(field("blake3")?)?;
+    Some((Source { component, engine }, Seal { len, digest }))
+}
+
+/// Remove the artifact at `path` and its seal file, if they exist.
+pub(crate) fn remove(path: &Path) {
+    for file in [path.to_path_buf(), seal_path(path)] {
+        if let Err(e) = std::fs::remove_file(&file)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!("cannot remove {}: {e}", file.display());
+        }
+    }
+}
+
+/// Lower-case hexadecimal.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+fn unhex(text: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if text.len() != 64 {
+        return None;
+    }
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
@@ -285,6 +418,45 @@ mod tests {
         let seal = write(&dir, &path, "f", b"second").expect("written");
         assert_eq!(std::fs::read(&target).expect("read"), b"theirs");
         assert_eq!(read(&path, seal).expect("read"), b"second");
+    }
+
+    #[test]
+    fn a_seal_file_vouches_only_for_its_component_and_engine() {
+        let (_base, dir) = dir();
+        let path = path_in(&dir, "f", "01");
+        let source = Source {
+            component: [7; 32],
+            engine: 42,
+        };
+        let seal = write_sealed(&dir, &path, "f", b"code", source).expect("written");
+        assert_eq!(saved_seal(&path, source), Ok(seal));
+        assert_eq!(read(&path, seal).expect("read"), b"code");
+        let other_engine = Source {
+            engine: 43,
+            ..source
+        };
+        let why = saved_seal(&path, other_engine).unwrap_err();
+        assert!(why.contains("another engine"), "{why}");
+        let other_component = Source {
+            component: [8; 32],
+            ..source
+        };
+        assert!(saved_seal(&path, other_component).is_err());
+        // The artifact rewritten without its seal (a crash in between) no
+        // longer matches the saved seal.
+        write(&dir, &path, "f", b"edoc").expect("written");
+        let stale = saved_seal(&path, source).expect("the old seal");
+        assert!(matches!(read(&path, stale), Err(Stale::Replaced)));
+        // A damaged seal file is named.
+        std::fs::write(seal_path(&path), "garbage").expect("damaged");
+        let why = saved_seal(&path, source).unwrap_err();
+        assert!(
+            why.contains("f-01.seal") && why.contains("damaged"),
+            "{why}"
+        );
+        remove(&path);
+        assert!(saved_seal(&path, source).unwrap_err().contains("missing"));
+        assert!(!path.exists());
     }
 
     #[test]

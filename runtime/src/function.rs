@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::Store;
 use wasmtime::component::Component;
 
-use crate::artifact::{self, Seal};
+use crate::artifact::{self, Seal, Source};
 use crate::background::Placed;
 use crate::bindings::types::{ConnectDecision, Connection, Context, Effect, HandlerError, Payload};
 use crate::bindings::{Handler, HandlerPre};
@@ -28,14 +28,20 @@ use crate::host::{DeadlineExceeded, HostState, MemoryLimitExceeded};
 use crate::metrics::RuntimeMetrics;
 use crate::wall_clock;
 
-/// A function version, ready to be invoked. Cheap to share: connections hold
-/// an `Arc<Function>` so in-flight messages finish on the version they
-/// started on even when a new version replaces it.
+/// A function version, ready to be invoked. Cheap to share: a call holds
+/// an `Arc<Function>`, so an in-flight message finishes on the version it
+/// started on even when another version goes live meanwhile.
 pub struct Function {
     /// The function's name, as routes refer to it.
     name: Arc<str>,
     /// Content hash of the component (first 16 hex digits of its SHA-256).
     version: String,
+    /// What its artifact is compiled from: the component's SHA-256 and the
+    /// engine, checked before an artifact saved by an earlier run is used.
+    source: Source,
+    /// Calls of this version so far, whatever their outcome (listed by the
+    /// management API without reading the metrics).
+    invocations: AtomicU64,
     /// Shared engine and linker.
     engine: Arc<Engine>,
     /// Limits and timeouts.
@@ -75,6 +81,10 @@ struct Pool {
     /// When an instance was last released (or the function was loaded), in
     /// engine milliseconds.
     last_active: u64,
+    /// Whether the version is no longer live: its instances are dropped
+    /// as their calls end instead of kept idle, and its code once the last
+    /// one is gone.
+    retired: bool,
 }
 
 struct IdleInstance {
@@ -129,31 +139,50 @@ struct FunctionMetrics {
     cold_starts: IntCounter,
     code_loaded: IntGauge,
     code_loads: IntCounter,
+    compiles: IntCounter,
     recompiles: IntCounter,
     long_calls: IntCounter,
 }
 
 impl FunctionMetrics {
-    fn new(all: &RuntimeMetrics, name: &str) -> Self {
+    fn new(all: &RuntimeMetrics, name: &str, version: &str) -> Self {
+        let labels = [name, version];
         Self {
             all: all.clone(),
-            message_ok: all.invocations.with_label_values(&[name, "message", "ok"]),
+            message_ok: all
+                .invocations
+                .with_label_values(&[name, version, "message", "ok"]),
             message_duration: all
                 .invocation_duration
                 .with_label_values(&[name, "message"]),
-            instances: all.instances.with_label_values(&[name]),
-            cold_starts: all.cold_starts.with_label_values(&[name]),
-            code_loaded: all.code_loaded.with_label_values(&[name]),
-            code_loads: all.code_loads.with_label_values(&[name]),
-            recompiles: all.recompiles.with_label_values(&[name]),
-            long_calls: all.long_calls.with_label_values(&[name]),
+            instances: all.instances.with_label_values(&labels),
+            cold_starts: all.cold_starts.with_label_values(&labels),
+            code_loaded: all.code_loaded.with_label_values(&labels),
+            code_loads: all.code_loads.with_label_values(&labels),
+            compiles: all.compiles.with_label_values(&labels),
+            recompiles: all.recompiles.with_label_values(&labels),
+            long_calls: all.long_calls.with_label_values(&labels),
         }
     }
 }
 
+/// When a function version's code is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Readiness {
+    /// Now: compiled and checked, or loaded from a sealed artifact of an
+    /// earlier run (and compiled if that fails).
+    Now,
+    /// At its first call: a version that is not live is restored without
+    /// reading its artifact, or compiling it when it has none.
+    OnFirstUse,
+}
+
 impl Function {
-    /// Compile `wasm`, check that it is a Tidegate handler, write its
-    /// precompiled artifact to `config.artifact_dir` and keep it loaded.
+    /// Make `wasm` function `name`'s version, keeping its code loaded
+    /// when `readiness` is [`Readiness::Now`]: from the artifact an
+    /// earlier run saved for this component and engine when its seal file
+    /// vouches for it, else compiled (which checks that it is a Tidegate
+    /// handler) and saved as a sealed artifact in `config.artifact_dir`.
     /// The component is kept too, to compile it again if the artifact
     /// cannot be loaded later.
     ///
@@ -161,24 +190,56 @@ impl Function {
     /// [`LoadError::Invalid`] when the bytes are not a component of the
     /// `tidegate:gateway` handler world; [`LoadError::ArtifactDir`] or
     /// [`LoadError::Artifact`] when the artifact cannot be written.
-    pub(crate) fn compile(
+    pub(crate) fn open(
         engine: Arc<Engine>,
         config: Arc<RuntimeConfig>,
         metrics: &RuntimeMetrics,
         name: &str,
         wasm: Bytes,
+        readiness: Readiness,
     ) -> Result<Self, LoadError> {
-        let digest = Sha256::digest(&wasm);
-        let version: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-        let invalid = |e: wasmtime::Error| LoadError::Invalid {
-            name: name.to_owned(),
-            reason: format!("{e:#}"),
+        let digest: [u8; 32] = Sha256::digest(&wasm).into();
+        let version = artifact::hex(&digest[..8]);
+        let source = Source {
+            component: digest,
+            engine: artifact::engine_fingerprint(&engine.engine),
         };
-        let component = Component::new(&engine.engine, &wasm).map_err(invalid)?;
-        let pre = instantiate_pre(&engine, &component).map_err(invalid)?;
         let artifact_path = artifact::path_in(&config.artifact_dir, name, &version);
-        let bytes = component.serialize().map_err(invalid)?;
-        let seal = artifact::write(&config.artifact_dir, &artifact_path, name, &bytes)?;
+        let function_metrics = FunctionMetrics::new(metrics, name, &version);
+        let saved = artifact::saved_seal(&artifact_path, source).and_then(|seal| {
+            if readiness == Readiness::OnFirstUse {
+                return Ok((None, seal));
+            }
+            let component = load_checked(&engine, &artifact_path, seal)?;
+            let pre = instantiate_pre(&engine, &component)
+                .map_err(|e| format!("could not be linked ({e:#})"))?;
+            function_metrics.code_loads.inc();
+            Ok((Some(pre), seal))
+        });
+        let (pre, seal) = match saved {
+            Ok((pre, seal)) => (pre, Some(seal)),
+            // Not compiled before this version is used (see `reload`).
+            Err(_) if readiness == Readiness::OnFirstUse => (None, None),
+            Err(why) => {
+                tracing::debug!(function = name, version, "the artifact {why}: compiling");
+                let invalid = |e: wasmtime::Error| LoadError::Invalid {
+                    name: name.to_owned(),
+                    reason: format!("{e:#}"),
+                };
+                let component = Component::new(&engine.engine, &wasm).map_err(invalid)?;
+                let pre = instantiate_pre(&engine, &component).map_err(invalid)?;
+                let bytes = component.serialize().map_err(invalid)?;
+                let seal = artifact::write_sealed(
+                    &config.artifact_dir,
+                    &artifact_path,
+                    name,
+                    &bytes,
+                    source,
+                )?;
+                function_metrics.compiles.inc();
+                (Some(pre), Some(seal))
+            }
+        };
         let log = Arc::new(GuestLog::new(
             name.into(),
             config.max_log_line,
@@ -186,13 +247,14 @@ impl Function {
             engine.clock().clone(),
             metrics.log_lines_dropped.with_label_values(&[name]),
         ));
-        let metrics = FunctionMetrics::new(metrics, name);
-        metrics.code_loaded.set(1);
-        metrics.instances.set(0);
+        function_metrics.code_loaded.set(i64::from(pre.is_some()));
+        function_metrics.instances.set(0);
         let loaded_at = engine.now_millis();
         Ok(Self {
             name: name.into(),
             version,
+            source,
+            invocations: AtomicU64::new(0),
             log,
             permits: Arc::new(Semaphore::new(config.max_instances.get() as usize)),
             queued: AtomicUsize::new(0),
@@ -200,14 +262,15 @@ impl Function {
             config,
             component: wasm,
             artifact: artifact_path,
-            seal: tokio::sync::Mutex::new(Some(seal)),
+            seal: tokio::sync::Mutex::new(seal),
             pool: Mutex::new(Pool {
-                pre: Some(pre),
+                pre,
                 idle: Vec::new(),
                 live: 0,
                 last_active: loaded_at,
+                retired: false,
             }),
-            metrics,
+            metrics: function_metrics,
         })
     }
 
@@ -219,6 +282,35 @@ impl Function {
     /// The function's version: a content hash of its component.
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// The component's SHA-256, in hexadecimal (its version is the first
+    /// 16 digits).
+    pub fn digest(&self) -> String {
+        artifact::hex(&self.source.component)
+    }
+
+    /// The component's size, in bytes.
+    pub fn size(&self) -> usize {
+        self.component.len()
+    }
+
+    /// Calls of this version so far (every event, every outcome).
+    pub fn invocations(&self) -> u64 {
+        self.invocations.load(Ordering::Relaxed)
+    }
+
+    /// Load the compiled code now if it is not in memory (from the
+    /// artifact, or compiled again), so that the next call does not wait
+    /// for it. Before a version goes live.
+    ///
+    /// # Errors
+    /// An [`InvokeError`] when the code cannot be loaded nor compiled.
+    pub async fn preload(&self) -> Result<(), InvokeError> {
+        if self.is_loaded() {
+            return Ok(());
+        }
+        self.load().await.map(drop)
     }
 
     /// Instances alive now, idle or busy.
@@ -367,6 +459,7 @@ impl Function {
         }
         .await;
         let elapsed = started.elapsed().as_secs_f64();
+        self.invocations.fetch_add(1, Ordering::Relaxed);
         match (&outcome, event) {
             (Ok(_), Event::Message) => {
                 self.metrics.message_ok.inc();
@@ -380,7 +473,7 @@ impl Function {
                 self.metrics
                     .all
                     .invocations
-                    .with_label_values(&[&self.name, event.label(), label])
+                    .with_label_values(&[&*self.name, self.version.as_str(), event.label(), label])
                     .inc();
                 self.metrics
                     .all
@@ -390,7 +483,7 @@ impl Function {
             }
         }
         if let Err(error) = &outcome {
-            tracing::warn!(function = %self.name, event = event.label(), "{error}");
+            tracing::warn!(function = %self.name, version = %self.version, event = event.label(), "{error}");
         }
         outcome
     }
@@ -500,9 +593,10 @@ impl Function {
         let path = self.artifact.clone();
         let component = self.component.clone();
         let name = self.name.clone();
+        let source = self.source;
         let expected = *seal;
         let reloaded = tokio::task::spawn_blocking(move || {
-            reload(&engine, &config, &path, expected, &component, &name)
+            reload(&engine, &config, &path, expected, &component, source, &name)
         })
         .await
         .map_err(|e| InvokeError::Instantiate {
@@ -514,8 +608,10 @@ impl Function {
             Some(recompiled) => {
                 *seal = recompiled.seal;
                 self.metrics.recompiles.inc();
+                self.metrics.compiles.inc();
                 tracing::warn!(
                     function = %self.name,
+                    version = %self.version,
                     artifact = %self.artifact.display(),
                     "the precompiled artifact {}: compiled the function again from its component",
                     recompiled.why
@@ -578,16 +674,74 @@ impl Function {
         let mut pool = self.lock();
         pool.live = pool.live.saturating_sub(1);
         self.metrics.instances.set(i64::from(pool.live));
+        let unloaded = self.unload_if_retired(&mut pool);
+        drop(pool);
+        drop(unloaded);
     }
 
     fn give_back(&self, instance: Instance) {
         let now = self.engine.now_millis();
         let mut pool = self.lock();
-        pool.idle.push(IdleInstance {
-            instance,
-            since: now,
-        });
         pool.last_active = now;
+        if !pool.retired {
+            pool.idle.push(IdleInstance {
+                instance,
+                since: now,
+            });
+            return;
+        }
+        // No longer live: its instances go as their calls end.
+        pool.live = pool.live.saturating_sub(1);
+        self.metrics.instances.set(i64::from(pool.live));
+        let unloaded = self.unload_if_retired(&mut pool);
+        drop(pool);
+        drop((instance, unloaded));
+    }
+
+    /// The code of a version no longer live, once its last instance is
+    /// gone: taken out of the pool, to be dropped outside its lock.
+    fn unload_if_retired(&self, pool: &mut Pool) -> Option<HandlerPre<HostState>> {
+        if !pool.retired || pool.live > 0 {
+            return None;
+        }
+        let unloaded = pool.pre.take();
+        if unloaded.is_some() {
+            self.metrics.code_loaded.set(0);
+            tracing::debug!(function = %self.name, version = %self.version, "compiled code of a version no longer live unloaded");
+        }
+        unloaded
+    }
+
+    /// The version is no longer live: its idle instances go now, busy ones
+    /// when their calls end, and its code with the last of them.
+    pub(crate) fn retire(&self) {
+        let (released, unloaded) = {
+            let mut pool = self.lock();
+            pool.retired = true;
+            let released: Vec<IdleInstance> = pool.idle.drain(..).collect();
+            pool.live = pool.live.saturating_sub(released.len() as u32);
+            self.metrics.instances.set(i64::from(pool.live));
+            let unloaded = self.unload_if_retired(&mut pool);
+            (released, unloaded)
+        };
+        drop((released, unloaded));
+    }
+
+    /// The version is live (again): instances are kept idle for the next
+    /// calls.
+    pub(crate) fn revive(&self) {
+        self.lock().retired = false;
+    }
+
+    /// The version is deleted: its metric series go.
+    pub(crate) fn forget_metrics(&self) {
+        self.metrics.all.remove_version(&self.name, &self.version);
+    }
+
+    /// The version is deleted: its artifact goes (a call still running on
+    /// it has its code in memory, or compiles it again if it must).
+    pub(crate) fn remove_artifact(&self) {
+        artifact::remove(&self.artifact);
     }
 
     /// Release instances idle for longer than `runtime.idle_timeout`, and
@@ -607,7 +761,7 @@ impl Function {
             pool.live = pool.live.saturating_sub(released.len() as u32);
             self.metrics.instances.set(i64::from(pool.live));
             let unload_at = pool.last_active + millis(self.config.unload_after);
-            if pool.live == 0 && pool.pre.is_some() && now >= unload_at {
+            if pool.live == 0 && pool.pre.is_some() && (pool.retired || now >= unload_at) {
                 pool.pre = None;
                 self.metrics.code_loaded.set(0);
                 tracing::debug!(function = %self.name, "compiled code unloaded");
@@ -715,6 +869,7 @@ fn reload(
     path: &std::path::Path,
     seal: Option<Seal>,
     component: &[u8],
+    source: Source,
     name: &str,
 ) -> Result<Reloaded, InvokeError> {
     let failed = |e: wasmtime::Error| InvokeError::Instantiate {
@@ -722,7 +877,7 @@ fn reload(
         reason: format!("{e:#}"),
     };
     let why = match seal {
-        None => "could not be written when the function was loaded".to_owned(),
+        None => "was not usable or could not be written when the function was loaded".to_owned(),
         Some(seal) => match load_checked(engine, path, seal) {
             Ok(loaded) => {
                 return Ok(Reloaded {
@@ -737,7 +892,7 @@ fn reload(
     let bytes = compiled.serialize().map_err(failed)?;
     // The function works from the code compiled here even when no artifact
     // can be written; the next reload then compiles again.
-    let seal = match artifact::write(&config.artifact_dir, path, name, &bytes) {
+    let seal = match artifact::write_sealed(&config.artifact_dir, path, name, &bytes, source) {
         Ok(seal) => Some(seal),
         Err(e) => {
             tracing::error!(function = name, "{e}");

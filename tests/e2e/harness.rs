@@ -468,14 +468,44 @@ pub async fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) ->
     (status, body.to_owned())
 }
 
+/// Every series by `name{labels}` as rendered. A series with a `version`
+/// label is also summed under its name without it, so a test can read a
+/// function's total over its versions (`..._instances{function="echo"}`).
 fn parse_metrics(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#') && !line.is_empty())
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
+    let mut metrics = HashMap::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        if let Some(all_versions) = without_version(series) {
+            *metrics.entry(all_versions).or_insert(0.0) += value;
+        }
+        metrics.insert(series.to_owned(), value);
+    }
+    metrics
+}
+
+/// `series` without its `version="..."` label, if it has one.
+fn without_version(series: &str) -> Option<String> {
+    let (name, labels) = series.strip_suffix('}')?.split_once('{')?;
+    let kept: Vec<&str> = labels
+        .split(',')
+        .filter(|label| !label.starts_with("version=\""))
+        .collect();
+    if kept.len() == labels.split(',').count() {
+        return None;
+    }
+    Some(if kept.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name}{{{}}}", kept.join(","))
+    })
 }
 
 /// Poll `condition` until it holds, or panic after `timeout`.

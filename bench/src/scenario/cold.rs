@@ -97,13 +97,23 @@ pub async fn metrics(admin: SocketAddr) -> anyhow::Result<String> {
     Ok(body)
 }
 
-/// A series' value in a metrics page.
+/// A series' value in a metrics page. Labels after those given count as
+/// one series: `{function="echo"}` sums every `version` of echo.
 pub fn value(metrics: &str, series: &str) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        line.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
+    let open = series.strip_suffix('}');
+    metrics
+        .lines()
+        .filter_map(|line| {
+            let rest = match line.strip_prefix(series) {
+                Some(rest) => rest,
+                None => {
+                    line.strip_prefix(open?)?
+                        .strip_prefix(',')?
+                        .split_once('}')?
+                        .1
+                }
+            };
+            rest.strip_prefix(' ')?.trim().parse::<f64>().ok()
+        })
+        .reduce(|a, b| a + b)
 }
