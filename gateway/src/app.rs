@@ -24,11 +24,13 @@ use crate::config::{self, FunctionSource, QueueMode, Settings, TlsSettings, WebS
 use crate::connection::ConnectionSettings;
 use crate::dispatch::DispatchSettings;
 use crate::handshake::Upgrader;
+use crate::hub::Hub;
 use crate::limits::Admission;
 use crate::listener::{self, Intake};
 use crate::metrics::Metrics;
 use crate::publisher::{Publisher, PublisherTask};
-use crate::router::Router;
+use crate::push;
+use crate::router::{Entry, Origin, RouteTable, Router};
 use crate::{dev, tls};
 
 /// Where a built gateway listens.
@@ -169,6 +171,18 @@ impl App {
 
         let shutdown = CancellationToken::new();
         let websocket = &settings.websocket;
+        let hub = Arc::new(Hub::new(
+            &settings.server.node_id,
+            websocket.max_groups.get(),
+            &metrics,
+        ));
+        // The config file's routes; the API adds its own.
+        let routes = Arc::new(RouteTable::new(Router::new(settings.routes.iter().map(
+            |route| Entry {
+                route: Arc::new(route.clone()),
+                origin: Origin::Config,
+            },
+        ))));
         let dispatch = Arc::new(DispatchSettings {
             node_id: settings.server.node_id.clone(),
             queue_mode: settings.queue.mode,
@@ -177,6 +191,8 @@ impl App {
             fault_backoff: settings.fault_backoff,
             max_reply_size: websocket.max_message_size,
             send_queue_bytes: websocket.send_queue_bytes,
+            max_state_size: settings.max_state_size,
+            hub: hub.clone(),
             metrics: metrics.clone(),
         });
         let connections = Arc::new(ConnectionSettings {
@@ -197,7 +213,7 @@ impl App {
             handshake_timeout: settings.server.handshake_timeout,
             upgrader: Upgrader {
                 node_id: settings.server.node_id.clone(),
-                router: Router::new(&settings.routes),
+                routes: routes.clone(),
                 registry: registry.clone(),
                 auth: settings.auth.clone(),
                 jwt,
@@ -214,6 +230,9 @@ impl App {
             metrics: metrics.clone(),
             publisher,
             registry: registry.clone(),
+            routes,
+            hub,
+            max_message_size: websocket.max_message_size,
             accepting: Arc::new(AtomicBool::new(false)),
             token: settings.admin.token.as_deref().map(Arc::from),
         };
@@ -264,6 +283,7 @@ impl App {
             shutdown: stopping,
         } = self;
         let accepting = admin_state.accepting.clone();
+        let hub = admin_state.hub.clone();
         // Ready before the admin endpoints answer: the listeners are bound
         // (clients wait in the backlog until the accept loops below start),
         // and whoever saw the CLI's "listening" line may ask /readyz at once.
@@ -284,6 +304,19 @@ impl App {
             tracing::warn!("{warning}");
         }
         let scaler = tokio::spawn(scale_down_loop(registry.clone(), stopping.clone()));
+        // Stops taking pushes as soon as shutdown starts: what is not
+        // acknowledged goes back to the queue, for another node.
+        let push = match (&settings.queue.push_queue, settings.queue.mode) {
+            (Some(queue), mode) if mode != QueueMode::Off => Some(tokio::spawn(push::run(
+                settings.queue.clone(),
+                queue.clone(),
+                settings.websocket.max_message_size,
+                hub,
+                metrics.clone(),
+                stopping.clone(),
+            ))),
+            _ => None,
+        };
         let tls_watch = tokio::spawn(tls::watch(
             tls_settings,
             tls.resolver.clone(),
@@ -355,6 +388,9 @@ impl App {
         }
         scaler.abort();
         tls_watch.abort();
+        if let Some(task) = push {
+            let _ = task.await;
+        }
         if let Some(task) = jwks_watch {
             task.abort();
         }

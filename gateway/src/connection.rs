@@ -28,9 +28,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::close::{self, Close};
 use crate::dispatch::{
-    ByteBudget, DispatchSettings, Dispatcher, Handler, Next, Outbound, not_stored_close,
+    self, ByteBudget, DispatchSettings, Dispatcher, Functions, Handler, Next, Outbound, Wiring,
+    not_stored_close,
 };
+use crate::hub::{Handle, Registering};
 use crate::metrics::Metrics;
+use crate::router::Route;
 
 /// How long to wait for the client's answer to our close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -59,14 +62,21 @@ pub struct ConnectionSettings {
     pub shutdown: CancellationToken,
 }
 
-/// A connection the upgrade admitted: what its function decided.
-pub struct Opened<F> {
+/// A connection the upgrade admitted: its route, and what its `connect`
+/// function decided.
+pub struct Opened<R: Functions> {
     /// What every later call is told about the connection.
     pub ctx: Context,
-    /// The function version serving the connection.
-    pub function: Arc<F>,
-    /// The route, as configured.
-    pub route: String,
+    /// Where the live version of each of the route's functions is found.
+    pub functions: Arc<R>,
+    /// The route: which function serves each event.
+    pub route: Arc<Route>,
+    /// The request path.
+    pub path: String,
+    /// The client's address.
+    pub remote_addr: String,
+    /// The `connect` function that admitted it, if the route has one.
+    pub connected_by: Option<Arc<R::Handler>>,
     /// Effects `on-connect` asked for, to carry out once open.
     pub effects: Vec<Effect>,
     /// When the client's token stops being accepted: the connection is
@@ -76,11 +86,11 @@ pub struct Opened<F> {
 
 /// A WebSocket and what its upgrade decided: handed on boxed, so that an
 /// async fn taking it keeps a pointer, not the stream, for its whole life.
-pub struct Upgraded<S, F> {
+pub struct Upgraded<S, R: Functions> {
     /// The WebSocket, ready for frames.
     pub ws: WebSocketStream<S>,
     /// What the upgrade decided, for the connection.
-    pub opened: Opened<F>,
+    pub opened: Opened<R>,
 }
 
 /// Move a value out of its box and free the box at once (a box moved out
@@ -102,31 +112,34 @@ struct Counters {
 }
 
 /// Serve an upgraded connection until it closes.
-pub async fn serve<S, F>(upgraded: Box<Upgraded<S, F>>, settings: Arc<ConnectionSettings>)
+pub async fn serve<S, R>(upgraded: Box<Upgraded<S, R>>, settings: Arc<ConnectionSettings>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
-    F: Handler,
+    R: Functions,
 {
     // Taken out of its box, which is freed here and not held for the
     // connection's life.
     let Upgraded { ws, opened } = unbox(upgraded);
     let Opened {
         ctx,
-        function,
+        functions,
         route,
+        path,
+        remote_addr,
+        connected_by,
         effects,
         expires_at,
     } = opened;
-    let ctx = Arc::new(ctx);
+    let route_path: Arc<str> = Arc::from(route.path());
     let metrics = &settings.metrics;
-    metrics.connections.with_label_values(&[&route]).inc();
-    let open = metrics.connections_open.with_label_values(&[&route]);
+    metrics.connections.with_label_values(&[&route_path]).inc();
+    let open = metrics.connections_open.with_label_values(&[&route_path]);
     open.inc();
     let counters = Counters {
-        received: metrics.messages_received.with_label_values(&[&route]),
-        received_bytes: metrics.bytes_received.with_label_values(&[&route]),
-        sent: metrics.messages_sent.with_label_values(&[&route]),
-        sent_bytes: metrics.bytes_sent.with_label_values(&[&route]),
+        received: metrics.messages_received.with_label_values(&[&route_path]),
+        received_bytes: metrics.bytes_received.with_label_values(&[&route_path]),
+        sent: metrics.messages_sent.with_label_values(&[&route_path]),
+        sent_bytes: metrics.bytes_sent.with_label_values(&[&route_path]),
     };
 
     let (sink, stream) = ws.split();
@@ -140,22 +153,48 @@ where
     // Replies' bytes not yet written: the dispatcher takes, the writer
     // gives back.
     let budget = Arc::new(ByteBudget::new(settings.dispatch.send_queue_bytes));
+    let hub = &settings.dispatch.hub;
+    // In the hub while the reader runs: other connections, the API and
+    // the push queue reach it there.
+    let registration = hub.register(Registering {
+        id: ctx.id.clone(),
+        route: route_path.clone(),
+        path,
+        remote_addr,
+        outbound: outbound.clone(),
+        budget: budget.clone(),
+    });
+    let handle = registration.handle().clone();
     let reader = Reader {
         rate: governor::RateLimiter::direct(governor::Quota::per_second(settings.max_message_rate)),
         settings: &settings,
         counters: &counters,
         token_expires: expires_at.map(Instant::from_std),
+        handle: handle.clone(),
         dispatcher: Dispatcher::new(
             settings.dispatch.clone(),
-            ctx.clone(),
-            function.clone(),
-            Arc::from(route.as_str()),
-            outbound,
-            budget.clone(),
+            Wiring {
+                ctx: Arc::new(ctx),
+                functions: functions.clone(),
+                route: route.clone(),
+                handle,
+                outbound,
+                budget: budget.clone(),
+            },
         ),
     };
-    let (client_close, (sink, sent_close, stalled)) = tokio::join!(
-        reader.run(stream, effects, &writer_done),
+    let reading = async {
+        let ended = reader
+            .run(stream, connected_by, effects, &writer_done)
+            .await;
+        // Out of the hub (and its groups) once nothing more is read: its
+        // queue's last sender goes with the dispatcher, so the writer
+        // finishes what is queued and stops.
+        drop(registration);
+        ended
+    };
+    let ((client_close, ctx), (sink, sent_close, stalled)) = tokio::join!(
+        reading,
         write(sink, queue, &counters, &writer_done, &budget, &settings)
     );
 
@@ -175,8 +214,26 @@ where
         Box::pin(finish_close(ws)).await;
     }
     open.dec();
-    if let Err(e) = Box::pin(function.on_disconnect(ctx.clone(), code, reason)).await {
-        tracing::debug!(connection = %ctx.id, "on-disconnect failed: {e}");
+    let Some(function) = route.disconnect().and_then(|name| functions.live(name)) else {
+        return;
+    };
+    match Box::pin(function.on_disconnect(ctx.clone(), code, reason)).await {
+        Ok(effects) => {
+            Box::pin(dispatch::after_close(
+                &settings.dispatch,
+                &*function,
+                &ctx,
+                &route_path,
+                effects,
+            ))
+            .await;
+        }
+        Err(e) => tracing::debug!(
+            connection = %ctx.id,
+            function = function.name(),
+            version = function.version(),
+            "on-disconnect failed: {e}"
+        ),
     }
 }
 
@@ -225,7 +282,7 @@ enum ClientClose<T> {
 }
 
 /// The reading half: frames in order, the time limits, the message rate.
-struct Reader<'a, F> {
+struct Reader<'a, R: Functions> {
     /// Messages over the rate close the connection.
     rate: governor::DefaultDirectRateLimiter,
     /// The limits.
@@ -234,26 +291,45 @@ struct Reader<'a, F> {
     counters: &'a Counters,
     /// When the client's token expires, if that closes the connection.
     token_expires: Option<Instant>,
+    /// The connection in the hub: closes asked for from outside.
+    handle: Arc<Handle>,
     /// Where each message goes.
-    dispatcher: Dispatcher<F>,
+    dispatcher: Dispatcher<R>,
 }
 
-impl<F: Handler> Reader<'_, F> {
+impl<R: Functions> Reader<'_, R> {
+    /// Read until the connection ends; returns how, and what the
+    /// connection's last call was told (its state included).
     async fn run<T>(
         mut self,
-        mut stream: T,
+        stream: T,
+        connected_by: Option<Arc<R::Handler>>,
         effects: Vec<Effect>,
+        writer_done: &CancellationToken,
+    ) -> (ClientClose<T>, Arc<Context>)
+    where
+        T: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
+    {
+        // Boxed: once per connection, and only when there are effects.
+        let next = match connected_by {
+            Some(function) if !effects.is_empty() => {
+                Box::pin(self.dispatcher.apply(&*function, effects, None)).await
+            }
+            _ => Next::Continue,
+        };
+        let ended = self.read(stream, next, writer_done).await;
+        (ended, self.dispatcher.context().clone())
+    }
+
+    async fn read<T>(
+        &mut self,
+        mut stream: T,
+        mut next: Next,
         writer_done: &CancellationToken,
     ) -> ClientClose<T>
     where
         T: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
     {
-        // Boxed: once per connection, and only when there are effects.
-        let mut next = if effects.is_empty() {
-            Next::Continue
-        } else {
-            Box::pin(self.dispatcher.apply(effects, None)).await
-        };
         let limits = self.settings;
         let opened = Instant::now();
         let expires = opened + limits.max_duration;
@@ -269,12 +345,18 @@ impl<F: Handler> Reader<'_, F> {
         // Created once: registering a waiter per message costs.
         let shutdown = limits.shutdown.cancelled();
         let writer_gone = writer_done.cancelled();
-        tokio::pin!(shutdown, writer_gone, timer);
+        let handle = self.handle.clone();
+        let outside = handle.closed_from_outside();
+        tokio::pin!(shutdown, writer_gone, timer, outside);
         while let Next::Continue = next {
             let frame = tokio::select! {
                 biased;
                 _ = &mut shutdown => {
                     next = Next::Close(Close::Shutdown);
+                    break;
+                }
+                close = &mut outside => {
+                    next = Next::Close(close);
                     break;
                 }
                 _ = &mut writer_gone => {
@@ -368,6 +450,7 @@ impl<F: Handler> Reader<'_, F> {
         };
         self.counters.received.inc();
         self.counters.received_bytes.inc_by(len as u64);
+        self.handle.touch();
         // Not boxed: the function call inside is (its state is the large
         // part); boxing the whole handling instead saved 1.1 KB per idle
         // connection but cost about 0.04 us per message.
@@ -572,11 +655,35 @@ mod tests {
 
         async fn on_message(
             &self,
-            _ctx: Arc<Context>,
+            ctx: Arc<Context>,
             payload: Payload,
             _priority: Priority,
         ) -> Result<Result<Vec<Effect>, HandlerError>, InvokeError> {
             self.calls.lock().unwrap().push(Instant::now());
+            let text = |t: &str| Payload::Text(t.into());
+            if let Payload::Text(command) = &payload
+                && let Some((verb, arg)) = command.split_once(':')
+            {
+                let effects = match verb {
+                    "join" => vec![Effect::Join(arg.into()), Effect::Reply(text("joined"))],
+                    "leave" => vec![Effect::Leave(arg.into()), Effect::Reply(text("left"))],
+                    "say" => vec![Effect::Broadcast(("room".into(), text(arg)))],
+                    "send" => {
+                        let (to, what) = arg.split_once('=').unwrap();
+                        vec![Effect::Send((to.into(), text(what)))]
+                    }
+                    "keep" => vec![
+                        Effect::SetState(arg.as_bytes().to_vec()),
+                        Effect::Reply(text("kept")),
+                    ],
+                    "state" => {
+                        let state = ctx.state.clone().unwrap_or_default();
+                        vec![Effect::Reply(text(&String::from_utf8(state).unwrap()))]
+                    }
+                    _ => vec![Effect::Reply(payload)],
+                };
+                return Ok(Ok(effects));
+            }
             match &payload {
                 Payload::Text(text) if text == "fail" => Err(InvokeError::Trap {
                     function: "scripted".into(),
@@ -606,6 +713,17 @@ mod tests {
         }
     }
 
+    /// Every function name is the scripted function.
+    struct One(Arc<Scripted>);
+
+    impl Functions for One {
+        type Handler = Scripted;
+
+        fn live(&self, _name: &str) -> Option<Arc<Scripted>> {
+            Some(self.0.clone())
+        }
+    }
+
     fn settings() -> ConnectionSettings {
         let metrics = Metrics::new().unwrap();
         ConnectionSettings {
@@ -623,6 +741,8 @@ mod tests {
                 fault_backoff: Duration::from_secs(1),
                 max_reply_size: 1 << 20,
                 send_queue_bytes: 1 << 20,
+                max_state_size: 16,
+                hub: Arc::new(crate::hub::Hub::new("node", 2, &metrics)),
                 metrics: metrics.clone(),
             }),
             metrics,
@@ -641,24 +761,43 @@ mod tests {
         settings: ConnectionSettings,
         expires_at: Option<std::time::Instant>,
     ) -> (Client, Arc<Scripted>) {
-        let (server, client) = tokio::io::duplex(16 << 10);
         let function = Arc::new(Scripted::default());
+        let client = open_as(Arc::new(settings), "node.1", function.clone(), expires_at).await;
+        (client, function)
+    }
+
+    /// Serve connection `id` with `function`; the client's end.
+    async fn open_as(
+        settings: Arc<ConnectionSettings>,
+        id: &str,
+        function: Arc<Scripted>,
+        expires_at: Option<std::time::Instant>,
+    ) -> Client {
+        let (server, client) = tokio::io::duplex(16 << 10);
+        let route = crate::router::Route::new(crate::router::RouteSpec {
+            path: "/".into(),
+            function: Some("scripted".into()),
+            ..crate::router::RouteSpec::default()
+        })
+        .unwrap();
         let opened = Opened {
             ctx: Context {
-                id: "node.1".into(),
+                id: id.into(),
                 route: "/".into(),
                 claims: Vec::new(),
                 state: None,
             },
-            function: function.clone(),
-            route: "/".into(),
+            functions: Arc::new(One(function)),
+            route: Arc::new(route),
+            path: "/".into(),
+            remote_addr: "127.0.0.1:1".into(),
+            connected_by: None,
             effects: Vec::new(),
             expires_at,
         };
         let ws = WebSocketStream::from_raw_socket(server, Role::Server, None).await;
-        tokio::spawn(serve(Box::new(Upgraded { ws, opened }), Arc::new(settings)));
-        let client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
-        (client, function)
+        tokio::spawn(serve(Box::new(Upgraded { ws, opened }), settings));
+        WebSocketStream::from_raw_socket(client, Role::Client, None).await
     }
 
     async fn echo(client: &mut Client, text: &str) {
@@ -879,5 +1018,127 @@ mod tests {
         let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
         assert_eq!(reply["kind"], "reply_too_large");
         echo(&mut client, "still open").await;
+    }
+
+    /// The next text message the client gets.
+    async fn text(client: &mut Client) -> String {
+        match tokio::time::timeout(Duration::from_secs(5), client.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => text.to_string(),
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+
+    async fn say(client: &mut Client, text: &str) {
+        client.send(Message::Text(text.into())).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn broadcasts_reach_the_group_and_sends_reach_one_connection() {
+        let settings = Arc::new(settings());
+        let function = Arc::new(Scripted::default());
+        let mut a = open_as(settings.clone(), "node.a", function.clone(), None).await;
+        let mut b = open_as(settings.clone(), "node.b", function.clone(), None).await;
+        let mut c = open_as(settings.clone(), "node.c", function.clone(), None).await;
+        for client in [&mut a, &mut b] {
+            say(client, "join:room").await;
+            assert_eq!(text(client).await, "joined");
+        }
+        assert_eq!(settings.dispatch.hub.group_size("room"), 2);
+        say(&mut a, "say:hello").await;
+        assert_eq!(text(&mut a).await, "hello", "the sender is included");
+        assert_eq!(text(&mut b).await, "hello");
+        say(&mut c, "send:node.a=psst").await;
+        assert_eq!(text(&mut a).await, "psst");
+        say(&mut b, "leave:room").await;
+        assert_eq!(text(&mut b).await, "left");
+        say(&mut a, "say:again").await;
+        assert_eq!(text(&mut a).await, "again");
+        // c is in no group and b left: neither gets anything. Their next
+        // message is the answer to their own.
+        say(&mut b, "state:").await;
+        assert_eq!(text(&mut b).await, "");
+        say(&mut c, "send:node.gone=x").await;
+        say(&mut c, "state:").await;
+        assert_eq!(text(&mut c).await, "");
+        let gone = settings
+            .metrics
+            .deliveries
+            .with_label_values(&["gone"])
+            .get();
+        assert_eq!(gone, 1, "a send to a gone connection is counted");
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            settings.dispatch.hub.group_size("room"),
+            0,
+            "a closed connection leaves its groups"
+        );
+    }
+
+    #[tokio::test]
+    async fn state_is_kept_for_later_messages_and_bounded() {
+        let (mut client, _function) = open(settings()).await;
+        say(&mut client, "keep:ada").await;
+        assert_eq!(text(&mut client).await, "kept");
+        say(&mut client, "state:").await;
+        assert_eq!(text(&mut client).await, "ada");
+        say(&mut client, "keep:0123456789abcdefg").await;
+        let reply: serde_json::Value = serde_json::from_str(&text(&mut client).await).unwrap();
+        assert_eq!(reply["kind"], "state_too_large", "{reply}");
+        assert!(
+            reply["message"]
+                .as_str()
+                .unwrap()
+                .contains("runtime.max_state_size")
+        );
+        say(&mut client, "state:").await;
+        assert_eq!(
+            text(&mut client).await,
+            "ada",
+            "a failed message changes nothing"
+        );
+    }
+
+    #[tokio::test]
+    async fn joins_past_the_bound_fail_the_message_and_change_nothing() {
+        let (mut client, _function) = open(settings()).await;
+        for group in ["g1", "g2"] {
+            say(&mut client, &format!("join:{group}")).await;
+            assert_eq!(text(&mut client).await, "joined");
+        }
+        say(&mut client, "join:g3").await;
+        let reply: serde_json::Value = serde_json::from_str(&text(&mut client).await).unwrap();
+        assert_eq!(reply["kind"], "too_many_groups", "{reply}");
+        say(&mut client, "join:g1").await;
+        assert_eq!(
+            text(&mut client).await,
+            "joined",
+            "joining again is no change"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_close_asked_for_from_outside_closes_with_its_code() {
+        let settings = Arc::new(settings());
+        let function = Arc::new(Scripted::default());
+        let mut client = open_as(settings.clone(), "node.x", function.clone(), None).await;
+        echo(&mut client, "before").await;
+        assert!(settings.dispatch.hub.close(
+            "node.x",
+            Close::ByFunction {
+                code: 4002,
+                reason: "done".into()
+            }
+        ));
+        assert_eq!(close_frame(&mut client).await, (4002, "done".into()));
+        drop(client);
+        for _ in 0..100 {
+            if function.disconnected.lock().unwrap().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(*function.disconnected.lock().unwrap(), Some(4002));
+        assert!(settings.dispatch.hub.info("node.x").is_none());
     }
 }

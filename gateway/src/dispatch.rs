@@ -19,8 +19,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::close::Close;
 use crate::config::{OnError, QueueMode};
+use crate::hub::{GroupError, Handle, Hub, check_group};
 use crate::metrics::Metrics;
 use crate::publisher::{PublishError, Publisher, QueueMessage, Receipt};
+use crate::router::{Pick, Route};
 
 /// The pause after a first failure in a row (see [`Dispatcher`]).
 const FIRST_PENALTY: Duration = Duration::from_millis(10);
@@ -77,6 +79,24 @@ impl Handler for runtime::Function {
     }
 }
 
+/// Where a connection finds the live version of a function, looked up for
+/// each event so a new version serves every later message: the runtime's
+/// [`runtime::Registry`], or scripted functions in tests.
+pub trait Functions: Send + Sync + 'static {
+    /// The functions it hands out.
+    type Handler: Handler;
+    /// The live version of function `name`, if it is loaded.
+    fn live(&self, name: &str) -> Option<Arc<Self::Handler>>;
+}
+
+impl Functions for runtime::Registry {
+    type Handler = runtime::Function;
+
+    fn live(&self, name: &str) -> Option<Arc<runtime::Function>> {
+        self.get(name)
+    }
+}
+
 /// How messages are handled, the same for every connection.
 pub struct DispatchSettings {
     /// This node's id, carried by the copies' headers.
@@ -95,7 +115,12 @@ pub struct DispatchSettings {
     /// Most bytes of replies queued for one connection
     /// (`websocket.send_queue_bytes`).
     pub send_queue_bytes: usize,
-    /// Failures and unsupported effects are counted here.
+    /// Largest state a function may keep for a connection
+    /// (`runtime.max_state_size`).
+    pub max_state_size: usize,
+    /// Where `send`, `join`, `leave` and `broadcast` go.
+    pub hub: Arc<Hub>,
+    /// Failures and effects are counted here.
     pub metrics: Metrics,
 }
 
@@ -138,15 +163,20 @@ struct Failure {
 }
 
 /// One connection's messages, in order.
-pub struct Dispatcher<F> {
+pub struct Dispatcher<R: Functions> {
     /// How messages are handled.
     settings: Arc<DispatchSettings>,
-    /// What every call is told about the connection.
+    /// What every call is told about the connection; its state is
+    /// replaced by `set-state`.
     ctx: Arc<Context>,
-    /// The function serving the connection.
-    function: Arc<F>,
-    /// The route, for metric labels and the copies' headers.
-    route: Arc<str>,
+    /// Where the live version of each function is found.
+    functions: Arc<R>,
+    /// Which function handles each event.
+    route: Arc<Route>,
+    /// The route's path, for metric labels and the copies' headers.
+    route_path: Arc<str>,
+    /// The connection in the hub (its groups).
+    handle: Arc<Handle>,
     /// To the connection's writer.
     outbound: mpsc::Sender<Outbound>,
     /// The connection's reply bytes not yet written.
@@ -158,31 +188,65 @@ pub struct Dispatcher<F> {
     penalty: Duration,
 }
 
-impl<F: Handler> Dispatcher<F> {
+/// What a dispatcher needs about its connection.
+pub struct Wiring<R> {
+    /// What every call is told about the connection.
+    pub ctx: Arc<Context>,
+    /// Where the live version of each function is found.
+    pub functions: Arc<R>,
+    /// Which function handles each event.
+    pub route: Arc<Route>,
+    /// The connection in the hub.
+    pub handle: Arc<Handle>,
+    /// To the connection's writer.
+    pub outbound: mpsc::Sender<Outbound>,
+    /// The connection's reply bytes not yet written.
+    pub budget: Arc<ByteBudget>,
+}
+
+impl<R: Functions> Dispatcher<R> {
     /// A dispatcher for one connection, handing what the client gets to
-    /// `outbound`.
-    pub fn new(
-        settings: Arc<DispatchSettings>,
-        ctx: Arc<Context>,
-        function: Arc<F>,
-        route: Arc<str>,
-        outbound: mpsc::Sender<Outbound>,
-        budget: Arc<ByteBudget>,
-    ) -> Self {
+    /// `wiring.outbound`.
+    pub fn new(settings: Arc<DispatchSettings>, wiring: Wiring<R>) -> Self {
         Self {
             settings,
-            ctx,
-            function,
-            route,
-            outbound,
-            budget,
+            route_path: Arc::from(wiring.route.path()),
+            ctx: wiring.ctx,
+            functions: wiring.functions,
+            route: wiring.route,
+            handle: wiring.handle,
+            outbound: wiring.outbound,
+            budget: wiring.budget,
             penalty: Duration::ZERO,
         }
     }
 
-    /// Handle one message: copy, call, effects, failure policy, backoff.
+    /// What the next call is told about the connection (its state
+    /// included).
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    /// Handle one message: pick the function, copy, call, effects, failure
+    /// policy, backoff.
     pub async fn on_message(&mut self, payload: Payload) -> Next {
-        let receipt = match self.copy(&payload).await {
+        // The live version, looked up per message: a deploy serves every
+        // later message, while a call already running finishes on the
+        // version it started on.
+        let function = match self.route.pick(&payload) {
+            Pick::Function(name) => match self.functions.live(name) {
+                Some(function) => function,
+                None => {
+                    let message = format!("function {name} is not loaded");
+                    return Box::pin(self.unserved(payload, name.to_owned(), message)).await;
+                }
+            },
+            Pick::NoRoute => return Box::pin(self.no_route(payload)).await,
+        };
+        let receipt = match self
+            .copy(&payload, function.name(), function.version())
+            .await
+        {
             Ok(receipt) => receipt,
             Err(close) => return Next::Close(close),
         };
@@ -196,16 +260,12 @@ impl<F: Handler> Dispatcher<F> {
         // Boxed: the call's state is large and only lives while it runs,
         // so it should not be part of every idle connection's task. One
         // allocation per message.
-        let called = Box::pin(
-            self.function
-                .on_message(self.ctx.clone(), payload, priority),
-        )
-        .await;
+        let called = Box::pin(function.on_message(self.ctx.clone(), payload, priority)).await;
         match called {
-            Ok(Ok(effects)) => match self.oversized_reply(&effects) {
+            Ok(Ok(effects)) => match self.check(&effects) {
                 None => {
                     self.penalty = Duration::ZERO;
-                    self.apply(effects, receipt).await
+                    self.apply(&*function, effects, receipt).await
                 }
                 Some(failure) => Box::pin(self.fail(failure, receipt)).await,
             },
@@ -237,7 +297,8 @@ impl<F: Handler> Dispatcher<F> {
                 // gets the detail (wasmtime's words, file paths).
                 tracing::debug!(
                     connection = %self.ctx.id,
-                    function = self.function.name(),
+                    function = function.name(),
+                    version = function.version(),
                     "the function failed on a message: {error}"
                 );
                 let failure = Failure {
@@ -253,26 +314,97 @@ impl<F: Handler> Dispatcher<F> {
         }
     }
 
+    /// A message no route key selects, on a route without a default: its
+    /// copy is kept, and the client is told.
+    async fn no_route(&mut self, payload: Payload) -> Next {
+        let receipt = match self.copy(&payload, "", "").await {
+            Ok(receipt) => receipt,
+            Err(close) => return Next::Close(close),
+        };
+        self.settings
+            .metrics
+            .message_failures
+            .with_label_values(&[&self.route_path, "no_route"])
+            .inc();
+        let body = serde_json::json!({
+            "error": "no-route",
+            "message": "no route matches this message and the route has no default",
+        })
+        .to_string();
+        self.reply(Message::Text(body.into()), receipt).await
+    }
+
+    /// A message for a function that is not loaded (deleted since the
+    /// client connected): its copy is kept, and it fails.
+    async fn unserved(&mut self, payload: Payload, name: String, message: String) -> Next {
+        let receipt = match self.copy(&payload, &name, "").await {
+            Ok(receipt) => receipt,
+            Err(close) => return Next::Close(close),
+        };
+        let failure = Failure {
+            kind: "function_unavailable",
+            overloaded: false,
+            message,
+        };
+        self.fail(failure, receipt).await
+    }
+
     /// Carry out a function's effects, in order (also `on-connect`'s). The
     /// copy's receipt goes with the first reply (or alone, if there is
-    /// none).
-    pub async fn apply(&mut self, effects: Vec<Effect>, mut receipt: Option<Receipt>) -> Next {
+    /// none); before anything reaches another connection, the copy is
+    /// durable.
+    pub async fn apply<H: Handler>(
+        &mut self,
+        function: &H,
+        effects: Vec<Effect>,
+        mut receipt: Option<Receipt>,
+    ) -> Next {
         let mut next = Next::Continue;
         for effect in effects {
+            self.settings
+                .metrics
+                .effects
+                .with_label_values(&[effect_name(&effect)])
+                .inc();
             match effect {
                 Effect::Reply(payload) => {
-                    let message = match payload {
-                        Payload::Text(text) => Message::Text(text.into()),
-                        Payload::Binary(data) => Message::Binary(data.into()),
-                    };
-                    if let Next::Stop = self.reply(message, receipt.take()).await {
+                    if let Next::Stop = self.reply(message(payload), receipt.take()).await {
                         return Next::Stop;
+                    }
+                }
+                Effect::Send((id, payload)) => {
+                    if let Some(close) = self.settle(&mut receipt).await {
+                        return Next::Close(close);
+                    }
+                    self.settings.hub.send(&id, message(payload));
+                }
+                Effect::Broadcast((group, payload)) => {
+                    if let Some(close) = self.settle(&mut receipt).await {
+                        return Next::Close(close);
+                    }
+                    self.settings.hub.broadcast(&group, &message(payload));
+                }
+                Effect::Join(group) => {
+                    // Checked before any effect was carried out (see
+                    // `check`): only a bad name can fail here.
+                    if let Err(error) = self.settings.hub.join(&self.handle, &group) {
+                        tracing::debug!(connection = %self.ctx.id, "join refused: {error}");
+                    }
+                }
+                Effect::Leave(group) => self.settings.hub.leave(&self.handle, &group),
+                Effect::SetState(state) => {
+                    // Unique once the call has ended: no copy.
+                    Arc::make_mut(&mut self.ctx).state = Some(state);
+                }
+                Effect::Publish((routing_key, body)) => {
+                    if let Some(close) = self.publish(function, routing_key, body).await {
+                        return Next::Close(close);
                     }
                 }
                 Effect::Close((code, reason)) => {
                     let close = Close::by_function(code, reason).unwrap_or_else(|fallback| {
                         tracing::warn!(
-                            function = self.function.name(),
+                            function = function.name(),
                             code,
                             "a function may close with 1000 or 3000-4999; using 1000"
                         );
@@ -280,19 +412,6 @@ impl<F: Handler> Dispatcher<F> {
                     });
                     next = Next::Close(close);
                     break;
-                }
-                other => {
-                    let name = effect_name(&other);
-                    self.settings
-                        .metrics
-                        .effects_unsupported
-                        .with_label_values(&[name])
-                        .inc();
-                    tracing::debug!(
-                        function = self.function.name(),
-                        effect = name,
-                        "effect not supported on this node yet; ignored"
-                    );
                 }
             }
         }
@@ -304,8 +423,19 @@ impl<F: Handler> Dispatcher<F> {
         next
     }
 
+    /// Wait until the copy of the message being handled is durable (once):
+    /// what other connections are sent must not get ahead of it. The close
+    /// to send when the copy could not be kept.
+    async fn settle(&mut self, receipt: &mut Option<Receipt>) -> Option<Close> {
+        let receipt = receipt.take()?;
+        match receipt.ready().await {
+            Ok(()) => None,
+            Err(error) => Some(not_stored_close(&error)),
+        }
+    }
+
     /// Hand the connection's close to the writer, after what is queued.
-    pub async fn close(mut self, close: Close) {
+    pub async fn close(&mut self, close: Close) {
         let _ = self.send(Outbound::Close(close)).await;
     }
 
@@ -313,7 +443,7 @@ impl<F: Handler> Dispatcher<F> {
     /// (a reply over the whole budget waits until the queue is empty).
     async fn reply(&mut self, message: Message, receipt: Option<Receipt>) -> Next {
         let bytes = message.len();
-        if !self.budget.take(bytes) {
+        if !self.budget.try_take(bytes) {
             // Waiting for the writer is rare: boxed, so the wait's state is
             // not part of every idle connection's task.
             if !Box::pin(self.budget.take_when_room(bytes)).await {
@@ -328,18 +458,135 @@ impl<F: Handler> Dispatcher<F> {
         .await
     }
 
-    /// A reply larger than `websocket.max_message_size` fails the message:
-    /// the client could not be sent it.
-    fn oversized_reply(&self, effects: &[Effect]) -> Option<Failure> {
-        effects.iter().find_map(|effect| {
-            let Effect::Reply(payload) = effect else {
-                return None;
+    /// Check a function's effects before carrying out any: a message
+    /// for a client over `websocket.max_message_size`, state over
+    /// `runtime.max_state_size`, a bad group name, more groups than
+    /// `websocket.max_groups` or a bad routing key fails the whole message,
+    /// so none of its effects happen.
+    fn check(&self, effects: &[Effect]) -> Option<Failure> {
+        let mut joins = 0usize;
+        for effect in effects {
+            let failure = match effect {
+                Effect::Reply(payload)
+                | Effect::Send((_, payload))
+                | Effect::Broadcast((_, payload)) => self.oversized(payload_len(payload)),
+                Effect::SetState(state) if state.len() > self.settings.max_state_size => {
+                    Some(Failure {
+                        kind: "state_too_large",
+                        overloaded: false,
+                        message: format!(
+                            "the function kept {} bytes of state, over the limit of {} \
+                             (runtime.max_state_size)",
+                            state.len(),
+                            self.settings.max_state_size
+                        ),
+                    })
+                }
+                Effect::Join(group) | Effect::Leave(group) => match check_group(group) {
+                    Err(error) => Some(Failure {
+                        kind: "bad_group",
+                        overloaded: false,
+                        message: error.to_string(),
+                    }),
+                    Ok(()) => {
+                        if matches!(effect, Effect::Join(_)) {
+                            joins += 1;
+                        }
+                        None
+                    }
+                },
+                Effect::Publish((routing_key, body)) => self.check_publish(routing_key, body),
+                _ => None,
             };
-            self.oversized(match payload {
-                Payload::Text(text) => text.len(),
-                Payload::Binary(data) => data.len(),
+            if failure.is_some() {
+                return failure;
+            }
+        }
+        if joins > 0 {
+            // Joins and leaves in order, from the groups it is in now.
+            let max = self.settings.hub.max_groups();
+            let mut groups: std::collections::HashSet<String> =
+                self.handle.groups().into_iter().collect();
+            for effect in effects {
+                match effect {
+                    Effect::Join(group) => {
+                        groups.insert(group.clone());
+                        if groups.len() > max {
+                            return Some(Failure {
+                                kind: "too_many_groups",
+                                overloaded: false,
+                                message: GroupError::TooMany(max).to_string(),
+                            });
+                        }
+                    }
+                    Effect::Leave(group) => {
+                        groups.remove(group);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        None
+    }
+
+    /// A `publish` effect the broker would refuse.
+    fn check_publish(&self, routing_key: &str, body: &[u8]) -> Option<Failure> {
+        let failure = |message: String| {
+            Some(Failure {
+                kind: "bad_publish",
+                overloaded: false,
+                message,
             })
-        })
+        };
+        if self.settings.publisher.is_none() {
+            return failure("publish needs the message queue: queue.mode is off".into());
+        }
+        if routing_key.len() > 255 {
+            return failure(format!(
+                "a routing key is at most 255 bytes, not {}",
+                routing_key.len()
+            ));
+        }
+        if body.len() > self.settings.max_reply_size {
+            return failure(format!(
+                "a published message is at most {} bytes (websocket.max_message_size), not {}",
+                self.settings.max_reply_size,
+                body.len()
+            ));
+        }
+        None
+    }
+
+    /// Publish a function's extra message to `queue.exchange`, as durably
+    /// as a copy: the close to send when it cannot be kept.
+    async fn publish<H: Handler>(
+        &mut self,
+        function: &H,
+        routing_key: String,
+        body: Vec<u8>,
+    ) -> Option<Close> {
+        let publisher = self.settings.publisher.as_ref()?;
+        let mut message = QueueMessage::new(
+            std::str::from_utf8(&body).is_ok(),
+            body,
+            &self.ctx.id,
+            &self.route_path,
+            function.name(),
+            function.version(),
+            &self.settings.node_id,
+        );
+        message.routing_key = Some(routing_key);
+        let receipt = match publisher.publish(message).await {
+            Ok(receipt) => receipt,
+            Err(_) => return Some(Close::Shutdown),
+        };
+        // Waited for here only in receipt mode (in async mode, accepted is
+        // enough): the effects after it, and the reply, come once it is
+        // kept.
+        match receipt.ready().await {
+            Ok(()) => None,
+            Err(error) => Some(not_stored_close(&error)),
+        }
     }
 
     /// The failure for a reply of `len` bytes, if it is over the limit.
@@ -361,7 +608,7 @@ impl<F: Handler> Dispatcher<F> {
         self.settings
             .metrics
             .message_failures
-            .with_label_values(&[&self.route, failure.kind])
+            .with_label_values(&[&self.route_path, failure.kind])
             .inc();
         let next = self.tell_failure(failure, receipt).await;
         if let Next::Continue = next {
@@ -407,7 +654,12 @@ impl<F: Handler> Dispatcher<F> {
     /// Hand the message's copy to the publisher. Returns the receipt the
     /// reply must wait for: the copy durable in receipt mode, accepted
     /// (spooled, or published with spool room reserved) in async mode.
-    async fn copy(&self, payload: &Payload) -> Result<Option<Receipt>, Close> {
+    async fn copy(
+        &self,
+        payload: &Payload,
+        function: &str,
+        version: &str,
+    ) -> Result<Option<Receipt>, Close> {
         let Some(publisher) = &self.settings.publisher else {
             return Ok(None);
         };
@@ -422,9 +674,9 @@ impl<F: Handler> Dispatcher<F> {
             text,
             body,
             &self.ctx.id,
-            &self.route,
-            self.function.name(),
-            self.function.version(),
+            &self.route_path,
+            function,
+            version,
             &self.settings.node_id,
         );
         match publisher.publish(copy).await {
@@ -441,10 +693,74 @@ impl<F: Handler> Dispatcher<F> {
     }
 }
 
+/// Carry out the effects of `on-disconnect`, in order: what reaches other
+/// connections (`send`, `broadcast`) and the broker (`publish`). Replies,
+/// joins, state and closes concern the closed socket and are dropped.
+pub async fn after_close<H: Handler>(
+    settings: &DispatchSettings,
+    function: &H,
+    ctx: &Context,
+    route: &str,
+    effects: Vec<Effect>,
+) {
+    for effect in effects {
+        settings
+            .metrics
+            .effects
+            .with_label_values(&[effect_name(&effect)])
+            .inc();
+        match effect {
+            Effect::Send((id, payload)) if payload_len(&payload) <= settings.max_reply_size => {
+                settings.hub.send(&id, message(payload));
+            }
+            Effect::Broadcast((group, payload))
+                if payload_len(&payload) <= settings.max_reply_size =>
+            {
+                settings.hub.broadcast(&group, &message(payload));
+            }
+            Effect::Publish((routing_key, body))
+                if routing_key.len() <= 255 && body.len() <= settings.max_reply_size =>
+            {
+                let Some(publisher) = &settings.publisher else {
+                    continue;
+                };
+                let mut extra = QueueMessage::new(
+                    std::str::from_utf8(&body).is_ok(),
+                    body,
+                    &ctx.id,
+                    route,
+                    function.name(),
+                    function.version(),
+                    &settings.node_id,
+                );
+                extra.routing_key = Some(routing_key);
+                let kept = match publisher.publish(extra).await {
+                    Ok(receipt) => receipt.ready().await,
+                    Err(error) => Err(error),
+                };
+                if let Err(error) = kept {
+                    tracing::warn!(
+                        connection = %ctx.id,
+                        function = function.name(),
+                        "a message published by on-disconnect was not kept: {error}"
+                    );
+                }
+            }
+            other => tracing::debug!(
+                connection = %ctx.id,
+                function = function.name(),
+                effect = effect_name(&other),
+                "effect of on-disconnect dropped: the connection is closed (or it is over a limit)"
+            ),
+        }
+    }
+}
+
 /// The bytes of replies queued for one connection and not yet written
-/// (`websocket.send_queue_bytes`). Its dispatcher takes, its writer gives
-/// back; both run in the connection's task, and only the dispatcher takes,
-/// so a plain counter does (a semaphore would lock a mutex per reply).
+/// (`websocket.send_queue_bytes`). Its dispatcher and deliveries from
+/// elsewhere (other connections' functions, the API, the push queue) take,
+/// its writer gives back. A reply waits for room; a delivery without room
+/// is refused (a semaphore would lock a mutex per reply).
 pub struct ByteBudget {
     /// Most bytes queued; a reply larger than this counts as this much
     /// (it waits until the queue is empty).
@@ -471,17 +787,15 @@ impl ByteBudget {
         }
     }
 
-    /// Take room for `bytes` if there is some now.
-    fn take(&self, bytes: usize) -> bool {
+    /// Take room for `bytes` if there is some now (any number of takers:
+    /// the dispatcher, and deliveries from other connections).
+    pub fn try_take(&self, bytes: usize) -> bool {
         let bytes = bytes.min(self.limit);
-        let queued = self.queued.load(Ordering::SeqCst);
-        // Only the dispatcher adds: room seen here cannot be taken by
-        // someone else before the add.
-        if queued != 0 && bytes > self.limit - queued {
-            return false;
-        }
-        self.queued.fetch_add(bytes, Ordering::SeqCst);
-        true
+        self.queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |queued| {
+                (queued == 0 || bytes <= self.limit - queued).then_some(queued + bytes)
+            })
+            .is_ok()
     }
 
     /// Wait for room for `bytes`, and take it; `false` when the writer has
@@ -498,7 +812,7 @@ impl ByteBudget {
                 self.waiting.store(false, Ordering::SeqCst);
                 return false;
             }
-            if self.take(bytes) {
+            if self.try_take(bytes) {
                 self.waiting.store(false, Ordering::SeqCst);
                 return true;
             }
@@ -544,6 +858,21 @@ fn not_stored(error: &PublishError) -> String {
     }
 }
 
+/// A function's payload as a WebSocket message.
+fn message(payload: Payload) -> Message {
+    match payload {
+        Payload::Text(text) => Message::Text(text.into()),
+        Payload::Binary(data) => Message::Binary(data.into()),
+    }
+}
+
+fn payload_len(payload: &Payload) -> usize {
+    match payload {
+        Payload::Text(text) => text.len(),
+        Payload::Binary(data) => data.len(),
+    }
+}
+
 fn effect_name(effect: &Effect) -> &'static str {
     match effect {
         Effect::Reply(_) => "reply",
@@ -564,8 +893,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_reply_waits_for_room_and_gets_it_when_bytes_are_given_back() {
         let budget = Arc::new(ByteBudget::new(100));
-        assert!(budget.take(60));
-        assert!(!budget.take(60), "60 + 60 is over 100");
+        assert!(budget.try_take(60));
+        assert!(!budget.try_take(60), "60 + 60 is over 100");
         let waiting = tokio::spawn({
             let budget = budget.clone();
             async move { budget.take_when_room(60).await }
@@ -580,16 +909,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_reply_over_the_whole_budget_waits_for_an_empty_queue_only() {
         let budget = ByteBudget::new(100);
-        assert!(budget.take(500), "an empty queue takes any one reply");
-        assert!(!budget.take(1));
+        assert!(budget.try_take(500), "an empty queue takes any one reply");
+        assert!(!budget.try_take(1));
         budget.give_back(500);
-        assert!(budget.take(1));
+        assert!(budget.try_take(1));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_waiting_reply_stops_when_the_writer_stops() {
         let budget = Arc::new(ByteBudget::new(100));
-        assert!(budget.take(100));
+        assert!(budget.try_take(100));
         let waiting = tokio::spawn({
             let budget = budget.clone();
             async move { budget.take_when_room(1).await }

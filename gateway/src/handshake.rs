@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use runtime::{Connection, Context, Function, Registry};
+use runtime::{ConnectDecision, Connection, Context, Effect, Function, Registry};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::create_response;
@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use crate::auth::JwtVerifier;
 use crate::config::AuthSettings;
 use crate::connection::{Opened, Upgraded};
-use crate::router::Router;
+use crate::router::{Route, RouteTable};
 
 /// Most request headers parsed.
 const MAX_HEADERS: usize = 64;
@@ -25,8 +25,8 @@ const MAX_HEADERS: usize = 64;
 pub struct Upgrader {
     /// This node's id, the first part of every connection id.
     pub node_id: String,
-    /// Path to function.
-    pub router: Router,
+    /// Path to route.
+    pub routes: Arc<RouteTable>,
     /// The functions.
     pub registry: Arc<Registry>,
     /// Where tokens are, and the authorizer function.
@@ -45,7 +45,7 @@ pub struct Upgrader {
 
 /// A connection that completed the upgrade, boxed so that handing it on
 /// moves a pointer (an async fn keeps its arguments for its whole life).
-pub type Accepted<S> = Upgraded<S, Function>;
+pub type Accepted<S> = Upgraded<S, Registry>;
 
 /// Why an upgrade did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -96,14 +96,17 @@ struct RequestHead {
 }
 
 /// What the upgrade learned before answering.
-type Prepared = (
-    RequestHead,
-    Connection,
-    Arc<Function>,
-    String,
-    runtime::ConnectDecision,
-    Option<std::time::Instant>,
-);
+struct Prepared {
+    head: RequestHead,
+    conn: Connection,
+    route: Arc<Route>,
+    /// The `connect` function that admitted the client, if the route has
+    /// one.
+    connected_by: Option<Arc<Function>>,
+    /// What it asked for once the connection is open.
+    effects: Vec<Effect>,
+    expires_at: Option<std::time::Instant>,
+}
 
 impl Upgrader {
     /// Run the upgrade on `stream`. A `refusal` decided before the request
@@ -122,7 +125,14 @@ impl Upgrader {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         match self.prepare(&mut stream, peer, refusal).await {
-            Ok((head, conn, function, route, decision, expires_at)) => {
+            Ok(Prepared {
+                head,
+                conn,
+                route,
+                connected_by,
+                effects,
+                expires_at,
+            }) => {
                 let mut response = match create_response(&head.request) {
                     Ok(response) => response,
                     Err(e) => {
@@ -170,9 +180,12 @@ impl Upgrader {
                             claims: conn.claims,
                             state: conn.state,
                         },
-                        function,
+                        functions: self.registry.clone(),
                         route,
-                        effects: decision.effects,
+                        path: conn.path,
+                        remote_addr: conn.remote_addr,
+                        connected_by,
+                        effects,
                         expires_at,
                     },
                 }))
@@ -207,20 +220,25 @@ impl Upgrader {
         }
         check_origin(request, &self.allowed_origins)?;
         let path = request.uri().path().to_owned();
-        let Some(matched) = self.router.resolve(&path) else {
+        let Some(route) = self.routes.resolve(&path) else {
             return Err(Refusal::http(
                 404,
                 "no_route",
                 format!("no route serves {path}"),
             ));
         };
-        let route = matched.route.to_owned();
-        let Some(function) = self.registry.get(matched.function) else {
-            return Err(Refusal::http(
-                503,
-                "function_unavailable",
-                format!("function {} is not loaded", matched.function),
-            ));
+        let connect = match route.connect() {
+            Some(name) => match self.registry.get(name) {
+                Some(function) => Some(function),
+                None => {
+                    return Err(Refusal::http(
+                        503,
+                        "function_unavailable",
+                        format!("function {name} is not loaded"),
+                    ));
+                }
+            },
+            None => None,
         };
         let full_query: Vec<(String, String)> = request
             .uri()
@@ -278,7 +296,7 @@ impl Upgrader {
             .collect();
         let mut conn = Connection {
             id: format!("{}.{}", self.node_id, uuid::Uuid::now_v7().simple()),
-            route: route.clone(),
+            route: route.path().to_owned(),
             path,
             query,
             headers,
@@ -290,8 +308,19 @@ impl Upgrader {
         if let Some(name) = &auth.authorizer {
             self.authorize(name, &mut conn, request, full_query).await?;
         }
+        let Some(function) = connect else {
+            // No `connect` function: whoever passed authentication is in.
+            return Ok(Prepared {
+                head,
+                conn,
+                route,
+                connected_by: None,
+                effects: Vec::new(),
+                expires_at,
+            });
+        };
         let conn = Arc::new(conn);
-        let decision = function.on_connect(conn.clone()).await.map_err(|e| {
+        let decision: ConnectDecision = function.on_connect(conn.clone()).await.map_err(|e| {
             Refusal::http(
                 500,
                 "function_error",
@@ -319,7 +348,14 @@ impl Upgrader {
                 );
             }
         }
-        Ok((head, conn, function, route, decision, expires_at))
+        Ok(Prepared {
+            head,
+            conn,
+            route,
+            connected_by: Some(function),
+            effects: decision.effects,
+            expires_at,
+        })
     }
 
     /// Ask the authorizer function about `conn`: it sees every request header

@@ -31,8 +31,13 @@ pub struct Metrics {
     pub messages_sent: IntCounterVec,
     /// Payload bytes sent to clients, by route.
     pub bytes_sent: IntCounterVec,
-    /// Effects a function returned that this node does not carry out yet.
-    pub effects_unsupported: IntCounterVec,
+    /// Effects carried out, by effect.
+    pub effects: IntCounterVec,
+    /// Messages for a connection other than the caller's (`send`,
+    /// `broadcast`, the API, the push queue), by outcome.
+    pub deliveries: IntCounterVec,
+    /// Push queue messages, by outcome.
+    pub push: IntCounterVec,
     /// Messages the function failed on, by route and kind.
     pub message_failures: IntCounterVec,
     /// Certificate reloads after a file change, by outcome.
@@ -121,10 +126,20 @@ impl Metrics {
                 "Payload bytes sent to clients.",
                 &["route"],
             )?,
-            effects_unsupported: counter(
-                "tidegate_effects_unsupported_total",
-                "Effects returned by functions that this node does not carry out.",
+            effects: counter(
+                "tidegate_effects_total",
+                "Effects of functions carried out, by effect.",
                 &["effect"],
+            )?,
+            deliveries: counter(
+                "tidegate_deliveries_total",
+                "Messages for a connection from elsewhere (send, broadcast, the API, the push queue), by outcome (delivered; gone: no such connection; full: its send queue was full).",
+                &["outcome"],
+            )?,
+            push: counter(
+                "tidegate_push_total",
+                "Push queue messages, by outcome (delivered, gone, full, malformed).",
+                &["outcome"],
             )?,
             tls_reloads: counter(
                 "tidegate_tls_reloads_total",

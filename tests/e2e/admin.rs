@@ -67,22 +67,34 @@ async fn health_and_readiness_answer() {
 async fn the_management_api_needs_the_bearer_token() {
     let token = "0123456789abcdef-test-token";
     let gateway = Gateway::start(Options::default().env("TIDEGATE__ADMIN__TOKEN", token));
-    assert_eq!(gateway.admin_get("/v1/functions").await.0, 401);
+    let bearer = format!("Bearer {token}");
+    for path in [
+        "/v1/connections",
+        "/v1/groups/g",
+        "/v1/nope",
+        "/@connections/x",
+    ] {
+        let (status, body) = gateway.admin_get(path).await;
+        assert_eq!(status, 401, "{path}: {body}");
+        let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(error["error"], "unauthorized", "{path}: {body}");
+        let (status, _) = gateway
+            .admin_get_with(path, &[("Authorization", "Bearer wrong-token-0000000")])
+            .await;
+        assert_eq!(status, 401, "{path}");
+    }
     let (status, body) = gateway
-        .admin_get_with(
-            "/v1/functions",
-            &[("Authorization", &format!("Bearer {token}"))],
-        )
+        .admin_get_with("/v1/connections", &[("Authorization", &bearer)])
         .await;
     assert_eq!(status, 200, "{body}");
-    assert!(body.contains("\"name\":\"echo\""), "{body}");
-    let (status, _) = gateway
-        .admin_get_with(
-            "/v1/functions",
-            &[("Authorization", "Bearer wrong-token-0000000")],
-        )
+    assert_eq!(body, r#"{"connections":[]}"#);
+    let (status, body) = gateway
+        .admin_get_with("/v1/nope", &[("Authorization", &bearer)])
         .await;
-    assert_eq!(status, 401);
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("not-found"), "{body}");
+    // Probes and scrapers send no token.
+    assert_eq!(gateway.admin_get("/metrics").await.0, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{ConfigError, invalid, non_zero, parse_addr, positive};
+use super::{ConfigError, at_least, invalid, non_zero, parse_addr, positive};
 
 /// `[admin]` as written; `None` takes the default.
 #[derive(Debug, Default, Deserialize)]
@@ -23,6 +23,8 @@ pub(super) struct RawAdmin {
     /// `admin.header_timeout`, e.g. `10s`.
     #[serde(default, with = "humantime_serde")]
     header_timeout: Option<Duration>,
+    /// `admin.max_upload_size`, bytes.
+    max_upload_size: Option<usize>,
 }
 
 /// The admin listener. Its `Debug` shows no token.
@@ -39,6 +41,9 @@ pub struct AdminSettings {
     /// Longest a client may take to send a request head, also between
     /// requests on a kept-alive connection (`admin.header_timeout`).
     pub header_timeout: Duration,
+    /// Largest component `PUT /v1/functions/{name}` takes, in bytes
+    /// (`admin.max_upload_size`); a larger one is refused with 413.
+    pub max_upload_size: usize,
 }
 
 impl std::fmt::Debug for AdminSettings {
@@ -49,12 +54,14 @@ impl std::fmt::Debug for AdminSettings {
             token,
             max_connections,
             header_timeout,
+            max_upload_size,
         } = self;
         f.debug_struct("AdminSettings")
             .field("listen", listen)
             .field("token", &token.as_ref().map(|_| super::REDACTED))
             .field("max_connections", max_connections)
             .field("header_timeout", header_timeout)
+            .field("max_upload_size", max_upload_size)
             .finish()
     }
 }
@@ -69,6 +76,12 @@ impl AdminSettings {
     pub const MAX_CONNECTIONS: usize = 64;
     /// Default of `admin.header_timeout`.
     pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Default of `admin.max_upload_size`: 64 MiB, room for JavaScript and
+    /// Python components (12 to 18 MB).
+    pub const MAX_UPLOAD_SIZE: usize = 64 << 20;
+    /// Least `admin.max_upload_size`: the smallest useful component is
+    /// tens of kilobytes.
+    pub const MIN_UPLOAD_SIZE: usize = 1 << 10;
 }
 
 impl RawAdmin {
@@ -101,6 +114,32 @@ impl RawAdmin {
                 self.header_timeout,
                 AdminSettings::HEADER_TIMEOUT,
             )?,
+            max_upload_size: at_least(
+                "admin.max_upload_size",
+                self.max_upload_size,
+                AdminSettings::MAX_UPLOAD_SIZE,
+                AdminSettings::MIN_UPLOAD_SIZE,
+            )?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Settings;
+    use super::super::tests::MINIMAL;
+
+    #[test]
+    fn uploads_are_limited_to_64_mib_unless_set() {
+        let settings = Settings::from_toml(MINIMAL, vec![], false).unwrap();
+        assert_eq!(settings.admin.max_upload_size, 64 << 20);
+        let text = format!("{MINIMAL}\n[admin]\nmax_upload_size = 2097152\n");
+        let settings = Settings::from_toml(&text, vec![], false).unwrap();
+        assert_eq!(settings.admin.max_upload_size, 2 << 20);
+        let text = format!("{MINIMAL}\n[admin]\nmax_upload_size = 10\n");
+        let error = Settings::from_toml(&text, vec![], false)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("admin.max_upload_size"), "{error}");
     }
 }

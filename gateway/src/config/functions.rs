@@ -8,7 +8,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{ConfigError, invalid, is_plain_name};
+use super::{ConfigError, invalid};
+use crate::router::{self, Route, RouteSpec};
 
 /// The functions bundled into the binary, by name, with their components:
 /// `wasm = "builtin:<name>"` picks one. The one list both validation and
@@ -50,10 +51,11 @@ pub(super) fn validate_functions(
 ) -> Result<BTreeMap<String, FunctionSource>, ConfigError> {
     let mut functions = BTreeMap::new();
     for (name, function) in raw {
-        if !is_plain_name(&name) {
+        if !router::is_function_name(&name) {
             return Err(invalid(
                 format!("functions.{name}"),
-                "function names may only use letters, digits, '-' and '_'",
+                "a function name is lower-case letters, digits and '-', starting with a letter \
+                 or digit, at most 63 characters",
             ));
         }
         let source = match function.wasm.strip_prefix(BUILTIN_PREFIX) {
@@ -77,22 +79,70 @@ pub(super) fn validate_functions(
     Ok(functions)
 }
 
-/// A route's path, at `key`: it starts with '/', has no query or fragment,
-/// and does not end with '/' unless it is "/".
-pub(super) fn validate_route_path(key: &str, path: &str) -> Result<(), ConfigError> {
-    if !path.starts_with('/') || path.contains(['?', '#']) {
-        return Err(invalid(
-            key,
-            "a route is a path starting with '/', without query",
-        ));
+/// `[routes]` as written: `"/chat" = "chat"` (one function for every
+/// event) or a table with the long form (`connect`, `disconnect`,
+/// `default`, `selection`, `routes`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawRoute {
+    /// `"/chat" = "chat"`.
+    Short(String),
+    /// `[routes."/chat"]` with the long form's keys.
+    Long(RawLongRoute),
+}
+
+/// The long form of a route in the config file (its path is the key).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLongRoute {
+    connect: Option<String>,
+    disconnect: Option<String>,
+    default: Option<String>,
+    selection: Option<String>,
+    #[serde(default)]
+    routes: BTreeMap<String, String>,
+}
+
+/// The route at `path`, validated; every function it names must be one of
+/// `functions`.
+pub(super) fn validate_route(
+    path: &str,
+    raw: RawRoute,
+    functions: &BTreeMap<String, FunctionSource>,
+) -> Result<Route, ConfigError> {
+    let key = format!("routes.\"{path}\"");
+    let spec = match raw {
+        RawRoute::Short(function) => RouteSpec {
+            path: path.to_owned(),
+            function: Some(function),
+            ..RouteSpec::default()
+        },
+        RawRoute::Long(long) => RouteSpec {
+            path: path.to_owned(),
+            function: None,
+            connect: long.connect,
+            disconnect: long.disconnect,
+            default: long.default,
+            selection: long.selection,
+            routes: long.routes,
+        },
+    };
+    let route = Route::new(spec).map_err(|e| {
+        if e.field == "path" {
+            invalid(&key, e.message)
+        } else {
+            invalid(format!("{key}.{}", e.field), e.message)
+        }
+    })?;
+    for function in route.functions() {
+        if !functions.contains_key(function) {
+            return Err(invalid(
+                key,
+                format!("function {function:?} is not defined under [functions]"),
+            ));
+        }
     }
-    if path.len() > 1 && path.ends_with('/') {
-        return Err(invalid(
-            key,
-            "a route must not end with '/' (except \"/\" itself)",
-        ));
-    }
-    Ok(())
+    Ok(route)
 }
 
 #[cfg(test)]

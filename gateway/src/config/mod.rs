@@ -115,9 +115,9 @@ struct RawConfig {
     /// `[functions.<name>]`.
     #[serde(default)]
     functions: BTreeMap<String, functions::RawFunction>,
-    /// `[routes]`: path to function name.
+    /// `[routes]`: path to function name, or to the long form.
     #[serde(default)]
-    routes: BTreeMap<String, String>,
+    routes: BTreeMap<String, functions::RawRoute>,
 }
 
 /// Everything the gateway needs, validated.
@@ -142,12 +142,15 @@ pub struct Settings {
     /// Longest pause before the next message of a client whose messages
     /// keep making the function fail (`runtime.fault_backoff`).
     pub fault_backoff: Duration,
+    /// Largest state a function may keep per connection
+    /// (`runtime.max_state_size`).
+    pub max_state_size: usize,
     /// Authentication on connect.
     pub auth: AuthSettings,
     /// Functions by name.
     pub functions: BTreeMap<String, FunctionSource>,
-    /// Route path to function name.
-    pub routes: BTreeMap<String, String>,
+    /// The routes of the config file.
+    pub routes: Vec<crate::router::Route>,
     /// Whether `--dev` was given.
     pub dev: bool,
 }
@@ -259,18 +262,15 @@ impl RawConfig {
                 DEV_FUNCTION.into(),
                 FunctionSource::Builtin(DEV_FUNCTION.into()),
             );
-            routes.insert(DEV_ROUTE.into(), DEV_FUNCTION.into());
+            routes.insert(
+                DEV_ROUTE.into(),
+                functions::RawRoute::Short(DEV_FUNCTION.into()),
+            );
         }
-        for (path, function) in &routes {
-            let key = format!("routes.\"{path}\"");
-            functions::validate_route_path(&key, path)?;
-            if !functions.contains_key(function) {
-                return Err(invalid(
-                    key,
-                    format!("function {function:?} is not defined under [functions]"),
-                ));
-            }
-        }
+        let routes = routes
+            .into_iter()
+            .map(|(path, raw)| functions::validate_route(&path, raw, &functions))
+            .collect::<Result<Vec<_>, _>>()?;
         if let Some(authorizer) = &auth.authorizer
             && !functions.contains_key(authorizer)
         {
@@ -294,6 +294,7 @@ impl RawConfig {
             runtime: runtime.limits,
             on_error: runtime.on_error,
             fault_backoff: runtime.fault_backoff,
+            max_state_size: runtime.max_state_size,
             auth,
             functions,
             routes,
@@ -432,7 +433,14 @@ mod tests {
             settings.queue.spool_dir,
             PathBuf::from("/var/lib/tidegate/spool")
         );
-        assert_eq!(settings.routes.get("/").map(String::as_str), Some("echo"));
+        assert_eq!(
+            settings
+                .routes
+                .iter()
+                .map(|r| (r.path(), r.connect()))
+                .collect::<Vec<_>>(),
+            vec![("/", Some("echo"))]
+        );
         assert_eq!(settings.runtime.long_call_after, Duration::from_millis(1));
         assert!(
             settings.runtime.long_call_lowest_priority,
@@ -660,7 +668,14 @@ mod tests {
             ServerSettings::DEV_LISTEN.parse().unwrap()
         );
         assert!(settings.tls.is_none());
-        assert_eq!(settings.routes.get("/").map(String::as_str), Some("echo"));
+        assert_eq!(
+            settings
+                .routes
+                .iter()
+                .map(|r| (r.path(), r.connect()))
+                .collect::<Vec<_>>(),
+            vec![("/", Some("echo"))]
+        );
         assert_eq!(
             settings.functions.get("echo"),
             Some(&FunctionSource::Builtin("echo".into()))

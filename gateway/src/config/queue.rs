@@ -18,6 +18,11 @@ pub(super) struct RawQueue {
     url: Option<String>,
     /// `queue.queue`: the queue's name.
     queue: Option<String>,
+    /// `queue.exchange`: where `publish` effects go.
+    exchange: Option<String>,
+    /// `queue.push_queue`: messages for connections and groups; `""`
+    /// turns it off.
+    push_queue: Option<String>,
     /// `queue.mode`: `receipt`, `async` or `off`.
     #[serde(default, deserialize_with = "super::word")]
     mode: Option<QueueMode>,
@@ -62,6 +67,12 @@ pub struct QueueSettings {
     pub url: String,
     /// The durable queue copies go to (default exchange, routing key = name).
     pub queue: String,
+    /// The exchange a function's `publish` effect goes to, with the
+    /// function's routing key.
+    pub exchange: String,
+    /// The durable queue whose messages the gateway delivers to
+    /// connections and groups; `None` when off.
+    pub push_queue: Option<String>,
     /// When replies are sent relative to the copy.
     pub mode: QueueMode,
     /// Most copies published and not yet confirmed.
@@ -85,6 +96,8 @@ impl std::fmt::Debug for QueueSettings {
         let Self {
             url,
             queue,
+            exchange,
+            push_queue,
             mode,
             max_in_flight,
             spool_dir,
@@ -96,6 +109,8 @@ impl std::fmt::Debug for QueueSettings {
         f.debug_struct("QueueSettings")
             .field("url", &redact_url(url))
             .field("queue", queue)
+            .field("exchange", exchange)
+            .field("push_queue", push_queue)
             .field("mode", mode)
             .field("max_in_flight", max_in_flight)
             .field("spool_dir", spool_dir)
@@ -130,6 +145,11 @@ impl QueueSettings {
     pub const QUEUE: &str = "tidegate.messages";
     /// Longest queue name, in bytes (an AMQP short string).
     pub const MAX_QUEUE_NAME: usize = 255;
+    /// Default of `queue.exchange`: the broker's topic exchange, which every
+    /// RabbitMQ has; bind queues to it by routing key.
+    pub const EXCHANGE: &str = "amq.topic";
+    /// Default of `queue.push_queue`.
+    pub const PUSH_QUEUE: &str = "tidegate.push";
     /// Queue names with this prefix are the broker's own.
     pub const RESERVED_QUEUE_PREFIX: &str = "amq.";
     /// Default of `queue.mode`.
@@ -161,22 +181,38 @@ impl RawQueue {
             return Err(invalid("queue.url", "must start with amqp:// or amqps://"));
         }
         let queue = self.queue.unwrap_or_else(|| QueueSettings::QUEUE.into());
-        if queue.is_empty()
-            || queue.len() > QueueSettings::MAX_QUEUE_NAME
-            || queue.starts_with(QueueSettings::RESERVED_QUEUE_PREFIX)
-        {
+        check_queue_name("queue.queue", &queue)?;
+        let push_queue = match self.push_queue {
+            None => Some(QueueSettings::PUSH_QUEUE.to_owned()),
+            Some(name) if name.is_empty() => None,
+            Some(name) => {
+                check_queue_name("queue.push_queue", &name)?;
+                if name == queue {
+                    return Err(invalid(
+                        "queue.push_queue",
+                        "must differ from queue.queue: the gateway would deliver its own copies",
+                    ));
+                }
+                Some(name)
+            }
+        };
+        let exchange = self
+            .exchange
+            .unwrap_or_else(|| QueueSettings::EXCHANGE.into());
+        if exchange.len() > QueueSettings::MAX_QUEUE_NAME {
             return Err(invalid(
-                "queue.queue",
+                "queue.exchange",
                 format!(
-                    "{queue:?}: a queue name is 1 to {} bytes and may not start with {:?}",
-                    QueueSettings::MAX_QUEUE_NAME,
-                    QueueSettings::RESERVED_QUEUE_PREFIX
+                    "an exchange name is at most {} bytes",
+                    QueueSettings::MAX_QUEUE_NAME
                 ),
             ));
         }
         Ok(QueueSettings {
             url,
             queue,
+            exchange,
+            push_queue,
             mode: self.mode.unwrap_or(QueueSettings::MODE),
             max_in_flight: non_zero(
                 "queue.max_in_flight",
@@ -220,6 +256,24 @@ impl RawQueue {
     }
 }
 
+/// A queue name of ours, at `key`.
+fn check_queue_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty()
+        || name.len() > QueueSettings::MAX_QUEUE_NAME
+        || name.starts_with(QueueSettings::RESERVED_QUEUE_PREFIX)
+    {
+        return Err(invalid(
+            key,
+            format!(
+                "{name:?}: a queue name is 1 to {} bytes and may not start with {:?}",
+                QueueSettings::MAX_QUEUE_NAME,
+                QueueSettings::RESERVED_QUEUE_PREFIX
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::Settings;
@@ -243,5 +297,23 @@ mod tests {
             let error = mode(bad).unwrap_err().to_string();
             assert!(error.contains("queue.mode"), "{bad}: {error}");
         }
+    }
+
+    #[test]
+    fn the_push_queue_and_exchange_have_defaults_and_can_be_turned_off() {
+        let queue = |extra: &str| {
+            Settings::from_toml(&format!("{MINIMAL}\n[queue]\n{extra}\n"), vec![], false)
+                .map(|settings| settings.queue)
+        };
+        let defaults = queue("").unwrap();
+        assert_eq!(defaults.push_queue.as_deref(), Some("tidegate.push"));
+        assert_eq!(defaults.exchange, "amq.topic");
+        assert_eq!(queue("push_queue = \"\"").unwrap().push_queue, None);
+        let error = queue("push_queue = \"tidegate.messages\"")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("queue.push_queue"), "{error}");
+        let error = queue("push_queue = \"amq.x\"").unwrap_err().to_string();
+        assert!(error.contains("queue.push_queue"), "{error}");
     }
 }

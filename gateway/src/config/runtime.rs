@@ -19,6 +19,13 @@ const ON_ERROR: OnError = OnError::Reply;
 /// Default of `runtime.fault_backoff`.
 const FAULT_BACKOFF: Duration = Duration::from_secs(1);
 
+/// Default of `runtime.max_state_size`: 64 KiB.
+const MAX_STATE_SIZE: usize = 64 << 10;
+
+/// Most `runtime.max_state_size`: 16 MiB (the state is copied into the
+/// function for every message).
+const MAX_MAX_STATE_SIZE: usize = 16 << 20;
+
 /// Default of `runtime.artifact_dir`, under `server.state_dir`.
 const ARTIFACT_DIR: &str = "artifacts";
 
@@ -72,6 +79,8 @@ pub(super) struct RawRuntime {
     /// `runtime.on_error`: `reply` or `close`.
     #[serde(default, deserialize_with = "super::word")]
     on_error: Option<OnError>,
+    /// `runtime.max_state_size`, bytes per connection.
+    max_state_size: Option<usize>,
     /// `runtime.fault_backoff`, e.g. `1s`.
     #[serde(default, with = "humantime_serde")]
     fault_backoff: Option<Duration>,
@@ -110,6 +119,8 @@ pub(super) struct RuntimeSection {
     pub(super) on_error: OnError,
     /// `runtime.fault_backoff`.
     pub(super) fault_backoff: Duration,
+    /// `runtime.max_state_size`.
+    pub(super) max_state_size: usize,
 }
 
 impl RawRuntime {
@@ -117,6 +128,13 @@ impl RawRuntime {
     pub(super) fn validate(self, state_dir: &Path) -> Result<RuntimeSection, ConfigError> {
         let on_error = self.on_error.unwrap_or(ON_ERROR);
         let fault_backoff = positive("runtime.fault_backoff", self.fault_backoff, FAULT_BACKOFF)?;
+        let max_state_size = self.max_state_size.unwrap_or(MAX_STATE_SIZE);
+        if max_state_size > MAX_MAX_STATE_SIZE {
+            return Err(invalid(
+                "runtime.max_state_size",
+                format!("{max_state_size} is over the most, {MAX_MAX_STATE_SIZE} (16 MiB)"),
+            ));
+        }
         let defaults = RuntimeConfig::default();
         let nz = |key: &str, value: Option<u32>, default: NonZeroU32| match value {
             None => Ok(default),
@@ -219,6 +237,7 @@ impl RawRuntime {
             limits,
             on_error,
             fault_backoff,
+            max_state_size,
         })
     }
 }

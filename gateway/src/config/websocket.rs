@@ -25,6 +25,8 @@ pub(super) struct RawWebSocket {
     send_queue: Option<usize>,
     /// `websocket.send_queue_bytes`, bytes.
     send_queue_bytes: Option<usize>,
+    /// `websocket.max_groups`, per connection.
+    max_groups: Option<usize>,
     /// `websocket.max_request_head`, bytes.
     max_request_head: Option<usize>,
     /// `websocket.forward_headers`: header names.
@@ -61,6 +63,8 @@ pub struct WebSocketSettings {
     /// waits (`websocket.send_queue_bytes`): with `send_queue`, a bound in
     /// bytes as well as in count.
     pub send_queue_bytes: usize,
+    /// Most groups one connection may be in (`websocket.max_groups`).
+    pub max_groups: NonZeroUsize,
     /// Largest HTTP upgrade request head, in bytes; larger gets 431.
     pub max_request_head: usize,
     /// Request headers passed to functions (lower-case names).
@@ -99,6 +103,8 @@ impl WebSocketSettings {
     /// Default of `websocket.send_queue_bytes` (raised to
     /// `websocket.max_message_size` when that is larger).
     pub const SEND_QUEUE_BYTES: usize = 1 << 20;
+    /// Default of `websocket.max_groups`.
+    pub const MAX_GROUPS: usize = 64;
     /// Most `websocket.send_queue_bytes`: the queue counts bytes in a `u32`.
     pub const MAX_SEND_QUEUE_BYTES: usize = u32::MAX as usize;
     /// Default of `websocket.max_request_head`: 8 KiB.
@@ -184,6 +190,11 @@ impl RawWebSocket {
                 }
                 bytes
             },
+            max_groups: non_zero(
+                "websocket.max_groups",
+                self.max_groups,
+                WebSocketSettings::MAX_GROUPS,
+            )?,
             max_request_head: at_least(
                 "websocket.max_request_head",
                 self.max_request_head,

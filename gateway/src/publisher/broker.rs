@@ -122,6 +122,8 @@ pub struct AmqpLink {
     channel: lapin::Channel,
     /// The queue's name, also the routing key on the default exchange.
     queue: ShortString,
+    /// Where functions' `publish` effects go (`queue.exchange`).
+    exchange: ShortString,
 }
 
 impl AmqpLink {
@@ -176,6 +178,7 @@ impl AmqpLink {
             connection,
             channel,
             queue: settings.queue.as_str().into(),
+            exchange: settings.exchange.as_str().into(),
         })
     }
 
@@ -208,14 +211,25 @@ impl AmqpLink {
             .with_content_type(message.content_type().into())
             .with_headers(headers);
         let channel = self.channel.clone();
-        let queue = self.queue.clone();
+        // A copy goes to the durable queue, and must reach it (mandatory:
+        // an unroutable copy comes back). A function's `publish` goes to
+        // the exchange with its routing key, where the broker's bindings
+        // decide; with none, the broker drops it, as a topic would.
+        let (exchange, routing_key, mandatory) = match &message.routing_key {
+            None => (ShortString::from(""), self.queue.clone(), true),
+            Some(key) => (
+                self.exchange.clone(),
+                ShortString::from(key.as_str()),
+                false,
+            ),
+        };
         Box::pin(async move {
             let confirm = channel
                 .basic_publish(
-                    ShortString::from(""),
-                    queue,
+                    exchange,
+                    routing_key,
                     BasicPublishOptions {
-                        mandatory: true,
+                        mandatory,
                         immediate: false,
                     },
                     &message.body,

@@ -4,7 +4,7 @@
 //! Layout of `queue.spool_dir`:
 //! - `spool.log`: records appended in arrival order. A record is a 4-byte
 //!   little-endian body length, the body's 4-byte CRC-32, then the body
-//!   (a postcard-encoded [`QueueMessage`]).
+//!   (a [`QueueMessage`] as [`QueueMessage::encode`] writes it).
 //! - `spool.head`: the offset of the first record the broker has not
 //!   confirmed yet (8 bytes, little-endian). Records before it are done.
 //! - `lock`: held exclusively while a gateway uses the directory.
@@ -430,7 +430,9 @@ impl Spool {
     /// record and those appended before it since the last sync, is then
     /// dropped, and none of them is stored.
     pub fn append(&mut self, message: &QueueMessage) -> Result<(), SpoolError> {
-        let body = postcard::to_stdvec(message).map_err(|e| self.io_error(io::Error::other(e)))?;
+        let body = message
+            .encode()
+            .map_err(|e| self.io_error(io::Error::other(e)))?;
         let record_len = HEADER + body.len() as u64;
         if !self.fits(record_len) {
             self.refused = true;
@@ -564,7 +566,7 @@ impl Spool {
             return Ok(None);
         }
         match read_record(&mut self.reader, offset) {
-            Ok(Some((body, next))) => match postcard::from_bytes(&body) {
+            Ok(Some((body, next))) => match QueueMessage::decode(&body) {
                 Ok(message) => Ok(Some((message, next))),
                 Err(e) => Err(self.io_error(io::Error::new(io::ErrorKind::InvalidData, e))),
             },
@@ -681,7 +683,7 @@ impl Spool {
                 break None;
             }
             match read_record(&mut self.reader, offset) {
-                Ok(Some((body, next))) if postcard::from_bytes::<QueueMessage>(&body).is_ok() => {
+                Ok(Some((body, next))) if QueueMessage::decode(&body).is_ok() => {
                     offset = next;
                     messages += 1;
                 }
@@ -806,10 +808,12 @@ pub fn record_bound(message: &QueueMessage) -> u64 {
         function,
         function_version,
         node,
+        routing_key,
     } = message;
     const VARINT: u64 = 10;
-    // The timestamp (a varint) and the text flag (one byte).
-    let fixed = VARINT + 1;
+    // The version byte, the timestamp (a varint), the text flag and the
+    // routing key's tag (one byte each).
+    let fixed = 1 + VARINT + 1 + 1;
     let variable = [
         message_id.len(),
         body.len(),
@@ -818,6 +822,7 @@ pub fn record_bound(message: &QueueMessage) -> u64 {
         function.len(),
         function_version.len(),
         node.len(),
+        routing_key.as_ref().map_or(0, String::len),
     ]
     .iter()
     .map(|len| VARINT + *len as u64)

@@ -18,6 +18,8 @@ fn settings(dir: &Path) -> QueueSettings {
     QueueSettings {
         url: "amqp://scripted".into(),
         queue: "tidegate.test".into(),
+        exchange: "amq.topic".into(),
+        push_queue: None,
         mode: QueueMode::Receipt,
         max_in_flight: NonZeroUsize::new(8).unwrap(),
         spool_dir: dir.to_path_buf(),

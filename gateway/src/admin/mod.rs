@@ -1,5 +1,9 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz`, and the
-//! management API under `/v1/` behind a bearer token.
+//! management API under `/v1/` (and API Gateway's `/@connections/`)
+//! behind a bearer token.
+//!
+//! - [`api`]: the token and JSON errors every management endpoint shares.
+//! - `connections`: `/v1/connections`, `/@connections`, `/v1/groups`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,7 +12,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper::server::conn::http1;
@@ -16,14 +20,18 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use runtime::Registry;
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::publisher::Publisher;
+use crate::router::RouteTable;
+
+pub mod api;
+mod connections;
 
 /// What the admin endpoints read.
 #[derive(Clone)]
@@ -32,8 +40,14 @@ pub struct AdminState {
     pub metrics: Metrics,
     /// Its readiness feeds `/readyz`; `None` when copies are off.
     pub publisher: Option<Publisher>,
-    /// Listed by `/v1/functions`.
+    /// The functions this node serves.
     pub registry: Arc<Registry>,
+    /// The routes, changed through `/v1/routes`.
+    pub routes: Arc<RouteTable>,
+    /// The connections and groups of `/v1/connections`, `/v1/groups`.
+    pub hub: Arc<Hub>,
+    /// Largest message sent to a connection (`websocket.max_message_size`).
+    pub max_message_size: usize,
     /// True once the WebSocket listener accepts, false again on shutdown.
     pub accepting: Arc<AtomicBool>,
     /// Bearer token of `/v1/`; `None` turns the management API off.
@@ -81,7 +95,13 @@ fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/v1/functions", get(functions))
+        .merge(connections::router(state.max_message_size))
+        .route("/v1", axum::routing::any(api::no_such_path))
+        .route("/v1/{*rest}", axum::routing::any(api::no_such_path))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            api::guard,
+        ))
         .with_state(state)
 }
 
@@ -190,61 +210,6 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         Some(_) => "broker unreachable, spooling",
     };
     (StatusCode::OK, format!("ready ({copies})\n")).into_response()
-}
-
-async fn functions(State(state): State<AdminState>, headers: HeaderMap) -> Response {
-    if let Err(response) = authorize(&state, &headers) {
-        return response;
-    }
-    let mut list: Vec<serde_json::Value> = state
-        .registry
-        .all()
-        .iter()
-        .map(|function| {
-            serde_json::json!({
-                "name": function.name(),
-                "version": function.version(),
-                "instances": function.live_instances(),
-                "loaded": function.is_loaded(),
-            })
-        })
-        .collect();
-    list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        serde_json::json!({ "functions": list }).to_string(),
-    )
-        .into_response()
-}
-
-/// Check `Authorization: Bearer <admin.token>`, in constant time.
-#[expect(
-    clippy::result_large_err,
-    reason = "the error is the response to send, built only for a refused request"
-)]
-fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Response> {
-    let Some(token) = &state.token else {
-        return Err((
-            StatusCode::NOT_FOUND,
-            "the management API is off: set admin.token to turn it on\n",
-        )
-            .into_response());
-    };
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
-        Ok(())
-    } else {
-        Err((
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            "missing or wrong bearer token\n",
-        )
-            .into_response())
-    }
 }
 
 #[cfg(test)]

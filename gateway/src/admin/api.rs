@@ -1,0 +1,170 @@
+//! What every management endpoint shares: the bearer token in front of
+//! `/v1/` and `/@connections/`, and errors as JSON
+//! (`{"error": kind, "message": ...}`) with a status that fits.
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use subtle::ConstantTimeEq;
+
+use super::AdminState;
+
+/// A refused management request: its status, a short kind and a message
+/// naming the cause.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// A short word for programs (`not-found`, `conflict`, ...).
+    pub kind: &'static str,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with this status and kind.
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// 400: the request is malformed.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad-request", message)
+    }
+
+    /// 404: nothing there.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not-found", message)
+    }
+
+    /// 409: the change conflicts with the current state.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
+    /// 410: the connection is unknown or gone (as API Gateway answers).
+    pub fn gone(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::GONE, "gone", message)
+    }
+
+    /// 413: the body is over a limit.
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", message)
+    }
+
+    /// 500: the gateway failed; the detail is in its log.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": self.kind, "message": self.message });
+        let mut response = json(self.status, &body);
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("valid"));
+        }
+        response
+    }
+}
+
+/// A JSON response.
+pub fn json(status: StatusCode, body: &impl serde::Serialize) -> Response {
+    match serde_json::to_vec(body) {
+        Ok(bytes) => (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+/// Whether `path` is behind the token.
+fn guarded(path: &str) -> bool {
+    path == "/v1" || path.starts_with("/v1/") || path.starts_with("/@connections")
+}
+
+/// The token in front of the management paths: every request under
+/// `/v1/` and `/@connections/` (matched or not) needs
+/// `Authorization: Bearer <admin.token>`; without a token configured
+/// they are all 404.
+pub async fn guard(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+    if guarded(request.uri().path())
+        && let Err(error) = authorize(state.token.as_deref(), request.headers())
+    {
+        return error.into_response();
+    }
+    next.run(request).await
+}
+
+/// Check `Authorization: Bearer <token>`, in constant time.
+fn authorize(token: Option<&str>, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = token else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "api-off",
+            "the management API is off: set admin.token to turn it on",
+        ));
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token (Authorization: Bearer <admin.token>)",
+        ))
+    }
+}
+
+/// The answer for a management path nobody serves.
+pub async fn no_such_path(request: Request) -> Response {
+    ApiError::not_found(format!(
+        "no such endpoint: {} {}",
+        request.method(),
+        request.uri().path()
+    ))
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_guards_every_management_path_and_nothing_else() {
+        for path in ["/v1", "/v1/functions", "/v1/nope", "/@connections/x"] {
+            assert!(guarded(path), "{path}");
+        }
+        for path in ["/metrics", "/healthz", "/readyz", "/v10", "/"] {
+            assert!(!guarded(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn a_missing_or_wrong_token_is_refused_and_the_right_one_passes() {
+        let mut headers = HeaderMap::new();
+        let refused = authorize(Some("secret-token"), &headers).unwrap_err();
+        assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+        headers.insert(header::AUTHORIZATION, "Bearer wrong".parse().unwrap());
+        assert!(authorize(Some("secret-token"), &headers).is_err());
+        headers.insert(
+            header::AUTHORIZATION,
+            "Bearer secret-token".parse().unwrap(),
+        );
+        assert!(authorize(Some("secret-token"), &headers).is_ok());
+        let off = authorize(None, &headers).unwrap_err();
+        assert_eq!(off.status, StatusCode::NOT_FOUND);
+        assert!(!off.message.contains("secret"), "{}", off.message);
+    }
+}
