@@ -1,0 +1,576 @@
+//! The catalog: the functions, versions and routes the management API
+//! changes, kept on disk under `server.state_dir` and back after a
+//! restart.
+//!
+//! A change is checked first, then written to disk, then made in the
+//! registry and the route table, one change at a time (one lock): a change
+//! refused or failing to persist leaves everything as it was. Functions and
+//! routes of the config file are the file's: the API lists them but does
+//! not change them.
+//!
+//! - [`disk`]: the files (components by digest, the index), written
+//!   atomically.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use runtime::registry::{self, VersionError};
+use runtime::{Function, LoadError, Registry};
+use tokio::sync::{Mutex, Semaphore, SemaphorePermit};
+
+use crate::router::{Origin, Route, RouteError, RouteSpec, RouteTable, TableError};
+
+pub mod disk;
+
+use disk::{Disk, DiskError, FunctionRecord, Index, VersionRecord};
+
+/// Longest an upload waits for the one compilation slot before it is
+/// refused as busy.
+pub const UPLOAD_WAIT: Duration = Duration::from_secs(60);
+
+/// The functions and routes the management API changes.
+pub struct Catalog {
+    /// Where uploads and API routes are kept.
+    disk: Disk,
+    /// The index as on disk. Held across a whole change, so changes happen
+    /// one at a time and each is checked against what it changes.
+    index: Mutex<Index>,
+    /// The functions, their versions and the live ones.
+    registry: Arc<Registry>,
+    /// The routes.
+    routes: Arc<RouteTable>,
+    /// The config file's functions: not changed through the API.
+    config_functions: BTreeSet<String>,
+    /// Largest component accepted, in bytes (`admin.max_upload_size`).
+    max_upload_size: usize,
+    /// One upload read and compiled at a time: a component can take
+    /// seconds of all cores and hundreds of megabytes to compile, so
+    /// parallel uploads would only compete, and could exhaust memory.
+    uploads: Semaphore,
+}
+
+/// A function or route change that was refused, or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// The name is not a function name.
+    #[error(
+        "{0:?} is not a function name: lower-case letters, digits and '-', starting with a \
+         letter or digit, at most 63 characters"
+    )]
+    BadName(String),
+    /// The function is the config file's.
+    #[error(
+        "function {0:?} is defined in the config file: change it there (the API cannot change or \
+         delete it, nor upload under its name)"
+    )]
+    ConfigFunction(String),
+    /// A version change that does not fit (unknown, live).
+    #[error(transparent)]
+    Version(#[from] VersionError),
+    /// The function is still named by routes.
+    #[error("function {function:?} is used by the routes {}: change or delete them first", .paths.join(", "))]
+    InUse {
+        /// The function.
+        function: String,
+        /// The paths of the routes that name it.
+        paths: Vec<String>,
+    },
+    /// The component is too large.
+    #[error("the component is larger than admin.max_upload_size ({limit} bytes)")]
+    TooLarge {
+        /// `admin.max_upload_size`.
+        limit: usize,
+    },
+    /// Another upload kept the compilation slot for too long.
+    #[error(
+        "another upload is being compiled and did not finish within {}s: try again later",
+        UPLOAD_WAIT.as_secs()
+    )]
+    Busy,
+    /// The body is not a Tidegate handler component.
+    #[error("{0}")]
+    Invalid(LoadError),
+    /// The route spec is not valid.
+    #[error("route {0}")]
+    BadRoute(RouteError),
+    /// The route names a function that is not there.
+    #[error(
+        "route {path}: function {function:?} does not exist or has no live version: upload it first"
+    )]
+    MissingFunction {
+        /// The route's path.
+        path: String,
+        /// The function it names.
+        function: String,
+    },
+    /// The route is the config file's, or there is none at that path.
+    #[error(transparent)]
+    Route(#[from] TableError),
+    /// The change could not be kept on disk; nothing was changed.
+    #[error("{0}")]
+    Disk(#[from] DiskError),
+    /// The function could not be loaded (its artifact cannot be written).
+    #[error("{0}")]
+    Load(LoadError),
+}
+
+/// A version after an upload.
+pub struct Uploaded {
+    /// The version.
+    pub function: Arc<Function>,
+    /// Whether it is new (else that exact component already was one).
+    pub created: bool,
+    /// When it was first uploaded.
+    pub created_at: SystemTime,
+}
+
+/// What start-up restored from disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Functions uploaded.
+    pub functions: usize,
+    /// Their versions.
+    pub versions: usize,
+    /// Routes added through the API.
+    pub routes: usize,
+}
+
+/// Why the catalog cannot be restored at start-up. Each names the file or
+/// the setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// A file cannot be read, or is damaged.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// A function uploaded earlier cannot be loaded.
+    #[error("{}: {source}", .index.display())]
+    Load {
+        /// The index naming it.
+        index: std::path::PathBuf,
+        /// Why.
+        source: LoadError,
+    },
+    /// The config file and the uploads both define something.
+    #[error(
+        "{what} is defined in the config file and was also added through the API ({}): \
+         remove it from the config file, or delete it through the API without it in the file",
+        .index.display()
+    )]
+    Conflict {
+        /// What both define.
+        what: String,
+        /// The index.
+        index: std::path::PathBuf,
+    },
+    /// A route of the index is not valid, or names a function not there.
+    #[error("{}: route {path}: {reason}", .index.display())]
+    Route {
+        /// The index.
+        index: std::path::PathBuf,
+        /// The route's path.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl Catalog {
+    /// Open the catalog under `state_dir` and restore what it holds into
+    /// `registry` and `routes`, which already hold the config file's
+    /// functions (`config_functions`) and routes. Versions that are not
+    /// live are not loaded before their first use; live ones are loaded
+    /// from their precompiled artifact when it is still good.
+    ///
+    /// Anything damaged stops start-up with an error naming the file:
+    /// serving without some uploaded functions would answer clients with
+    /// 404s or an old version, and the next change would write the loss
+    /// to disk.
+    ///
+    /// # Errors
+    /// A [`RestoreError`] naming the file or setting at fault.
+    pub async fn open(
+        state_dir: &Path,
+        registry: Arc<Registry>,
+        routes: Arc<RouteTable>,
+        config_functions: BTreeSet<String>,
+        max_upload_size: usize,
+    ) -> Result<(Self, Restored), RestoreError> {
+        let disk = Disk::open(state_dir)?;
+        let index = disk.read_index()?;
+        let index_path = disk.index_path();
+        let mut restored = Restored::default();
+        for (name, function) in &index.functions {
+            if config_functions.contains(name) {
+                return Err(RestoreError::Conflict {
+                    what: format!("function {name:?}"),
+                    index: index_path,
+                });
+            }
+            for version in &function.versions {
+                let wasm = disk.read_component(name, version)?;
+                let created =
+                    humantime::parse_rfc3339(&version.created).map_err(|e| DiskError::Corrupt {
+                        path: index_path.clone(),
+                        reason: format!(
+                            "function {name:?} version {}: created {:?}: {e}",
+                            version.version(),
+                            version.created
+                        ),
+                    })?;
+                let live = function.live.as_deref() == Some(version.version());
+                registry
+                    .restore_version(name, wasm, live, created)
+                    .await
+                    .map_err(|source| RestoreError::Load {
+                        index: index_path.clone(),
+                        source,
+                    })?;
+                restored.versions += 1;
+            }
+            restored.functions += 1;
+        }
+        for spec in &index.routes {
+            let path = spec.path.clone();
+            let route_error = |reason: String| RestoreError::Route {
+                index: index_path.clone(),
+                path: path.clone(),
+                reason,
+            };
+            let route = Route::new(spec.clone()).map_err(|e| route_error(e.to_string()))?;
+            if let Some(missing) = route
+                .functions()
+                .into_iter()
+                .find(|f| registry.get(f).is_none())
+            {
+                return Err(route_error(format!(
+                    "function {missing:?} does not exist or has no live version"
+                )));
+            }
+            routes.put(route).map_err(|_| RestoreError::Conflict {
+                what: format!("route {path}"),
+                index: index_path.clone(),
+            })?;
+            restored.routes += 1;
+        }
+        disk.remove_unused(&index);
+        let catalog = Self {
+            disk,
+            index: Mutex::new(index),
+            registry,
+            routes,
+            config_functions,
+            max_upload_size,
+            uploads: Semaphore::new(1),
+        };
+        Ok((catalog, restored))
+    }
+
+    /// Largest component accepted, in bytes.
+    pub fn max_upload_size(&self) -> usize {
+        self.max_upload_size
+    }
+
+    /// Whether function `name` is the config file's.
+    pub fn is_config_function(&self, name: &str) -> bool {
+        self.config_functions.contains(name)
+    }
+
+    /// Check that a component may be uploaded as `name`, before its body is
+    /// read.
+    ///
+    /// # Errors
+    /// [`CatalogError::BadName`], [`CatalogError::ConfigFunction`].
+    pub fn check_upload(&self, name: &str) -> Result<(), CatalogError> {
+        if !crate::router::is_function_name(name) {
+            return Err(CatalogError::BadName(name.to_owned()));
+        }
+        if self.is_config_function(name) {
+            return Err(CatalogError::ConfigFunction(name.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// The one compilation slot, waited for up to [`UPLOAD_WAIT`]. Taken
+    /// before the body is read, so waiting uploads hold no memory.
+    ///
+    /// # Errors
+    /// [`CatalogError::Busy`] after [`UPLOAD_WAIT`].
+    pub async fn upload_slot(&self) -> Result<SemaphorePermit<'_>, CatalogError> {
+        match tokio::time::timeout(UPLOAD_WAIT, self.uploads.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(CatalogError::Busy),
+        }
+    }
+
+    /// Add `wasm` as a version of function `name` (creating the function),
+    /// live at once if `live`. The same component again is the same
+    /// version (`created` false), made live if `live`. Call with the
+    /// [`Catalog::upload_slot`] held.
+    ///
+    /// # Errors
+    /// [`CatalogError::Invalid`] when it is not a Tidegate handler
+    /// component; those of [`Catalog::check_upload`]; [`CatalogError::Disk`]
+    /// when it cannot be kept.
+    pub async fn upload(
+        &self,
+        name: &str,
+        wasm: Bytes,
+        live: bool,
+    ) -> Result<Uploaded, CatalogError> {
+        self.check_upload(name)?;
+        if wasm.len() > self.max_upload_size {
+            return Err(CatalogError::TooLarge {
+                limit: self.max_upload_size,
+            });
+        }
+        let digest = registry::digest_hex(&wasm);
+        if let Some(uploaded) = self.reupload(name, &digest, live).await? {
+            return Ok(uploaded);
+        }
+        // Compiled (and checked) before anything changes, outside the lock:
+        // other changes go on meanwhile.
+        let function = self
+            .registry
+            .prepare(name, wasm.clone())
+            .await
+            .map_err(|e| match e {
+                LoadError::Invalid { .. } => CatalogError::Invalid(e),
+                other => CatalogError::Load(other),
+            })?;
+        self.disk.write_component(&digest, &wasm)?;
+        let mut index = self.index.lock().await;
+        let mut next = index.clone();
+        let record = next.functions.entry(name.to_owned()).or_default();
+        if let Some(existing) = record.versions.iter().find(|v| v.digest == digest) {
+            // Uploaded meanwhile, by a caller without the upload slot.
+            let created_at = parse_created(&existing.created);
+            let function = self
+                .registry
+                .version(name, function.version())
+                .unwrap_or(function);
+            return Ok(Uploaded {
+                function,
+                created: false,
+                created_at,
+            });
+        }
+        let created_at = SystemTime::now();
+        record.versions.push(VersionRecord {
+            digest,
+            size: wasm.len() as u64,
+            created: humantime::format_rfc3339_seconds(created_at).to_string(),
+        });
+        if live {
+            record.live = Some(function.version().to_owned());
+        }
+        self.disk.write_index(&next)?;
+        *index = next;
+        self.registry.insert(function.clone(), created_at, live);
+        Ok(Uploaded {
+            function,
+            created: true,
+            created_at,
+        })
+    }
+
+    /// An upload of a component that already is a version of `name`: made
+    /// live if `live`; `None` if it is not a version.
+    async fn reupload(
+        &self,
+        name: &str,
+        digest: &str,
+        live: bool,
+    ) -> Result<Option<Uploaded>, CatalogError> {
+        let Some(existing) = self
+            .registry
+            .versions(name)
+            .and_then(|versions| versions.into_iter().find(|v| v.function.digest() == digest))
+        else {
+            return Ok(None);
+        };
+        if live && !existing.live {
+            self.set_live(name, existing.function.version()).await?;
+        }
+        Ok(Some(Uploaded {
+            function: existing.function,
+            created: false,
+            created_at: existing.created,
+        }))
+    }
+
+    /// Make version `version` of `name` live (a rollback or a roll
+    /// forward).
+    ///
+    /// # Errors
+    /// [`CatalogError::ConfigFunction`], an unknown function or version,
+    /// [`CatalogError::Disk`].
+    pub async fn set_live(&self, name: &str, version: &str) -> Result<Arc<Function>, CatalogError> {
+        let mut index = self.index.lock().await;
+        self.check_api_function(name, &index)?;
+        let mut next = index.clone();
+        let record = next
+            .functions
+            .get_mut(name)
+            .ok_or_else(|| VersionError::UnknownFunction(name.to_owned()))?;
+        position(record, name, version)?;
+        record.live = Some(version.to_owned());
+        self.disk.write_index(&next)?;
+        *index = next;
+        Ok(self.registry.set_live(name, version).await?)
+    }
+
+    /// Delete version `version` of `name`, which must not be live.
+    ///
+    /// # Errors
+    /// [`CatalogError::ConfigFunction`], an unknown function or version,
+    /// [`VersionError::Live`], [`CatalogError::Disk`].
+    pub async fn remove_version(&self, name: &str, version: &str) -> Result<(), CatalogError> {
+        let mut index = self.index.lock().await;
+        self.check_api_function(name, &index)?;
+        let mut next = index.clone();
+        let record = next
+            .functions
+            .get_mut(name)
+            .ok_or_else(|| VersionError::UnknownFunction(name.to_owned()))?;
+        let position = position(record, name, version)?;
+        if record.live.as_deref() == Some(version) {
+            return Err(VersionError::Live {
+                function: name.to_owned(),
+                version: version.to_owned(),
+            }
+            .into());
+        }
+        record.versions.remove(position);
+        self.disk.write_index(&next)?;
+        *index = next;
+        self.registry.remove_version(name, version)?;
+        self.disk.remove_unused(&index);
+        Ok(())
+    }
+
+    /// Delete function `name` and all its versions; refused while a route
+    /// names it.
+    ///
+    /// # Errors
+    /// [`CatalogError::ConfigFunction`], an unknown function,
+    /// [`CatalogError::InUse`], [`CatalogError::Disk`].
+    pub async fn remove_function(&self, name: &str) -> Result<(), CatalogError> {
+        let mut index = self.index.lock().await;
+        self.check_api_function(name, &index)?;
+        let paths = self.routes.using(name);
+        if !paths.is_empty() {
+            return Err(CatalogError::InUse {
+                function: name.to_owned(),
+                paths,
+            });
+        }
+        let mut next = index.clone();
+        next.functions.remove(name);
+        self.disk.write_index(&next)?;
+        *index = next;
+        self.registry.remove(name)?;
+        self.disk.remove_unused(&index);
+        Ok(())
+    }
+
+    /// Add or replace the API route `spec.path`; true when it is new.
+    ///
+    /// # Errors
+    /// [`CatalogError::BadRoute`], [`CatalogError::MissingFunction`], a
+    /// config file's route ([`CatalogError::Route`]), [`CatalogError::Disk`].
+    pub async fn put_route(&self, spec: RouteSpec) -> Result<bool, CatalogError> {
+        let route = Route::new(spec.clone()).map_err(CatalogError::BadRoute)?;
+        let mut index = self.index.lock().await;
+        if let Some(missing) = route
+            .functions()
+            .into_iter()
+            .find(|f| self.registry.get(f).is_none())
+        {
+            return Err(CatalogError::MissingFunction {
+                path: spec.path,
+                function: missing.to_owned(),
+            });
+        }
+        self.check_api_route(&spec.path)?;
+        let mut next = index.clone();
+        next.routes.retain(|r| r.path != spec.path);
+        next.routes.push(spec);
+        next.routes.sort_by(|a, b| a.path.cmp(&b.path));
+        self.disk.write_index(&next)?;
+        *index = next;
+        let replaced = self.routes.put(route)?;
+        Ok(replaced.is_none())
+    }
+
+    /// Delete the API route at `path`.
+    ///
+    /// # Errors
+    /// No route there or a config file's ([`CatalogError::Route`]),
+    /// [`CatalogError::Disk`].
+    pub async fn remove_route(&self, path: &str) -> Result<(), CatalogError> {
+        let mut index = self.index.lock().await;
+        let exists = self
+            .routes
+            .snapshot()
+            .entries()
+            .iter()
+            .any(|e| e.route.path() == path);
+        if !exists {
+            return Err(TableError::NotFound(path.to_owned()).into());
+        }
+        self.check_api_route(path)?;
+        let mut next = index.clone();
+        next.routes.retain(|r| r.path != path);
+        self.disk.write_index(&next)?;
+        *index = next;
+        self.routes.remove(path)?;
+        Ok(())
+    }
+
+    /// Refuse a change to a config file's route.
+    fn check_api_route(&self, path: &str) -> Result<(), CatalogError> {
+        let from_config = self
+            .routes
+            .snapshot()
+            .entries()
+            .iter()
+            .any(|e| e.route.path() == path && e.origin == Origin::Config);
+        if from_config {
+            return Err(TableError::FromConfig(path.to_owned()).into());
+        }
+        Ok(())
+    }
+
+    /// Refuse a change to a config file's function, or to one not there.
+    fn check_api_function(&self, name: &str, index: &Index) -> Result<(), CatalogError> {
+        if self.is_config_function(name) {
+            return Err(CatalogError::ConfigFunction(name.to_owned()));
+        }
+        if !index.functions.contains_key(name) {
+            return Err(VersionError::UnknownFunction(name.to_owned()).into());
+        }
+        Ok(())
+    }
+}
+
+/// Where version `version` is in the record of function `name`.
+fn position(record: &FunctionRecord, name: &str, version: &str) -> Result<usize, VersionError> {
+    record
+        .versions
+        .iter()
+        .position(|v| v.version() == version)
+        .ok_or_else(|| VersionError::UnknownVersion {
+            function: name.to_owned(),
+            version: version.to_owned(),
+        })
+}
+
+fn parse_created(text: &str) -> SystemTime {
+    humantime::parse_rfc3339(text).unwrap_or_else(|_| SystemTime::now())
+}
+
+#[cfg(test)]
+mod tests;
