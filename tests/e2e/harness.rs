@@ -110,6 +110,9 @@ impl Gateway {
             .env("TIDEGATE__ADMIN__LISTEN", "127.0.0.1:0")
             .env("TIDEGATE__SERVER__STATE_DIR", &state_path)
             .env("TIDEGATE__QUEUE__QUEUE", &queue)
+            // Each gateway its own push queue, so pushes meant for one
+            // test never reach another's gateway.
+            .env("TIDEGATE__QUEUE__PUSH_QUEUE", format!("{queue}.push"))
             .env("TIDEGATE__QUEUE__URL", BROKER)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -243,6 +246,27 @@ impl Gateway {
         http_get(self.admin, path, &[]).await
     }
 
+    /// `method path` on the admin listener with a bearer token and a body
+    /// of `content_type`: status and body.
+    pub async fn admin_request(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> (u16, String) {
+        let bearer = format!("Bearer {token}");
+        http_request(
+            self.admin,
+            method,
+            path,
+            &[("Authorization", &bearer), ("Content-Type", content_type)],
+            body,
+        )
+        .await
+    }
+
     /// `GET path` on the admin listener with extra headers.
     pub async fn admin_get_with(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
         http_get(self.admin, path, headers).await
@@ -358,7 +382,10 @@ impl Drop for Gateway {
                 .enable_all()
                 .build()
                 .unwrap();
-            runtime.block_on(delete_queue(&queue));
+            runtime.block_on(async {
+                delete_queue(&queue).await;
+                delete_queue(&format!("{queue}.push")).await;
+            });
         })
         .join();
     }
@@ -448,14 +475,28 @@ fn tls_connector(cert: &Path) -> TlsConnector {
 
 /// A minimal HTTP/1.1 GET: status and body.
 pub async fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    http_request(addr, "GET", path, headers, &[]).await
+}
+
+/// A minimal HTTP/1.1 request with a body: status and body.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.expect("admin connect");
     let extra: String = headers
         .iter()
         .map(|(name, value)| format!("{name}: {value}\r\n"))
         .collect();
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n{extra}\r\n",
+        body.len()
+    );
     stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.unwrap();
     let response = String::from_utf8_lossy(&response).into_owned();

@@ -18,5 +18,6 @@ mod faults;
 mod idle;
 mod lifecycle;
 mod limits;
+mod platform;
 mod queue;
 mod tls;
