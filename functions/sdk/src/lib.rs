@@ -270,10 +270,11 @@ pub fn send_json<T: Serialize + ?Sized>(
     Ok(send(connection_id, json_text(value)?))
 }
 
-/// Add the calling connection to `group`. The gateway bounds how many
+/// Add the calling connection to `group` (a name of 1 to 128 bytes of
+/// printable characters without spaces). The gateway bounds how many
 /// groups a connection may be in (`websocket.max_groups`); joining one more
-/// fails the message with a clear error. Joining a group twice is the same
-/// as joining it once.
+/// fails the message with a clear error, and none of its effects happen.
+/// Joining a group twice is the same as joining it once.
 pub fn join(group: impl Into<String>) -> Effect {
     Effect::Join(group.into())
 }
@@ -303,9 +304,10 @@ pub fn broadcast_json<T: Serialize + ?Sized>(
     Ok(broadcast(group, json_text(value)?))
 }
 
-/// Publish `body` as an extra message to the gateway's exchange with this
-/// routing key. The broker confirms it like the copy of the message: in
-/// receipt mode, the client's reply is sent only once it is durable.
+/// Publish `body` as an extra message to the gateway's exchange
+/// (`queue.exchange`) with this routing key (at most 255 bytes). The broker
+/// confirms it like the copy of the message: in receipt mode, the effects
+/// after it (a reply, say) are carried out once it is durable.
 pub fn publish(routing_key: impl Into<String>, body: impl Into<Vec<u8>>) -> Effect {
     Effect::Publish((routing_key.into(), body.into()))
 }
@@ -324,7 +326,8 @@ pub fn set_state<T: Serialize + ?Sized>(state: &T) -> Result<Effect, HandlerErro
 }
 
 /// Close the connection with this WebSocket close code (1000, or one of
-/// the application codes 3000-4999) and reason (at most 123 bytes).
+/// the application codes 3000-4999; any other closes with 1000) and reason
+/// (cut to 123 bytes). Effects after it are not carried out.
 pub fn close(code: u16, reason: impl Into<String>) -> Effect {
     Effect::Close((code, reason.into()))
 }
