@@ -2,6 +2,7 @@
 //!
 //! Modules, from the top (a module uses only those below it):
 //! - [`cli`]: `tidegate serve [--config FILE] [--dev]`; passes the signal.
+//! - [`client`]: `tidegate fn|route|conn|group`, the admin API's client.
 //! - [`app`]: [`app::App`] builds every part, binds, serves until a
 //!   shutdown future completes, then drains.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/v1/`.
@@ -35,6 +36,7 @@ pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cli;
+pub mod client;
 pub mod close;
 pub mod config;
 pub mod connection;
