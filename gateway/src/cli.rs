@@ -10,8 +10,9 @@ use std::process::ExitCode;
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
 use crate::app::App;
-use crate::client::{self, AdminClient, AdminToken, ClientError, Payload, RouteSpec};
+use crate::client::{self, AdminClient, AdminToken, ClientError, Payload};
 use crate::config::Settings;
+use crate::router::RouteSpec;
 
 /// Exit status for a configuration error (EX_CONFIG would be 78; linkerd
 /// and sysexits' EX_USAGE use 64 for "the input was wrong").
@@ -452,7 +453,9 @@ pub async fn manage(command: Manage, out: &mut dyn Write) -> Result<(), ClientEr
                 FnCommand::Rollback { name, version } => client
                     .set_live(&name, &version)
                     .await?
-                    .render(admin.json, |_| format!("{name}: version {version} is live")),
+                    .render(admin.json, |a| {
+                        client::live_version(&a.json, &name, &version)
+                    }),
                 FnCommand::Rm { name, version } => client
                     .remove_function(&name, version.as_deref())
                     .await?
@@ -475,9 +478,14 @@ pub async fn manage(command: Manage, out: &mut dyn Write) -> Result<(), ClientEr
                     routes,
                 } => {
                     let route = match function {
-                        Some(function) => RouteSpec::Single { path, function },
-                        None => RouteSpec::Events {
+                        Some(function) => RouteSpec {
                             path,
+                            function: Some(function),
+                            ..RouteSpec::default()
+                        },
+                        None => RouteSpec {
+                            path,
+                            function: None,
                             connect,
                             disconnect,
                             default,

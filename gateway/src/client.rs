@@ -7,7 +7,6 @@
 //! is missing, so a field the API adds later never breaks them; `--json`
 //! shows everything.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,6 +15,8 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 use serde::Serialize;
 use serde_json::Value;
+
+use crate::router::RouteSpec;
 
 /// Where the admin listener answers unless `--url` or
 /// `TIDEGATE_ADMIN_URL` says otherwise (`admin.listen`'s default).
@@ -49,9 +50,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Largest answer read; the API's answers are small JSON documents.
 const MAX_ANSWER_BYTES: usize = 16 << 20;
-
-/// Longest function name the API takes.
-const MAX_NAME_LEN: usize = 63;
 
 /// The management API's bearer token (`admin.token`). Never shown: not
 /// by `Debug`, not in errors.
@@ -133,56 +131,20 @@ impl ClientError {
     }
 }
 
-/// Check a function name against the API's rule, `[a-z0-9][a-z0-9-]*` of
-/// at most 63 characters, before anything is sent.
+/// Check a function name against the API's rule (the router's, the same
+/// for config-file names) before anything is sent.
 ///
 /// # Errors
 /// [`ClientError::Usage`] naming the rule.
 pub fn check_function_name(name: &str) -> Result<(), ClientError> {
-    let mut bytes = name.bytes();
-    let first_ok = matches!(bytes.next(), Some(b'a'..=b'z' | b'0'..=b'9'));
-    let rest_ok = bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-'));
-    if first_ok && rest_ok && name.len() <= MAX_NAME_LEN {
+    if crate::router::is_function_name(name) {
         Ok(())
     } else {
         Err(ClientError::Usage(format!(
             "{name:?} is not a function name: lowercase letters, digits and '-', \
-             starting with a letter or digit, at most {MAX_NAME_LEN} characters"
+             starting with a letter or digit, at most 63 characters"
         )))
     }
-}
-
-/// A route as `PUT /v1/routes` takes it.
-#[derive(Debug, Clone, Serialize)]
-#[serde(untagged)]
-pub enum RouteSpec {
-    /// One function for every event of the path.
-    Single {
-        /// The WebSocket path, such as `/chat`.
-        path: String,
-        /// The function.
-        function: String,
-    },
-    /// A function per event, and per message by a selection expression.
-    Events {
-        /// The WebSocket path.
-        path: String,
-        /// Runs `on-connect`.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        connect: Option<String>,
-        /// Runs `on-disconnect`.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        disconnect: Option<String>,
-        /// Takes the messages no route key matches.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        default: Option<String>,
-        /// Where a message's route key is read, such as
-        /// `$request.body.action`.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        selection: Option<String>,
-        /// Route key to function.
-        routes: BTreeMap<String, String>,
-    },
 }
 
 /// A message for a connection or a group.
@@ -558,29 +520,34 @@ impl Answer {
 // What people read. Each takes the answer's JSON as the API documents it.
 
 /// `deployed chat version 3f2a... (live)`, or `unchanged: ...` when that
-/// exact component was a version already.
-pub fn deployed(answer: &Answer, name: &str, live: bool) -> String {
-    let version = cell(answer.json.get("version"));
-    let name = answer
-        .json
-        .get("name")
-        .and_then(Value::as_str)
-        .unwrap_or(name);
-    let size = answer
-        .json
-        .get("size")
-        .and_then(Value::as_u64)
-        .map(|size| format!(", {}", bytes(size)))
-        .unwrap_or_default();
+/// exact component was a version already; `asked_live` stands in when
+/// the answer does not say whether the version is live.
+pub fn deployed(answer: &Answer, name: &str, asked_live: bool) -> String {
+    let json = &answer.json;
+    let version = cell(json.get("version"));
+    let name = json.get("name").and_then(Value::as_str).unwrap_or(name);
+    let live = json
+        .get("live")
+        .and_then(Value::as_bool)
+        .unwrap_or(asked_live);
+    let mut about = vec![if live { "live" } else { "not live" }.to_owned()];
+    about.extend(json.get("size").and_then(Value::as_u64).map(bytes));
+    let about = about.join(", ");
     if answer.status == StatusCode::CREATED {
-        let live = if live { "live" } else { "not live" };
-        format!("deployed {name} version {version} ({live}{size})")
+        format!("deployed {name} version {version} ({about})")
     } else {
-        format!("unchanged: {name} version {version} is this component already")
+        format!("unchanged: {name} version {version} is this component already ({about})")
     }
 }
 
-/// `NAME VERSION VERSIONS INSTANCES LOADED`, a row per function.
+/// `chat: version 3f2a is live`, the version as the API answered.
+pub fn live_version(json: &Value, name: &str, asked: &str) -> String {
+    let version = json.get("live").and_then(Value::as_str).unwrap_or(asked);
+    format!("{name}: version {version} is live")
+}
+
+/// `NAME VERSION VERSIONS INSTANCES LOADED ORIGIN`, a row per function;
+/// VERSION is the live one.
 pub fn function_table(json: &Value) -> String {
     let Some(functions) = items(json, "functions") else {
         return fields(json, &[]);
@@ -593,15 +560,23 @@ pub fn function_table(json: &Value) -> String {
         .map(|function| {
             vec![
                 cell(function.get("name")),
-                cell(function.get("version")),
+                live_of(function),
                 count(function.get("versions")),
                 cell(function.get("instances")),
                 cell(function.get("loaded")),
+                cell(function.get("origin")),
             ]
         })
         .collect();
     table(
-        &["NAME", "VERSION", "VERSIONS", "INSTANCES", "LOADED"],
+        &[
+            "NAME",
+            "VERSION",
+            "VERSIONS",
+            "INSTANCES",
+            "LOADED",
+            "ORIGIN",
+        ],
         rows,
     )
 }
@@ -630,7 +605,13 @@ pub fn function_versions(json: &Value) -> String {
         })
         .collect();
     let heading = match json.get("name").and_then(Value::as_str) {
-        Some(name) => format!("function {name}\n"),
+        Some(name) => {
+            let origin = match json.get("origin").and_then(Value::as_str) {
+                Some(origin) => format!(" ({origin})"),
+                None => String::new(),
+            };
+            format!("function {name}{origin}, live version {}\n", live_of(json))
+        }
         None => String::new(),
     };
     heading
@@ -648,7 +629,7 @@ pub fn function_versions(json: &Value) -> String {
         )
 }
 
-/// `PATH FUNCTIONS`, a row per route.
+/// `PATH ORIGIN FUNCTIONS`, a row per route.
 pub fn route_table(json: &Value) -> String {
     let Some(routes) = items(json, "routes") else {
         return fields(json, &[]);
@@ -658,9 +639,15 @@ pub fn route_table(json: &Value) -> String {
     }
     let rows = routes
         .iter()
-        .map(|route| vec![cell(route.get("path")), route_targets(route)])
+        .map(|route| {
+            vec![
+                cell(route.get("path")),
+                cell(route.get("origin")),
+                route_targets(route),
+            ]
+        })
         .collect();
-    table(&["PATH", "FUNCTIONS"], rows)
+    table(&["PATH", "ORIGIN", "FUNCTIONS"], rows)
 }
 
 /// Which functions a route runs: `chat`, or
@@ -806,6 +793,16 @@ fn cell(value: Option<&Value>) -> String {
             .collect::<Vec<_>>()
             .join(", "),
         Some(other) => other.to_string(),
+    }
+}
+
+/// The live version: `live` as the API names it (`version` in older
+/// answers), `-` for none.
+fn live_of(function: &Value) -> String {
+    match function.get("live") {
+        Some(Value::String(version)) => version.clone(),
+        Some(Value::Null) => "-".to_owned(),
+        _ => cell(function.get("version")),
     }
 }
 
@@ -963,7 +960,7 @@ mod tests {
         let (printed, seen) = exchange(
             &["fn", "deploy", &file, "--token", "s3cret"],
             201,
-            r#"{"name":"chat","version":"3f2a","digest":"3f2a99","size":2048,"created":"now"}"#,
+            r#"{"name":"chat","version":"3f2a","digest":"3f2a99","size":2048,"created":"now","live":true}"#,
         )
         .await;
         assert_eq!(
@@ -988,7 +985,7 @@ mod tests {
         .await;
         assert_eq!(
             printed.unwrap(),
-            "unchanged: room version 3f2a is this component already\n"
+            "unchanged: room version 3f2a is this component already (not live, 14 B)\n"
         );
         assert_eq!(seen.uri, "/v1/functions/room?live=false");
         assert_eq!(seen.authorization, None);
@@ -1035,8 +1032,9 @@ mod tests {
             &["fn", "list"],
             200,
             r#"{"functions":[
-                {"name":"chat","version":"3f2a","versions":2,"instances":1,"loaded":true},
-                {"name":"echo","version":"9b1c","versions":1,"instances":0,"loaded":false}]}"#,
+                {"name":"chat","origin":"api","live":"3f2a","versions":2,"instances":1,"loaded":true},
+                {"name":"echo","origin":"config","live":"9b1c","versions":1,"instances":0,"loaded":false},
+                {"name":"idle","origin":"api","live":null,"versions":1,"instances":0,"loaded":false}]}"#,
         )
         .await;
         assert_eq!(
@@ -1045,9 +1043,10 @@ mod tests {
         );
         assert_eq!(
             printed.unwrap(),
-            "NAME  VERSION  VERSIONS  INSTANCES  LOADED\n\
-             chat  3f2a     2         1          yes\n\
-             echo  9b1c     1         0          no\n"
+            "NAME  VERSION  VERSIONS  INSTANCES  LOADED  ORIGIN\n\
+             chat  3f2a     2         1          yes     api\n\
+             echo  9b1c     1         0          no      config\n\
+             idle  -        1         0          no      api\n"
         );
     }
 
@@ -1065,7 +1064,7 @@ mod tests {
         let (printed, seen) = exchange(
             &["fn", "show", "chat"],
             200,
-            r#"{"name":"chat","versions":[
+            r#"{"name":"chat","origin":"api","live":"3f2a","versions":[
                 {"version":"3f2a","digest":"3f2a99","size":1536,"created":"t1","live":true,"instances":1,"invocations":7},
                 {"version":"9b1c","digest":"9b1c00","size":100,"created":"t0","live":false,"instances":0,"invocations":3}]}"#,
         )
@@ -1076,7 +1075,7 @@ mod tests {
         );
         assert_eq!(
             printed.unwrap(),
-            "function chat\n\
+            "function chat (api), live version 3f2a\n\
              VERSION  LIVE  SIZE     CREATED  INSTANCES  INVOCATIONS  DIGEST\n\
              3f2a     *     1.5 KiB  t1       1          7            3f2a99\n\
              9b1c           100 B    t0       0          3            9b1c00\n"
@@ -1088,7 +1087,7 @@ mod tests {
         let (printed, seen) = exchange(
             &["fn", "rollback", "chat", "9b1c"],
             200,
-            r#"{"version":"9b1c"}"#,
+            r#"{"name":"chat","live":"9b1c"}"#,
         )
         .await;
         assert_eq!(printed.unwrap(), "chat: version 9b1c is live\n");
@@ -1216,8 +1215,9 @@ mod tests {
         let (printed, seen) = exchange(
             &["route", "list"],
             200,
-            r#"{"routes":[{"path":"/","function":"echo"},
-                {"path":"/chat","connect":"auth","default":"chat","routes":{"join":"chat-join"}}]}"#,
+            r#"{"routes":[{"path":"/","function":"echo","origin":"config"},
+                {"path":"/chat","connect":"auth","default":"chat","routes":{"join":"chat-join"},
+                 "origin":"api"}]}"#,
         )
         .await;
         assert_eq!(
@@ -1226,9 +1226,9 @@ mod tests {
         );
         assert_eq!(
             printed.unwrap(),
-            "PATH   FUNCTIONS\n\
-             /      echo\n\
-             /chat  connect=auth default=chat join=chat-join\n"
+            "PATH   ORIGIN  FUNCTIONS\n\
+             /      config  echo\n\
+             /chat  api     connect=auth default=chat join=chat-join\n"
         );
         let (printed, seen) = exchange(&["route", "rm", "/chat room&x"], 204, "").await;
         assert_eq!(printed.unwrap(), "removed route /chat room&x\n");
