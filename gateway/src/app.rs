@@ -31,6 +31,7 @@ use crate::metrics::Metrics;
 use crate::publisher::{Publisher, PublisherTask};
 use crate::push;
 use crate::router::{Entry, Origin, RouteTable, Router};
+use crate::store::Catalog;
 use crate::{dev, tls};
 
 /// Where a built gateway listens.
@@ -183,6 +184,18 @@ impl App {
                 origin: Origin::Config,
             },
         ))));
+        // The functions and routes uploaded through the API, back from
+        // server.state_dir; a damaged catalog stops start-up naming the file.
+        let (catalog, restored) = Catalog::open(
+            &settings.server.state_dir,
+            registry.clone(),
+            routes.clone(),
+            settings.functions.keys().cloned().collect(),
+            settings.admin.max_upload_size,
+        )
+        .await
+        .context("restoring the functions and routes uploaded through the management API")?;
+        tracing::info!(?restored, "uploaded functions and API routes restored");
         let dispatch = Arc::new(DispatchSettings {
             node_id: settings.server.node_id.clone(),
             queue_mode: settings.queue.mode,
@@ -235,6 +248,7 @@ impl App {
             max_message_size: websocket.max_message_size,
             accepting: Arc::new(AtomicBool::new(false)),
             token: settings.admin.token.as_deref().map(Arc::from),
+            catalog: Arc::new(catalog),
         };
         Ok(Self {
             settings,

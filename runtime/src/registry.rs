@@ -264,6 +264,19 @@ impl Registry {
         added
     }
 
+    /// Drop a version [`Registry::prepare`] made that was not inserted
+    /// (the change it was for failed): its artifact and metric series go,
+    /// unless the function has that version after all.
+    pub fn discard(&self, function: &Arc<Function>) {
+        if self.version(function.name(), function.version()).is_some() {
+            return;
+        }
+        forget(function);
+        if !self.read().contains_key(function.name()) {
+            self.metrics.remove_function(function.name());
+        }
+    }
+
     /// The live version of a function: what a call should run now.
     pub fn get(&self, name: &str) -> Option<Arc<Function>> {
         self.read().get(name)?.live.clone()

@@ -4,6 +4,8 @@
 //!
 //! - [`api`]: the token and JSON errors every management endpoint shares.
 //! - `connections`: `/v1/connections`, `/@connections`, `/v1/groups`.
+//! - `functions`: `/v1/functions` (uploads, versions, the live one).
+//! - `routes`: `/v1/routes`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,9 +31,12 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::publisher::Publisher;
 use crate::router::RouteTable;
+use crate::store::Catalog;
 
 pub mod api;
 mod connections;
+mod functions;
+mod routes;
 
 /// What the admin endpoints read.
 #[derive(Clone)]
@@ -52,6 +57,8 @@ pub struct AdminState {
     pub accepting: Arc<AtomicBool>,
     /// Bearer token of `/v1/`; `None` turns the management API off.
     pub token: Option<Arc<str>>,
+    /// What `/v1/functions` and `/v1/routes` change, kept on disk.
+    pub catalog: Arc<Catalog>,
 }
 
 /// How many admin connections, and how patient with each.
@@ -96,6 +103,8 @@ fn router(state: AdminState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .merge(connections::router(state.max_message_size))
+        .merge(functions::router())
+        .merge(routes::router())
         .route("/v1", axum::routing::any(api::no_such_path))
         .route("/v1/{*rest}", axum::routing::any(api::no_such_path))
         .layer(axum::middleware::from_fn_with_state(

@@ -140,14 +140,17 @@ pub struct Disk {
 const KEY: &str = "server.state_dir";
 
 impl Disk {
-    /// Open (creating if needed) the catalog directory under `state_dir`.
+    /// The catalog directory under `state_dir`, checked to be private if
+    /// it exists. It is created with the first change: a state directory
+    /// nothing is uploaded to is left alone (see [`crate::state_dir`]).
     ///
     /// # Errors
-    /// [`DiskError::Dir`] when it cannot be created or is not private.
+    /// [`DiskError::Dir`] when it is not private.
     pub fn open(state_dir: &Path) -> Result<Self, DiskError> {
         let dir = state_dir.join(DIR);
-        private_dir::prepare(KEY, &dir)?;
-        private_dir::prepare(KEY, &dir.join("components"))?;
+        if dir.symlink_metadata().is_ok() {
+            private_dir::prepare(KEY, &dir)?;
+        }
         Ok(Self { dir })
     }
 
@@ -377,6 +380,10 @@ mod tests {
         let state = tempfile::tempdir().unwrap();
         let disk = Disk::open(state.path()).unwrap();
         assert_eq!(disk.read_index().unwrap().functions.len(), 0, "none yet");
+        assert!(
+            !state.path().join(DIR).exists(),
+            "created with the first change only"
+        );
         let wasm = b"\0asm component bytes";
         let version = record(wasm);
         disk.write_component(&version.digest, wasm).unwrap();
@@ -428,6 +435,7 @@ mod tests {
     fn a_corrupt_index_is_refused_naming_the_file() {
         let state = tempfile::tempdir().unwrap();
         let disk = Disk::open(state.path()).unwrap();
+        std::fs::create_dir(state.path().join(DIR)).unwrap();
         let index = disk.index_path().display().to_string();
         for (text, why) in [
             ("{not json", "not a Tidegate function index"),
@@ -454,6 +462,7 @@ mod tests {
     fn a_missing_or_damaged_component_is_named() {
         let state = tempfile::tempdir().unwrap();
         let disk = Disk::open(state.path()).unwrap();
+        std::fs::create_dir_all(state.path().join(DIR).join("components")).unwrap();
         let version = record(b"component");
         let error = disk.read_component("f", &version).unwrap_err().to_string();
         assert!(

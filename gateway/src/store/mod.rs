@@ -340,7 +340,23 @@ impl Catalog {
                 LoadError::Invalid { .. } => CatalogError::Invalid(e),
                 other => CatalogError::Load(other),
             })?;
-        self.disk.write_component(&digest, &wasm)?;
+        let recorded = self.record(name, digest, &wasm, &function, live).await;
+        if recorded.is_err() {
+            self.registry.discard(&function);
+        }
+        recorded
+    }
+
+    /// Keep a prepared version on disk, then add it to the registry.
+    async fn record(
+        &self,
+        name: &str,
+        digest: String,
+        wasm: &Bytes,
+        function: &Arc<Function>,
+        live: bool,
+    ) -> Result<Uploaded, CatalogError> {
+        self.disk.write_component(&digest, wasm)?;
         let mut index = self.index.lock().await;
         let mut next = index.clone();
         let record = next.functions.entry(name.to_owned()).or_default();
@@ -350,7 +366,7 @@ impl Catalog {
             let function = self
                 .registry
                 .version(name, function.version())
-                .unwrap_or(function);
+                .unwrap_or_else(|| function.clone());
             return Ok(Uploaded {
                 function,
                 created: false,
@@ -370,7 +386,7 @@ impl Catalog {
         *index = next;
         self.registry.insert(function.clone(), created_at, live);
         Ok(Uploaded {
-            function,
+            function: function.clone(),
             created: true,
             created_at,
         })
@@ -497,11 +513,14 @@ impl Catalog {
         self.check_api_route(&spec.path)?;
         let mut next = index.clone();
         next.routes.retain(|r| r.path != spec.path);
+        let path = spec.path.clone();
+        let functions: Vec<String> = route.functions().iter().map(|f| f.to_string()).collect();
         next.routes.push(spec);
         next.routes.sort_by(|a, b| a.path.cmp(&b.path));
         self.disk.write_index(&next)?;
         *index = next;
         let replaced = self.routes.put(route)?;
+        tracing::info!(route = %path, functions = ?functions, "route set");
         Ok(replaced.is_none())
     }
 
@@ -527,6 +546,7 @@ impl Catalog {
         self.disk.write_index(&next)?;
         *index = next;
         self.routes.remove(path)?;
+        tracing::info!(route = path, "route deleted");
         Ok(())
     }
 

@@ -206,6 +206,19 @@ async fn refused_changes_change_nothing() {
         index_before
     );
     assert_eq!(node.registry.list().len(), 1, "only the config function");
+    let series_of_f = node
+        .prometheus
+        .gather()
+        .iter()
+        .flat_map(|family| family.get_metric().iter())
+        .filter(|metric| {
+            metric
+                .get_label()
+                .iter()
+                .any(|label| label.name() == "function" && label.value() == "f")
+        })
+        .count();
+    assert_eq!(series_of_f, 0, "a refused upload leaves no metric series");
 
     let live = catalog.upload("chat", ECHO.into(), true).await.unwrap();
     catalog.put_route(spec("/chat", "chat")).await.unwrap();
