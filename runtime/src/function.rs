@@ -205,7 +205,8 @@ impl Function {
             engine: artifact::engine_fingerprint(&engine.engine),
         };
         let artifact_path = artifact::path_in(&config.artifact_dir, name, &version);
-        let function_metrics = FunctionMetrics::new(metrics, name, &version);
+        // Whether the code came from the artifact, or was compiled.
+        let (mut from_artifact, mut compiled) = (false, false);
         let saved = artifact::saved_seal(&artifact_path, source).and_then(|seal| {
             if readiness == Readiness::OnFirstUse {
                 return Ok((None, seal));
@@ -213,7 +214,7 @@ impl Function {
             let component = load_checked(&engine, &artifact_path, seal)?;
             let pre = instantiate_pre(&engine, &component)
                 .map_err(|e| format!("could not be linked ({e:#})"))?;
-            function_metrics.code_loads.inc();
+            from_artifact = true;
             Ok((Some(pre), seal))
         });
         let (pre, seal) = match saved {
@@ -236,10 +237,19 @@ impl Function {
                     &bytes,
                     source,
                 )?;
-                function_metrics.compiles.inc();
+                compiled = true;
                 (Some(pre), Some(seal))
             }
         };
+        // Created only for a version that loads: a refused upload leaves
+        // no series behind.
+        let function_metrics = FunctionMetrics::new(metrics, name, &version);
+        if from_artifact {
+            function_metrics.code_loads.inc();
+        }
+        if compiled {
+            function_metrics.compiles.inc();
+        }
         let log = Arc::new(GuestLog::new(
             name.into(),
             config.max_log_line,
