@@ -1,5 +1,8 @@
 //! Log output: human-readable lines on stderr, filtered by `RUST_LOG`
-//! (default `info`).
+//! (default `info`), coloured only on a terminal (a log collector would
+//! keep the escape codes).
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
@@ -9,5 +12,6 @@ pub fn init() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }

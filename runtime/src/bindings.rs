@@ -22,6 +22,6 @@ impl tidegate::gateway::logging::Host for HostState {
             Guest::Warn => Level::Warn,
             Guest::Error => Level::Error,
         };
-        self.guest_log().line(level, "log", &message);
+        self.log_line(level, &message);
     }
 }

@@ -24,7 +24,7 @@ use crate::config::RuntimeConfig;
 use crate::engine::Engine;
 use crate::error::{InvokeError, LoadError};
 use crate::guest_log::GuestLog;
-use crate::host::{DeadlineExceeded, HostState, MemoryLimitExceeded};
+use crate::host::{CallerId, DeadlineExceeded, HostState, MemoryLimitExceeded};
 use crate::metrics::RuntimeMetrics;
 use crate::wall_clock;
 
@@ -252,6 +252,7 @@ impl Function {
         }
         let log = Arc::new(GuestLog::new(
             name.into(),
+            version.as_str().into(),
             config.max_log_line,
             config.max_log_lines_per_second,
             engine.clock().clone(),
@@ -343,7 +344,12 @@ impl Function {
             Priority::Normal,
             move |mut instance: Instance| async move {
                 let Instance { store, handler } = &mut instance;
-                let result = handler.call_on_connect(store, &conn).await;
+                store
+                    .data()
+                    .caller()
+                    .set(Some(CallerId::Connection(conn.clone())));
+                let result = handler.call_on_connect(&mut *store, &conn).await;
+                store.data().caller().set(None);
                 (instance, result)
             },
         )
@@ -366,7 +372,12 @@ impl Function {
             priority,
             move |mut instance: Instance| async move {
                 let Instance { store, handler } = &mut instance;
-                let result = handler.call_on_message(store, &ctx, &message).await;
+                store
+                    .data()
+                    .caller()
+                    .set(Some(CallerId::Context(ctx.clone())));
+                let result = handler.call_on_message(&mut *store, &ctx, &message).await;
+                store.data().caller().set(None);
                 (instance, result)
             },
         )
@@ -388,7 +399,14 @@ impl Function {
             Priority::Normal,
             move |mut instance: Instance| async move {
                 let Instance { store, handler } = &mut instance;
-                let result = handler.call_on_disconnect(store, &ctx, code, &reason).await;
+                store
+                    .data()
+                    .caller()
+                    .set(Some(CallerId::Context(ctx.clone())));
+                let result = handler
+                    .call_on_disconnect(&mut *store, &ctx, code, &reason)
+                    .await;
+                store.data().caller().set(None);
                 (instance, result)
             },
         )

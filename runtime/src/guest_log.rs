@@ -33,6 +33,8 @@ pub(crate) enum Level {
 pub(crate) struct GuestLog {
     /// The function's name, on every record.
     function: Arc<str>,
+    /// The function's version, on every record.
+    version: Arc<str>,
     /// Longest line kept, in bytes (before escaping).
     max_line: usize,
     /// The engine's coarse clock, for the per-second budget.
@@ -48,6 +50,7 @@ impl GuestLog {
     /// `per_second` lines a second, drops counted in `dropped`.
     pub(crate) fn new(
         function: Arc<str>,
+        version: Arc<str>,
         max_line: usize,
         per_second: NonZeroU32,
         clock: Arc<Clock>,
@@ -55,6 +58,7 @@ impl GuestLog {
     ) -> Self {
         Self {
             function,
+            version,
             max_line,
             clock,
             budget: Mutex::new(Budget::new(per_second)),
@@ -67,9 +71,10 @@ impl GuestLog {
         self.max_line
     }
 
-    /// Log one guest line (from `stream`: `stdout`, `stderr` or `log`), or
+    /// Log one guest line (from `stream`: `stdout`, `stderr` or `log`)
+    /// written during a call about `connection` (empty between calls), or
     /// drop it when the function is over its budget for this second.
-    pub(crate) fn line(&self, level: Level, stream: &'static str, line: &str) {
+    pub(crate) fn line(&self, level: Level, stream: &'static str, connection: &str, line: &str) {
         let second = self.clock.now_millis() / 1_000;
         let verdict = self
             .budget
@@ -94,16 +99,24 @@ impl GuestLog {
             }
         }
         let line = escape(clip(line, self.max_line));
-        let function = &*self.function;
+        let (function, version) = (&*self.function, &*self.version);
+        macro_rules! record {
+            ($level:ident) => {
+                tracing::$level!(
+                    target: "tidegate::function",
+                    function,
+                    version,
+                    connection,
+                    stream,
+                    "{line}"
+                )
+            };
+        }
         match level {
-            Level::Debug => {
-                tracing::debug!(target: "tidegate::function", function, stream, "{line}")
-            }
-            Level::Info => tracing::info!(target: "tidegate::function", function, stream, "{line}"),
-            Level::Warn => tracing::warn!(target: "tidegate::function", function, stream, "{line}"),
-            Level::Error => {
-                tracing::error!(target: "tidegate::function", function, stream, "{line}")
-            }
+            Level::Debug => record!(debug),
+            Level::Info => record!(info),
+            Level::Warn => record!(warn),
+            Level::Error => record!(error),
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,6 +32,44 @@ pub(crate) struct MemoryLimitExceeded {
     pub limit: usize,
 }
 
+/// Whom the current call of an instance is about, for its log lines: set
+/// when a call starts, cleared when it ends. Shared with the instance's
+/// stdout and stderr, which do not see the store.
+#[derive(Clone, Default)]
+pub(crate) struct Caller(Arc<Mutex<Option<CallerId>>>);
+
+/// The connection a call is about.
+pub(crate) enum CallerId {
+    /// `on-message`, `on-disconnect`.
+    Context(Arc<crate::bindings::types::Context>),
+    /// `on-connect`.
+    Connection(Arc<crate::bindings::types::Connection>),
+}
+
+impl Caller {
+    /// The call now is about `id` (`None`: no call).
+    pub(crate) fn set(&self, id: Option<CallerId>) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = id;
+    }
+
+    /// Log `line` with the current call's connection id.
+    fn line(&self, log: &GuestLog, level: Level, stream: &'static str, line: &str) {
+        let caller = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let connection = match &*caller {
+            Some(CallerId::Context(ctx)) => ctx.id.as_str(),
+            Some(CallerId::Connection(conn)) => conn.id.as_str(),
+            None => "",
+        };
+        log.line(level, stream, connection, line);
+    }
+}
+
 /// The `T` of every instance's `Store<T>`.
 pub(crate) struct HostState {
     /// WASI context: no preopened directories, no sockets, no environment;
@@ -41,6 +79,8 @@ pub(crate) struct HostState {
     table: ResourceTable,
     /// The function's log: stdout, stderr and the `logging` import.
     log: Arc<GuestLog>,
+    /// The connection of the current call, for the log.
+    caller: Caller,
     /// When the current invocation must have finished, in microseconds on
     /// `clock`.
     pub deadline: u64,
@@ -52,9 +92,10 @@ pub(crate) struct HostState {
 
 impl HostState {
     pub fn new(log: Arc<GuestLog>, clock: Arc<Clock>, memory_limit: usize) -> Self {
+        let caller = Caller::default();
         let wasi = WasiCtx::builder()
-            .stdout(GuestOutput::new(log.clone(), "stdout"))
-            .stderr(GuestOutput::new(log.clone(), "stderr"))
+            .stdout(GuestOutput::new(log.clone(), caller.clone(), "stdout"))
+            .stderr(GuestOutput::new(log.clone(), caller.clone(), "stderr"))
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
@@ -63,15 +104,21 @@ impl HostState {
             wasi,
             table: ResourceTable::new(),
             log,
+            caller,
             deadline: 0,
             clock,
             memory_limit,
         }
     }
 
-    /// The function's log, for the `logging` import.
-    pub fn guest_log(&self) -> &GuestLog {
-        &self.log
+    /// Log a line of the `logging` import.
+    pub fn log_line(&self, level: Level, line: &str) {
+        self.caller.line(&self.log, level, "log", line);
+    }
+
+    /// Whom the current call is about.
+    pub fn caller(&self) -> &Caller {
+        &self.caller
     }
 
     /// Give the current invocation `limit` from `now` (a precise reading
@@ -138,12 +185,17 @@ impl ResourceLimiter for HostState {
 #[derive(Clone)]
 struct GuestOutput {
     log: Arc<GuestLog>,
+    caller: Caller,
     stream: &'static str,
 }
 
 impl GuestOutput {
-    fn new(log: Arc<GuestLog>, stream: &'static str) -> Self {
-        Self { log, stream }
+    fn new(log: Arc<GuestLog>, caller: Caller, stream: &'static str) -> Self {
+        Self {
+            log,
+            caller,
+            stream,
+        }
     }
 }
 
@@ -175,7 +227,9 @@ impl LineLogger {
         // A CRLF line ending is an ending; other carriage returns are
         // escaped as part of the line.
         let text = text.strip_suffix('\r').unwrap_or(&text);
-        self.output.log.line(Level::Info, self.output.stream, text);
+        self.output
+            .caller
+            .line(&self.output.log, Level::Info, self.output.stream, text);
         self.line.clear();
     }
 }

@@ -247,6 +247,20 @@ async fn a_handler_error_is_sent_as_an_error_message_and_the_connection_stays() 
         },
     )
     .await;
+    // Each with the function, its version and the connection it was about.
+    let log = gateway.log();
+    for text in ["a line on stdout", "a line through the logging import"] {
+        let line = log
+            .lines()
+            .find(|line| line.contains(text))
+            .expect("logged");
+        assert!(line.contains("function=\"faulty\""), "{line}");
+        assert!(line.contains("version=\""), "{line}");
+        assert!(
+            line.contains("connection=\"") && !line.contains("connection=\"\""),
+            "{line}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
