@@ -495,3 +495,64 @@ async fn the_push_queue_delivers_to_connections_and_groups_and_counts_the_rest()
     assert_eq!(declared.message_count(), 0);
     let _ = connection.close(200, "bye".into()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_message_reaches_a_queue_bound_to_the_exchange_before_the_reply() {
+    let gateway = Gateway::start(Options::default().config(&format!(
+        r#"
+        [functions.faulty]
+        wasm = "{}"
+        [routes]
+        "/" = "faulty"
+        "#,
+        tidegate_functions::FAULTY_PATH
+    )));
+    let bound = crate::harness::unique_queue();
+    let key = format!("orders.{}", uuid::Uuid::now_v7().simple());
+    let connection = Connection::connect(BROKER, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_declare(
+            ShortString::from(bound.as_str()),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            ShortString::from(bound.as_str()),
+            ShortString::from("amq.topic"),
+            ShortString::from(key.as_str()),
+            lapin::options::QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut client = gateway.connect("/").await;
+    let command = format!("publish {key} order 17");
+    // The reply comes once the published message is confirmed.
+    assert_eq!(
+        round_trip(&mut client, Message::Text(command.clone().into())).await,
+        Message::Text(command.into())
+    );
+    let published = crate::harness::drain_queue(&bound, 1, Duration::from_secs(10)).await;
+    assert_eq!(crate::harness::bodies(&published), vec!["order 17"]);
+    let headers = &published[0].headers;
+    assert_eq!(headers.get("function").map(String::as_str), Some("faulty"));
+    assert!(headers.contains_key("connection-id"), "{headers:?}");
+    assert!(published[0].persistent);
+    assert_eq!(
+        gateway
+            .metric("tidegate_effects_total{effect=\"publish\"}")
+            .await,
+        1.0
+    );
+    crate::harness::delete_queue(&bound).await;
+    let _ = connection.close(200, "bye".into()).await;
+}

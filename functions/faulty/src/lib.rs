@@ -17,6 +17,7 @@
 //! - `forge`: try to forge gateway log lines: a newline through the logging
 //!   import, a carriage return and ANSI escapes on stdout;
 //! - `flood N`: print N lines to stdout;
+//! - `publish KEY BODY`: publish BODY with routing key KEY, then echo;
 //! - anything else (and every binary message) is echoed.
 //!
 //! A client that connects with `?show=remote-addr` gets the claim
@@ -93,7 +94,17 @@ impl Function for Faulty {
                     );
                 }
                 other => {
-                    if let Some(millis) = other.strip_prefix("spin ").and_then(|n| n.parse().ok()) {
+                    if let Some((key, body)) = other
+                        .strip_prefix("publish ")
+                        .and_then(|rest| rest.split_once(' '))
+                    {
+                        return Ok(vec![
+                            Effect::Publish((key.to_owned(), body.as_bytes().to_vec())),
+                            Effect::Reply(message),
+                        ]);
+                    } else if let Some(millis) =
+                        other.strip_prefix("spin ").and_then(|n| n.parse().ok())
+                    {
                         spin_for(std::time::Duration::from_millis(millis));
                     } else if let Some(millis) = other.strip_prefix("sleep ") {
                         sleep(millis);
