@@ -12,9 +12,11 @@ mod proxy;
 
 mod admin;
 mod auth;
+mod cli;
 mod client_address;
 mod echo;
 mod faults;
+mod functions_api;
 mod idle;
 mod lifecycle;
 mod limits;
