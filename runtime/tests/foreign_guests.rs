@@ -15,14 +15,14 @@
 //! kept in the target's scratch directory and reused by the next run while
 //! the components are unchanged.
 
-use std::num::NonZeroU32;
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use runtime::{
-    Connection, Context, Effect, Payload, Priority, Registry, RuntimeConfig, RuntimeMetrics,
-};
+use runtime::{Effect, Payload, Priority};
+use support::{connection, context, load};
 
 fn component(file: &str) -> PathBuf {
     let dir = std::env::var_os("TIDEGATE_GUEST_COMPONENTS").expect(
@@ -34,49 +34,23 @@ fn component(file: &str) -> PathBuf {
 /// Load the component, check that it echoes like the Rust echo does, and
 /// print how long its compilation (or reuse of the compiled code) took.
 async fn echoes_text_and_binary_unchanged(name: &str, file: &str) {
-    let config = RuntimeConfig {
-        artifact_dir: Path::new(env!("CARGO_TARGET_TMPDIR")).join("foreign-guests-artifacts"),
-        max_total_instances: NonZeroU32::new(4).unwrap(),
-        ..RuntimeConfig::default()
-    };
-    let metrics = RuntimeMetrics::register(&prometheus::Registry::new()).expect("metrics");
-    let registry = Registry::new(config, metrics).expect("engine");
+    let registry = support::registry("foreign-guests-artifacts");
     let path = component(file);
-    let wasm = std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    let size = wasm.len();
+    let size = std::fs::metadata(&path).map_or(0, |file| file.len());
     let started = Instant::now();
-    let function = registry
-        .load(name, wasm)
-        .await
-        .unwrap_or_else(|e| panic!("{name} loads: {e}"));
+    let function = load(&registry, name, &path).await;
     eprintln!(
         "{name}: {size} bytes, loaded in {:.1} s",
         started.elapsed().as_secs_f64()
     );
 
-    let conn = Connection {
-        id: "node-1.conn-1".into(),
-        route: "/".into(),
-        path: "/".into(),
-        query: vec![],
-        headers: vec![],
-        subprotocol: None,
-        remote_addr: "127.0.0.1:50000".into(),
-        claims: vec![],
-        state: None,
-    };
     let decision = function
-        .on_connect(Arc::new(conn))
+        .on_connect(Arc::new(connection(&[])))
         .await
         .expect("on-connect runs");
     assert!(decision.accept, "{name} accepts");
 
-    let ctx = Arc::new(Context {
-        id: "node-1.conn-1".into(),
-        route: "/".into(),
-        claims: vec![],
-        state: None,
-    });
+    let ctx = Arc::new(context("node-1.conn-7", &[]));
     // The second round runs in a fresh instance, made from the compiled code.
     for round in 0..2 {
         for message in [

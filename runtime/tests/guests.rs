@@ -2,70 +2,15 @@
 //! router) against the runtime: the effects they ask for, with the state
 //! kept between messages the way the gateway keeps it.
 
-use std::num::NonZeroU32;
-use std::path::Path;
+mod support;
+
 use std::sync::Arc;
 
-use runtime::{
-    Connection, Context, Effect, Function, HandlerError, Payload, Priority, Registry,
-    RuntimeConfig, RuntimeMetrics,
-};
-use tokio::sync::Mutex;
+use runtime::{Context, Effect, Function, HandlerError, Payload, Priority, Registry};
+use support::{connection, context, load};
 
-/// A registry whose precompiled artifacts are kept in the target's scratch
-/// directory: each component is compiled once (a few seconds in the debug
-/// profile), and every later load, in this run or the next, reads the
-/// artifact.
 fn registry() -> Registry {
-    let config = RuntimeConfig {
-        artifact_dir: Path::new(env!("CARGO_TARGET_TMPDIR")).join("guests-artifacts"),
-        max_total_instances: NonZeroU32::new(8).unwrap(),
-        ..RuntimeConfig::default()
-    };
-    let metrics = RuntimeMetrics::register(&prometheus::Registry::new()).expect("metrics");
-    Registry::new(config, metrics).expect("engine")
-}
-
-/// Held while a component loads, so that tests running in parallel wait
-/// for the first one's artifact instead of compiling the same code again.
-static LOADING: Mutex<()> = Mutex::const_new(());
-
-async fn load(registry: &Registry, name: &str, path: &str) -> Arc<Function> {
-    let wasm = std::fs::read(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
-    let _one_at_a_time = LOADING.lock().await;
-    registry
-        .load(name, wasm)
-        .await
-        .unwrap_or_else(|e| panic!("{name} loads: {e}"))
-}
-
-fn context(id: &str, claims: &[(&str, &str)]) -> Context {
-    Context {
-        id: id.into(),
-        route: "/chat".into(),
-        claims: claims
-            .iter()
-            .map(|(name, value)| (name.to_string(), value.to_string()))
-            .collect(),
-        state: None,
-    }
-}
-
-fn connection(query: &[(&str, &str)]) -> Connection {
-    Connection {
-        id: "node-1.conn-7".into(),
-        route: "/chat".into(),
-        path: "/chat".into(),
-        query: query
-            .iter()
-            .map(|(name, value)| (name.to_string(), value.to_string()))
-            .collect(),
-        headers: vec![],
-        subprotocol: None,
-        remote_addr: "127.0.0.1:50000".into(),
-        claims: vec![],
-        state: None,
-    }
+    support::registry("guests-artifacts")
 }
 
 fn text(message: &str) -> Payload {
