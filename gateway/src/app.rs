@@ -205,6 +205,7 @@ impl App {
             max_reply_size: websocket.max_message_size,
             send_queue_bytes: websocket.send_queue_bytes,
             max_state_size: settings.max_state_size,
+            max_effects: settings.max_effects,
             hub: hub.clone(),
             metrics: metrics.clone(),
         });

@@ -313,7 +313,7 @@ impl<R: Functions> Reader<'_, R> {
         // Boxed: once per connection, and only when there are effects.
         let next = match connected_by {
             Some(function) if !effects.is_empty() => {
-                Box::pin(self.dispatcher.apply(&*function, effects, None)).await
+                Box::pin(self.dispatcher.on_connected(&*function, effects)).await
             }
             _ => Next::Continue,
         };
@@ -672,6 +672,10 @@ mod tests {
                         let (to, what) = arg.split_once('=').unwrap();
                         vec![Effect::Send((to.into(), text(what)))]
                     }
+                    "ack-then-send" => vec![
+                        Effect::Reply(text("ack")),
+                        Effect::Send((arg.into(), text("relayed"))),
+                    ],
                     "keep" => vec![
                         Effect::SetState(arg.as_bytes().to_vec()),
                         Effect::Reply(text("kept")),
@@ -742,6 +746,7 @@ mod tests {
                 max_reply_size: 1 << 20,
                 send_queue_bytes: 1 << 20,
                 max_state_size: 16,
+                max_effects: 8,
                 hub: Arc::new(crate::hub::Hub::new("node", 2, &metrics)),
                 metrics: metrics.clone(),
             }),
@@ -1140,5 +1145,57 @@ mod tests {
         }
         assert_eq!(*function.disconnected.lock().unwrap(), Some(4002));
         assert!(settings.dispatch.hub.info("node.x").is_none());
+    }
+
+    #[tokio::test]
+    async fn nothing_reaches_another_connection_before_the_copy_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new().unwrap();
+        let queue = crate::config::QueueSettings {
+            url: "amqp://scripted".into(),
+            queue: "q".into(),
+            exchange: "amq.topic".into(),
+            push_queue: None,
+            mode: QueueMode::Receipt,
+            max_in_flight: std::num::NonZeroUsize::new(8).unwrap(),
+            spool_dir: dir.path().to_path_buf(),
+            spool_max_bytes: 1 << 20,
+            connect_timeout: Duration::from_secs(5),
+            reconnect_interval: Duration::from_secs(1),
+            confirm_timeout: Duration::from_secs(60),
+        };
+        let (publisher, _task, mut broker) =
+            crate::publisher::Publisher::scripted(queue, metrics.clone());
+        let mut plain = settings();
+        let mut dispatch = Arc::try_unwrap(plain.dispatch).ok().unwrap();
+        dispatch.publisher = Some(publisher.clone());
+        dispatch.queue_mode = QueueMode::Receipt;
+        plain.dispatch = Arc::new(dispatch);
+        let settings = Arc::new(plain);
+        while !publisher.is_connected() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let function = Arc::new(Scripted::default());
+        let mut sender = open_as(settings.clone(), "node.s", function.clone(), None).await;
+        let mut other = open_as(settings.clone(), "node.o", function.clone(), None).await;
+        // A reply first, then a send: the send waits for the copy too.
+        say(&mut sender, "ack-then-send:node.o").await;
+        let copy = broker.next().await;
+        let early = tokio::time::timeout(Duration::from_millis(200), other.next()).await;
+        assert!(
+            early.is_err(),
+            "delivered before the copy was confirmed: {early:?}"
+        );
+        copy.ack();
+        assert_eq!(text(&mut other).await, "relayed");
+        assert_eq!(text(&mut sender).await, "ack");
+        // A refused copy: neither the reply nor the send goes out.
+        say(&mut sender, "ack-then-send:node.o").await;
+        broker.next().await.nack();
+        let late = tokio::time::timeout(Duration::from_millis(300), other.next()).await;
+        assert!(
+            !matches!(late, Ok(Some(Ok(Message::Text(_))))),
+            "a message whose copy was refused reached another connection: {late:?}"
+        );
     }
 }

@@ -118,6 +118,8 @@ pub struct DispatchSettings {
     /// Largest state a function may keep for a connection
     /// (`runtime.max_state_size`).
     pub max_state_size: usize,
+    /// Most effects one call may return (`runtime.max_effects`).
+    pub max_effects: usize,
     /// Where `send`, `join`, `leave` and `broadcast` go.
     pub hub: Arc<Hub>,
     /// Failures and effects are counted here.
@@ -359,8 +361,18 @@ impl<R: Functions> Dispatcher<R> {
         effects: Vec<Effect>,
         mut receipt: Option<Receipt>,
     ) -> Next {
+        // What reaches anyone but the caller waits for the copy first, even
+        // when a reply before it takes the receipt.
+        if effects.iter().any(reaches_others)
+            && let Some(close) = self.settle(&mut receipt).await
+        {
+            return Next::Close(close);
+        }
         let mut next = Next::Continue;
         for effect in effects {
+            // A call's effects may be many (up to `runtime.max_effects`,
+            // each a broadcast): let other tasks run between them.
+            tokio::task::consume_budget().await;
             self.settings
                 .metrics
                 .effects
@@ -373,15 +385,9 @@ impl<R: Functions> Dispatcher<R> {
                     }
                 }
                 Effect::Send((id, payload)) => {
-                    if let Some(close) = self.settle(&mut receipt).await {
-                        return Next::Close(close);
-                    }
                     self.settings.hub.send(&id, message(payload));
                 }
                 Effect::Broadcast((group, payload)) => {
-                    if let Some(close) = self.settle(&mut receipt).await {
-                        return Next::Close(close);
-                    }
                     self.settings.hub.broadcast(&group, &message(payload));
                 }
                 Effect::Join(group) => {
@@ -421,6 +427,28 @@ impl<R: Functions> Dispatcher<R> {
             return Next::Stop;
         }
         next
+    }
+
+    /// Carry out `on-connect`'s effects, checked as a message's are: over a
+    /// limit, none is carried out and the connection closes with 1011.
+    pub async fn on_connected<H: Handler>(&mut self, function: &H, effects: Vec<Effect>) -> Next {
+        match self.check(&effects) {
+            None => self.apply(function, effects, None).await,
+            Some(failure) => {
+                self.settings
+                    .metrics
+                    .message_failures
+                    .with_label_values(&[&self.route_path, failure.kind])
+                    .inc();
+                tracing::debug!(
+                    connection = %self.ctx.id,
+                    function = function.name(),
+                    "on-connect's effects were refused: {}",
+                    failure.message
+                );
+                Next::Close(Close::FunctionFailed(failure.kind))
+            }
+        }
     }
 
     /// Wait until the copy of the message being handled is durable (once):
@@ -464,6 +492,18 @@ impl<R: Functions> Dispatcher<R> {
     /// `websocket.max_groups` or a bad routing key fails the whole message,
     /// so none of its effects happen.
     fn check(&self, effects: &[Effect]) -> Option<Failure> {
+        let max_effects = self.settings.max_effects;
+        if effects.len() > max_effects {
+            return Some(Failure {
+                kind: "too_many_effects",
+                overloaded: false,
+                message: format!(
+                    "the function returned {} effects, over the limit of {max_effects} \
+                     (runtime.max_effects)",
+                    effects.len()
+                ),
+            });
+        }
         let mut joins = 0usize;
         for effect in effects {
             let failure = match effect {
@@ -703,7 +743,17 @@ pub async fn after_close<H: Handler>(
     route: &str,
     effects: Vec<Effect>,
 ) {
+    if effects.len() > settings.max_effects {
+        tracing::debug!(
+            connection = %ctx.id,
+            function = function.name(),
+            "on-disconnect returned {} effects, over runtime.max_effects: none is carried out",
+            effects.len()
+        );
+        return;
+    }
     for effect in effects {
+        tokio::task::consume_budget().await;
         settings
             .metrics
             .effects
@@ -856,6 +906,14 @@ fn not_stored(error: &PublishError) -> String {
         PublishError::Closed => "the gateway is shutting down".into(),
         PublishError::InDoubt => "kept, perhaps twice".into(),
     }
+}
+
+/// Whether `effect` reaches anyone but the caller (or the broker).
+fn reaches_others(effect: &Effect) -> bool {
+    matches!(
+        effect,
+        Effect::Send(_) | Effect::Broadcast(_) | Effect::Publish(_)
+    )
 }
 
 /// A function's payload as a WebSocket message.

@@ -22,11 +22,16 @@ use tokio_util::sync::CancellationToken;
 use crate::close::Close;
 use crate::config::QueueSettings;
 use crate::config::redact_url;
-use crate::hub::{Delivery, Hub, check_group};
+use crate::hub::{Hub, check_group};
 use crate::metrics::Metrics;
 
-/// Messages taken from the queue before the first is acknowledged.
-const PREFETCH: u16 = 64;
+/// Messages taken from the queue before the first is acknowledged: with
+/// the broker's largest message size, what the push queue can hold in
+/// memory at once.
+const PREFETCH: u16 = 16;
+
+/// The longest pause between attempts to reach the broker.
+const MAX_RECONNECT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What a push message asks for.
 #[derive(Debug, PartialEq)]
@@ -154,21 +159,19 @@ fn decide(
 fn carry_out(hub: &Hub, push: Push) -> &'static str {
     match push {
         Push::Connection { id, message, close } => {
-            if let Some(message) = message {
-                let delivery = hub.send(&id, message);
-                if delivery != Delivery::Delivered {
-                    return delivery.label();
-                }
-            }
-            match close {
-                Some(close) => {
+            let delivery = message.map(|message| hub.send(&id, message));
+            // A close is carried out even when the body could not be
+            // queued (a client that does not read is the one to close).
+            match (close, delivery) {
+                (Some(close), _) => {
                     if hub.close(&id, close) {
                         "closed"
                     } else {
                         "gone"
                     }
                 }
-                None => "delivered",
+                (None, Some(delivery)) => delivery.label(),
+                (None, None) => "delivered",
             }
         }
         Push::Group { group, message } => match hub.broadcast(&group, &message) {
@@ -189,23 +192,35 @@ pub async fn run(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
+    // Doubled after each failed attempt in a row (up to 30 s), so an
+    // outage is one warning, then a quieter retry.
+    let mut pause = settings.reconnect_interval;
+    let mut failures = 0u32;
     loop {
+        let mut consuming = false;
         let consumed = tokio::select! {
             _ = shutdown.cancelled() => return,
-            consumed = consume(&settings, &queue, max_message_size, &hub, &metrics, &shutdown) => consumed,
+            consumed = consume(&settings, &queue, max_message_size, &hub, &metrics, &shutdown, &mut consuming) => consumed,
         };
-        match consumed {
+        let error = match consumed {
             Ok(()) => return,
-            Err(error) => tracing::warn!(
-                queue = %queue,
-                "push queue: {error}; trying again in {:?}",
-                settings.reconnect_interval
-            ),
+            Err(error) => error,
+        };
+        if consuming {
+            failures = 0;
+            pause = settings.reconnect_interval;
+        }
+        failures += 1;
+        if failures == 1 {
+            tracing::warn!(queue = %queue, "push queue: {error}; trying again in {pause:?}");
+        } else {
+            tracing::debug!(queue = %queue, failures, "push queue: {error}; trying again in {pause:?}");
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(settings.reconnect_interval) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
+        pause = (pause * 2).min(MAX_RECONNECT_INTERVAL.max(settings.reconnect_interval));
     }
 }
 
@@ -216,6 +231,7 @@ async fn consume(
     hub: &Hub,
     metrics: &Metrics,
     shutdown: &CancellationToken,
+    consuming: &mut bool,
 ) -> Result<(), String> {
     let properties = ConnectionProperties::default()
         .with_connection_name(LongString::from(format!("tidegate {} push", hub.node_id())));
@@ -261,6 +277,10 @@ async fn consume(
             )
         })?;
     tracing::info!(queue = %queue, "consuming the push queue");
+    *consuming = true;
+    // Anyone who can publish to the queue could fill the log with
+    // malformed messages: the first is a warning, the rest are counted.
+    let mut warned = false;
     loop {
         let delivery = tokio::select! {
             _ = shutdown.cancelled() => {
@@ -269,7 +289,7 @@ async fn consume(
             }
             delivery = consumer.next() => delivery,
         };
-        let delivery = match delivery {
+        let mut delivery = match delivery {
             Some(Ok(delivery)) => delivery,
             Some(Err(e)) => return Err(format!("consuming: {e}")),
             None => return Err("the broker ended the consumer".into()),
@@ -280,7 +300,7 @@ async fn consume(
             .content_type()
             .as_ref()
             .map(|c| c.as_str().to_owned());
-        let body = delivery.data.clone();
+        let body = std::mem::take(&mut delivery.data);
         let outcome = match decide(
             headers.as_ref(),
             content_type.as_deref(),
@@ -289,7 +309,16 @@ async fn consume(
         ) {
             Ok(push) => carry_out(hub, push),
             Err(Malformed(outcome, why)) => {
-                tracing::warn!(queue = %queue, "push message dropped: {why}");
+                if warned {
+                    tracing::debug!(queue = %queue, "push message dropped: {why}");
+                } else {
+                    warned = true;
+                    tracing::warn!(
+                        queue = %queue,
+                        "push message dropped: {why} (further ones are logged at debug and \
+                         counted in tidegate_push_total)"
+                    );
+                }
                 outcome
             }
         };

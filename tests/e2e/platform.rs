@@ -289,6 +289,18 @@ async fn the_connections_api_sends_describes_and_closes_in_both_path_forms() {
         Message::Binary(vec![0, 1, 2].into())
     );
 
+    // Over websocket.max_message_size: 413, as JSON, and nothing sent.
+    let (status, body) = gateway
+        .admin_request(
+            "POST",
+            &format!("/v1/connections/{id}"),
+            TOKEN,
+            "application/octet-stream",
+            &vec![0; 200 << 10],
+        )
+        .await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("\"error\":\"too-large\""), "{body}");
     let (status, body) = gateway
         .admin_request("GET", &format!("/@connections/{id}"), TOKEN, "", b"")
         .await;

@@ -4,8 +4,8 @@
 //! host), list connections, and broadcast to a group.
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::AdminState;
 use super::api::{ApiError, json};
+use super::functions::read_body;
 use crate::close::Close;
 use crate::hub::{Delivery, check_group};
 
@@ -24,7 +25,7 @@ const MAX_LIMIT: usize = 1000;
 
 /// The connection and group endpoints. Bodies are bounded by
 /// `websocket.max_message_size` (a client could not be sent more).
-pub fn router(max_message_size: usize) -> Router<AdminState> {
+pub fn router() -> Router<AdminState> {
     let one = get(info).post(send).delete(close);
     Router::new()
         .route("/v1/connections", get(list))
@@ -35,21 +36,23 @@ pub fn router(max_message_size: usize) -> Router<AdminState> {
             "/v1/groups/{group}/messages",
             axum::routing::post(broadcast),
         )
-        // Room for the largest message, so a larger one is answered by
-        // `message` (413 naming the limit), not cut off.
-        .layer(DefaultBodyLimit::max(max_message_size.saturating_add(1)))
 }
 
 /// The body as the WebSocket message it is sent as: text when the content
-/// type is `text/*` or JSON, binary otherwise.
-fn message(state: &AdminState, headers: &HeaderMap, body: Bytes) -> Result<Message, ApiError> {
-    if body.len() > state.max_message_size {
-        return Err(ApiError::too_large(format!(
-            "the message is {} bytes, over the limit of {} (websocket.max_message_size)",
-            body.len(),
-            state.max_message_size
-        )));
-    }
+/// type is `text/*` or JSON, binary otherwise; at most
+/// `websocket.max_message_size` bytes (413 beyond, read no further).
+async fn message(state: &AdminState, headers: &HeaderMap, body: Body) -> Result<Message, ApiError> {
+    let body = read_body(
+        headers,
+        body,
+        state.max_message_size,
+        "the message (websocket.max_message_size)",
+    )
+    .await?;
+    message_of(headers, body)
+}
+
+fn message_of(headers: &HeaderMap, body: Bytes) -> Result<Message, ApiError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
@@ -80,9 +83,9 @@ async fn send(
     State(state): State<AdminState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    let message = match message(&state, &headers, body) {
+    let message = match message(&state, &headers, body).await {
         Ok(message) => message,
         Err(error) => return error.into_response(),
     };
@@ -198,12 +201,12 @@ async fn broadcast(
     State(state): State<AdminState>,
     Path(group): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     if let Err(error) = check_group(&group) {
         return ApiError::bad_request(error.to_string()).into_response();
     }
-    let message = match message(&state, &headers, body) {
+    let message = match message(&state, &headers, body).await {
         Ok(message) => message,
         Err(error) => return error.into_response(),
     };

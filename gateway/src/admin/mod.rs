@@ -102,7 +102,7 @@ fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .merge(connections::router(state.max_message_size))
+        .merge(connections::router())
         .merge(functions::router())
         .merge(routes::router())
         .route("/v1", axum::routing::any(api::no_such_path))

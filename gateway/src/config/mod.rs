@@ -145,6 +145,8 @@ pub struct Settings {
     /// Largest state a function may keep per connection
     /// (`runtime.max_state_size`).
     pub max_state_size: usize,
+    /// Most effects one call may return (`runtime.max_effects`).
+    pub max_effects: usize,
     /// Authentication on connect.
     pub auth: AuthSettings,
     /// Functions by name.
@@ -295,6 +297,7 @@ impl RawConfig {
             on_error: runtime.on_error,
             fault_backoff: runtime.fault_backoff,
             max_state_size: runtime.max_state_size,
+            max_effects: runtime.max_effects,
             auth,
             functions,
             routes,

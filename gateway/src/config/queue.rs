@@ -199,11 +199,15 @@ impl RawQueue {
         let exchange = self
             .exchange
             .unwrap_or_else(|| QueueSettings::EXCHANGE.into());
-        if exchange.len() > QueueSettings::MAX_QUEUE_NAME {
+        // Not the default exchange (""): there a routing key is a queue's
+        // name, and a function could publish into the copy queue or the
+        // push queue.
+        if exchange.is_empty() || exchange.len() > QueueSettings::MAX_QUEUE_NAME {
             return Err(invalid(
                 "queue.exchange",
                 format!(
-                    "an exchange name is at most {} bytes",
+                    "an exchange name is 1 to {} bytes; not the default exchange (\"\"), where a \
+                     function could publish into any queue",
                     QueueSettings::MAX_QUEUE_NAME
                 ),
             ));
@@ -315,5 +319,7 @@ mod tests {
         assert!(error.contains("queue.push_queue"), "{error}");
         let error = queue("push_queue = \"amq.x\"").unwrap_err().to_string();
         assert!(error.contains("queue.push_queue"), "{error}");
+        let error = queue("exchange = \"\"").unwrap_err().to_string();
+        assert!(error.contains("queue.exchange"), "{error}");
     }
 }

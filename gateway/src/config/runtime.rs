@@ -26,6 +26,12 @@ const MAX_STATE_SIZE: usize = 64 << 10;
 /// function for every message).
 const MAX_MAX_STATE_SIZE: usize = 16 << 20;
 
+/// Default of `runtime.max_effects`.
+const MAX_EFFECTS: usize = 256;
+
+/// Most `runtime.max_effects`.
+const MAX_MAX_EFFECTS: usize = 65_536;
+
 /// Default of `runtime.artifact_dir`, under `server.state_dir`.
 const ARTIFACT_DIR: &str = "artifacts";
 
@@ -81,6 +87,8 @@ pub(super) struct RawRuntime {
     on_error: Option<OnError>,
     /// `runtime.max_state_size`, bytes per connection.
     max_state_size: Option<usize>,
+    /// `runtime.max_effects`, per call.
+    max_effects: Option<usize>,
     /// `runtime.fault_backoff`, e.g. `1s`.
     #[serde(default, with = "humantime_serde")]
     fault_backoff: Option<Duration>,
@@ -121,6 +129,8 @@ pub(super) struct RuntimeSection {
     pub(super) fault_backoff: Duration,
     /// `runtime.max_state_size`.
     pub(super) max_state_size: usize,
+    /// `runtime.max_effects`.
+    pub(super) max_effects: usize,
 }
 
 impl RawRuntime {
@@ -133,6 +143,13 @@ impl RawRuntime {
             return Err(invalid(
                 "runtime.max_state_size",
                 format!("{max_state_size} is over the most, {MAX_MAX_STATE_SIZE} (16 MiB)"),
+            ));
+        }
+        let max_effects = self.max_effects.unwrap_or(MAX_EFFECTS);
+        if max_effects == 0 || max_effects > MAX_MAX_EFFECTS {
+            return Err(invalid(
+                "runtime.max_effects",
+                format!("{max_effects}: must be 1 to {MAX_MAX_EFFECTS}"),
             ));
         }
         let defaults = RuntimeConfig::default();
@@ -238,6 +255,7 @@ impl RawRuntime {
             on_error,
             fault_backoff,
             max_state_size,
+            max_effects,
         })
     }
 }
@@ -294,6 +312,24 @@ mod tests {
         ] {
             let error = runtime(bad).unwrap_err().to_string();
             assert!(error.contains(key), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn state_and_effects_per_call_have_bounded_defaults() {
+        let settings = Settings::from_toml(MINIMAL, vec![], false).unwrap();
+        assert_eq!(settings.max_state_size, 64 << 10);
+        assert_eq!(settings.max_effects, 256);
+        for (key, value) in [
+            ("max_effects", "0"),
+            ("max_effects", "70000"),
+            ("max_state_size", "20000000"),
+        ] {
+            let text = format!("{MINIMAL}\n[runtime]\n{key} = {value}\n");
+            let error = Settings::from_toml(&text, vec![], false)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(&format!("runtime.{key}")), "{error}");
         }
     }
 }

@@ -105,6 +105,8 @@ impl WebSocketSettings {
     pub const SEND_QUEUE_BYTES: usize = 1 << 20;
     /// Default of `websocket.max_groups`.
     pub const MAX_GROUPS: usize = 64;
+    /// Most `websocket.max_groups`.
+    pub const MAX_MAX_GROUPS: usize = 4096;
     /// Most `websocket.send_queue_bytes`: the queue counts bytes in a `u32`.
     pub const MAX_SEND_QUEUE_BYTES: usize = u32::MAX as usize;
     /// Default of `websocket.max_request_head`: 8 KiB.
@@ -190,11 +192,23 @@ impl RawWebSocket {
                 }
                 bytes
             },
-            max_groups: non_zero(
-                "websocket.max_groups",
-                self.max_groups,
-                WebSocketSettings::MAX_GROUPS,
-            )?,
+            max_groups: {
+                let groups = non_zero(
+                    "websocket.max_groups",
+                    self.max_groups,
+                    WebSocketSettings::MAX_GROUPS,
+                )?;
+                if groups.get() > WebSocketSettings::MAX_MAX_GROUPS {
+                    return Err(invalid(
+                        "websocket.max_groups",
+                        format!(
+                            "{groups}: at most {} (joins and leaves scan a connection's groups)",
+                            WebSocketSettings::MAX_MAX_GROUPS
+                        ),
+                    ));
+                }
+                groups
+            },
             max_request_head: at_least(
                 "websocket.max_request_head",
                 self.max_request_head,
@@ -230,5 +244,25 @@ impl RawWebSocket {
                 WebSocketSettings::SEND_TIMEOUT,
             )?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Settings;
+    use super::super::tests::MINIMAL;
+
+    #[test]
+    fn groups_per_connection_default_to_64_and_are_bounded() {
+        let groups = |extra: &str| {
+            Settings::from_toml(&format!("{MINIMAL}\n[websocket]\n{extra}\n"), vec![], false)
+                .map(|settings| settings.websocket.max_groups.get())
+        };
+        assert_eq!(groups("").unwrap(), 64);
+        assert_eq!(groups("max_groups = 4096").unwrap(), 4096);
+        for bad in ["max_groups = 0", "max_groups = 4097"] {
+            let error = groups(bad).unwrap_err().to_string();
+            assert!(error.contains("websocket.max_groups"), "{bad}: {error}");
+        }
     }
 }

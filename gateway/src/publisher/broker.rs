@@ -8,7 +8,9 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 
@@ -162,6 +164,37 @@ impl AmqpLink {
                 .await?;
             Ok::<_, lapin::Error>(channel)
         };
+        // Functions' `publish` effects go to `queue.exchange`: it must
+        // exist, else the broker would close the channel at the first one
+        // (taking the copies in flight with it), again at every replay.
+        let exchange = async {
+            let channel = connection.create_channel().await?;
+            channel
+                .exchange_declare(
+                    settings.exchange.as_str().into(),
+                    lapin::ExchangeKind::Topic,
+                    ExchangeDeclareOptions {
+                        passive: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            let _ = channel.close(200, "checked".into()).await;
+            Ok::<_, lapin::Error>(())
+        };
+        match tokio::time::timeout(settings.connect_timeout, exchange).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = connection.close(0, "setup failed".into()).await;
+                return Err(format!(
+                    "queue.exchange {:?} cannot be used: {e} (declare it, or set queue.exchange \
+                     to one that exists, such as amq.topic)",
+                    settings.exchange
+                ));
+            }
+            Err(_) => return Err("the broker did not answer the exchange check in time".into()),
+        }
         let channel = match tokio::time::timeout(settings.connect_timeout, setup).await {
             Ok(Ok(channel)) => channel,
             Ok(Err(e)) => {
@@ -204,7 +237,12 @@ impl AmqpLink {
         ] {
             headers.insert(name.into(), AMQPValue::LongString(value.as_str().into()));
         }
-        let properties = BasicProperties::default()
+        let mut properties = BasicProperties::default();
+        if message.routing_key.is_some() {
+            // Tells a function's messages from copies at a glance.
+            properties = properties.with_type("tidegate.publish".into());
+        }
+        let properties = properties
             .with_delivery_mode(PERSISTENT)
             .with_message_id(message.message_id.as_str().into())
             .with_timestamp(message.timestamp)

@@ -19,7 +19,7 @@
 pub mod broker;
 pub mod message;
 #[cfg(test)]
-mod scripted;
+pub(crate) mod scripted;
 pub mod spool;
 #[cfg(test)]
 mod tests;
@@ -215,6 +215,25 @@ impl Publisher {
             Broker::Amqp,
             spool,
         ))
+    }
+
+    /// A publisher on a scripted broker (reachable), for tests of what
+    /// waits for copies.
+    #[cfg(test)]
+    pub(crate) fn scripted(
+        settings: QueueSettings,
+        metrics: Metrics,
+    ) -> (Self, PublisherTask, scripted::Control) {
+        let (broker, control) = scripted::broker();
+        let spool = Spool::open(&settings.spool_dir, settings.spool_max_bytes).expect("spool");
+        let (publisher, task) = Self::start_with(
+            settings,
+            "node".into(),
+            metrics,
+            Broker::Scripted(broker),
+            spool,
+        );
+        (publisher, task, control)
     }
 
     /// [`Publisher::start`] with the broker to reach and the spool opened.
