@@ -38,6 +38,13 @@ say "promtool (checks /metrics in the tests), openssl (checks TLS versions and s
 command -v promtool >/dev/null 2>&1 || apt_install prometheus
 command -v openssl >/dev/null 2>&1 || apt_install openssl
 
+say "JavaScript and Python toolchains (the echo examples in functions/js and functions/python)"
+command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_install python3-venv
+guests="${CARGO_TARGET_DIR:-target}/guest-components"
+functions/build-guests.sh "$guests"
+export TIDEGATE_GUEST_COMPONENTS="$(cd "$guests" && pwd)"
+
 say "format"
 cargo fmt --all --check
 (cd functions && cargo fmt --all --check)
@@ -48,6 +55,11 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 say "tests"
 cargo test --workspace --locked
+# The JavaScript and Python components against the runtime alone (their
+# compiled code is kept in the target's scratch directory between runs).
+cargo test -p runtime --test foreign_guests --locked -- --ignored
+# The SDK's own tests run on the host, not on wasm32-wasip2.
+(cd functions && cargo test -p tidegate-sdk --locked --target "$(rustc -vV | sed -n 's/^host: //p')")
 
 say "RFC 6455 conformance (Autobahn, ws:// and wss://)"
 cargo build --bin tidegate --locked

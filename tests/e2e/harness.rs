@@ -142,7 +142,10 @@ impl Gateway {
                 }
             }
         });
-        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+        // Long enough for a first start that compiles large components
+        // (the JavaScript and Python ones take tens of seconds each in a
+        // debug build); a start that fails says so at once, on stderr.
+        let line = match rx.recv_timeout(Duration::from_secs(240)) {
             Ok(line) => line,
             Err(_) => {
                 let _ = child.kill();

@@ -16,6 +16,7 @@ mod cli;
 mod client_address;
 mod echo;
 mod faults;
+mod foreign;
 mod functions_api;
 mod idle;
 mod lifecycle;
