@@ -433,6 +433,9 @@ impl Router {
 #[derive(Default)]
 pub struct RouteTable {
     current: RwLock<Arc<Router>>,
+    /// Routes replaced or removed while connections admitted on them may
+    /// still be open: their functions are still in use.
+    retired: std::sync::Mutex<Vec<std::sync::Weak<Route>>>,
 }
 
 impl fmt::Debug for RouteTable {
@@ -448,6 +451,7 @@ impl RouteTable {
     pub fn new(router: Router) -> Self {
         Self {
             current: RwLock::new(Arc::new(router)),
+            retired: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -470,7 +474,7 @@ impl RouteTable {
     /// # Errors
     /// [`TableError::FromConfig`] when the config file defines that path.
     pub fn put(&self, route: Route) -> Result<Option<Arc<Route>>, TableError> {
-        self.change(|router| {
+        let previous = self.change(|router| {
             let previous = router
                 .entries
                 .iter()
@@ -487,7 +491,11 @@ impl RouteTable {
                 origin: Origin::Api,
             });
             Ok(previous)
-        })
+        })?;
+        if let Some(previous) = &previous {
+            self.retire(previous);
+        }
+        Ok(previous)
     }
 
     /// Remove the API route at `path`.
@@ -496,7 +504,7 @@ impl RouteTable {
     /// [`TableError::NotFound`] when no route has that path,
     /// [`TableError::FromConfig`] when the config file defines it.
     pub fn remove(&self, path: &str) -> Result<Arc<Route>, TableError> {
-        self.change(|router| {
+        let removed = self.change(|router| {
             let Some(index) = router
                 .entries
                 .iter()
@@ -508,17 +516,49 @@ impl RouteTable {
                 return Err(TableError::FromConfig(path.to_owned()));
             }
             Ok(router.entries.remove(index).route)
-        })
+        })?;
+        self.retire(&removed);
+        Ok(removed)
     }
 
-    /// The paths of the routes that name `function`.
+    /// The paths of the routes that name `function`, including routes
+    /// replaced or removed that open connections still use.
     pub fn using(&self, function: &str) -> Vec<String> {
-        self.snapshot()
+        let mut paths: Vec<String> = self
+            .snapshot()
             .entries
             .iter()
             .filter(|entry| entry.route.functions().contains(&function))
             .map(|entry| entry.route.path().to_owned())
-            .collect()
+            .collect();
+        let mut retired = self.retired();
+        retired.retain(|route| route.strong_count() > 0);
+        paths.extend(
+            retired
+                .iter()
+                .filter_map(std::sync::Weak::upgrade)
+                .filter(|route| route.functions().contains(&function))
+                .map(|route| {
+                    format!(
+                        "{} (an earlier version of the route, still used by open connections)",
+                        route.path()
+                    )
+                }),
+        );
+        paths
+    }
+
+    /// Keep track of `route` while connections hold it.
+    fn retire(&self, route: &Arc<Route>) {
+        let mut retired = self.retired();
+        retired.retain(|route| route.strong_count() > 0);
+        retired.push(Arc::downgrade(route));
+    }
+
+    fn retired(&self) -> std::sync::MutexGuard<'_, Vec<std::sync::Weak<Route>>> {
+        self.retired
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn change<T>(
