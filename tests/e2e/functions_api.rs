@@ -206,7 +206,17 @@ async fn a_function_is_uploaded_invoked_rolled_back_and_deleted() {
     );
     assert_eq!(api.delete("/v1/routes?path=/hello").await.0, 204);
     assert_eq!(api.delete("/v1/routes?path=/hello").await.0, 404);
-    assert_eq!(api.delete("/v1/functions/hello").await.0, 204);
+    // The open connection still runs on the deleted route's function.
+    let (status, body) = api.delete("/v1/functions/hello").await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(say(&mut client, "four").await, "echo");
+    client.close(None).await.expect("close");
+    eventually(
+        "the function can go once its last connection closed",
+        Duration::from_secs(10),
+        || async { api.delete("/v1/functions/hello").await.0 == 204 },
+    )
+    .await;
     assert_eq!(api.get("/v1/functions/hello").await.0, 404);
 
     // The config file's function and route are not the API's to change.
