@@ -31,7 +31,7 @@ use crate::dispatch::{
     self, ByteBudget, DispatchSettings, Dispatcher, Functions, Handler, Next, Outbound, Wiring,
     not_stored_close,
 };
-use crate::hub::{Handle, Registering};
+use crate::hub::{Handle, Registering, Registration};
 use crate::metrics::Metrics;
 use crate::router::Route;
 
@@ -120,68 +120,29 @@ where
     // Taken out of its box, which is freed here and not held for the
     // connection's life.
     let Upgraded { ws, opened } = unbox(upgraded);
-    let Opened {
-        ctx,
-        functions,
-        route,
-        path,
-        remote_addr,
+    let (sink, stream) = ws.split();
+    // Set up in a plain function: what it takes apart is not kept in this
+    // task's state for the connection's life.
+    let Parts {
+        counters,
+        open,
+        queue,
+        writer_done,
+        budget,
+        registration,
+        dispatcher,
+        token_expires,
         connected_by,
         effects,
-        expires_at,
-    } = opened;
-    let route_path: Arc<str> = Arc::from(route.path());
-    let metrics = &settings.metrics;
-    metrics.connections.with_label_values(&[&route_path]).inc();
-    let open = metrics.connections_open.with_label_values(&[&route_path]);
-    open.inc();
-    let counters = Counters {
-        received: metrics.messages_received.with_label_values(&[&route_path]),
-        received_bytes: metrics.bytes_received.with_label_values(&[&route_path]),
-        sent: metrics.messages_sent.with_label_values(&[&route_path]),
-        sent_bytes: metrics.bytes_sent.with_label_values(&[&route_path]),
-    };
-
-    let (sink, stream) = ws.split();
-    // futures' channel allocates per message rather than a block of slots
-    // up front, so an idle connection does not pay for its queue. One
-    // sender: capacity = buffer + 1.
-    let (outbound, queue) = mpsc::channel(settings.send_queue.get() - 1);
-    // Cancelled by the writer when it can no longer send, so the reader
-    // stops too.
-    let writer_done = CancellationToken::new();
-    // Replies' bytes not yet written: the dispatcher takes, the writer
-    // gives back.
-    let budget = Arc::new(ByteBudget::new(settings.dispatch.send_queue_bytes));
-    let hub = &settings.dispatch.hub;
-    // In the hub while the reader runs: other connections, the API and
-    // the push queue reach it there.
-    let registration = hub.register(Registering {
-        id: ctx.id.clone(),
-        route: route_path.clone(),
-        path,
-        remote_addr,
-        outbound: outbound.clone(),
-        budget: budget.clone(),
-    });
-    let handle = registration.handle().clone();
+        after,
+    } = parts(opened, &settings);
     let reader = Reader {
         rate: governor::RateLimiter::direct(governor::Quota::per_second(settings.max_message_rate)),
         settings: &settings,
         counters: &counters,
-        token_expires: expires_at.map(Instant::from_std),
-        handle: handle.clone(),
-        dispatcher: Dispatcher::new(
-            settings.dispatch.clone(),
-            Wiring {
-                ctx: Arc::new(ctx),
-                functions: functions.clone(),
-                route: route.clone(),
-                handle,
-                outbound,
-                budget: budget.clone(),
-            },
-        ),
+        token_expires,
+        handle: registration.handle().clone(),
+        dispatcher,
     };
     let reading = async {
         let ended = reader
@@ -214,26 +175,139 @@ where
         Box::pin(finish_close(ws)).await;
     }
     open.dec();
-    let Some(function) = route.disconnect().and_then(|name| functions.live(name)) else {
-        return;
+    Box::pin(after.run(&settings, ctx, code, reason)).await;
+}
+
+/// What a connection is made of, set up before it is served.
+struct Parts<R: Functions> {
+    counters: Counters,
+    /// `tidegate_connections_open` for its route.
+    open: prometheus::IntGauge,
+    /// What the writer sends, in order.
+    queue: mpsc::Receiver<Outbound>,
+    /// Cancelled by the writer when it can no longer send, so the reader
+    /// stops too.
+    writer_done: CancellationToken,
+    /// Replies' bytes not yet written: the dispatcher takes, the writer
+    /// gives back.
+    budget: Arc<ByteBudget>,
+    /// Its place in the hub while the reader runs.
+    registration: Registration,
+    dispatcher: Dispatcher<R>,
+    token_expires: Option<Instant>,
+    connected_by: Option<Arc<R::Handler>>,
+    effects: Vec<Effect>,
+    /// What runs once it has closed.
+    after: AfterClose<R>,
+}
+
+fn parts<R: Functions>(opened: Opened<R>, settings: &ConnectionSettings) -> Parts<R> {
+    let Opened {
+        ctx,
+        functions,
+        route,
+        path,
+        remote_addr,
+        connected_by,
+        effects,
+        expires_at,
+    } = opened;
+    let route_path = route.shared_path().clone();
+    let metrics = &settings.metrics;
+    metrics.connections.with_label_values(&[&route_path]).inc();
+    let open = metrics.connections_open.with_label_values(&[&route_path]);
+    open.inc();
+    let counters = Counters {
+        received: metrics.messages_received.with_label_values(&[&route_path]),
+        received_bytes: metrics.bytes_received.with_label_values(&[&route_path]),
+        sent: metrics.messages_sent.with_label_values(&[&route_path]),
+        sent_bytes: metrics.bytes_sent.with_label_values(&[&route_path]),
     };
-    match Box::pin(function.on_disconnect(ctx.clone(), code, reason)).await {
-        Ok(effects) => {
-            Box::pin(dispatch::after_close(
-                &settings.dispatch,
-                &*function,
-                &ctx,
-                &route_path,
-                effects,
-            ))
-            .await;
+    // futures' channel allocates per message rather than a block of slots
+    // up front, so an idle connection does not pay for its queue. One
+    // sender: capacity = buffer + 1.
+    let (outbound, queue) = mpsc::channel(settings.send_queue.get() - 1);
+    let budget = Arc::new(ByteBudget::new(settings.dispatch.send_queue_bytes));
+    // In the hub while the reader runs: other connections, the API and
+    // the push queue reach it there.
+    let registration = settings.dispatch.hub.register(Registering {
+        id: ctx.id.clone(),
+        route: route_path.clone(),
+        path,
+        remote_addr,
+        outbound: outbound.clone(),
+        budget: budget.clone(),
+    });
+    let dispatcher = Dispatcher::new(
+        settings.dispatch.clone(),
+        Wiring {
+            ctx: Arc::new(ctx),
+            functions: functions.clone(),
+            route: route.clone(),
+            handle: registration.handle().clone(),
+            outbound,
+            budget: budget.clone(),
+        },
+    );
+    Parts {
+        counters,
+        open,
+        queue,
+        writer_done: CancellationToken::new(),
+        budget,
+        registration,
+        dispatcher,
+        token_expires: expires_at.map(Instant::from_std),
+        connected_by,
+        effects,
+        after: AfterClose {
+            functions,
+            route,
+            route_path,
+        },
+    }
+}
+
+/// The route's `disconnect` function, run once the connection has closed.
+struct AfterClose<R> {
+    functions: Arc<R>,
+    route: Arc<Route>,
+    route_path: Arc<str>,
+}
+
+impl<R: Functions> AfterClose<R> {
+    async fn run(
+        self,
+        settings: &ConnectionSettings,
+        ctx: Arc<Context>,
+        code: u16,
+        reason: String,
+    ) {
+        let Some(function) = self
+            .route
+            .disconnect()
+            .and_then(|name| self.functions.live(name))
+        else {
+            return;
+        };
+        match function.on_disconnect(ctx.clone(), code, reason).await {
+            Ok(effects) => {
+                dispatch::after_close(
+                    &settings.dispatch,
+                    &*function,
+                    &ctx,
+                    &self.route_path,
+                    effects,
+                )
+                .await;
+            }
+            Err(e) => tracing::debug!(
+                connection = %ctx.id,
+                function = function.name(),
+                version = function.version(),
+                "on-disconnect failed: {e}"
+            ),
         }
-        Err(e) => tracing::debug!(
-            connection = %ctx.id,
-            function = function.name(),
-            version = function.version(),
-            "on-disconnect failed: {e}"
-        ),
     }
 }
 
@@ -302,7 +376,7 @@ impl<R: Functions> Reader<'_, R> {
     /// connection's last call was told (its state included).
     async fn run<T>(
         mut self,
-        stream: T,
+        mut stream: T,
         connected_by: Option<Arc<R::Handler>>,
         effects: Vec<Effect>,
         writer_done: &CancellationToken,
@@ -311,25 +385,12 @@ impl<R: Functions> Reader<'_, R> {
         T: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
     {
         // Boxed: once per connection, and only when there are effects.
-        let next = match connected_by {
+        let mut next = match connected_by {
             Some(function) if !effects.is_empty() => {
                 Box::pin(self.dispatcher.on_connected(&*function, effects)).await
             }
             _ => Next::Continue,
         };
-        let ended = self.read(stream, next, writer_done).await;
-        (ended, self.dispatcher.context().clone())
-    }
-
-    async fn read<T>(
-        &mut self,
-        mut stream: T,
-        mut next: Next,
-        writer_done: &CancellationToken,
-    ) -> ClientClose<T>
-    where
-        T: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
-    {
         let limits = self.settings;
         let opened = Instant::now();
         let expires = opened + limits.max_duration;
@@ -408,7 +469,13 @@ impl<R: Functions> Reader<'_, R> {
                 break;
             }
             next = match frame {
-                None => return ClientClose::Closed(close::code::ABNORMAL, String::new()),
+                None => {
+                    let ctx = self.dispatcher.context().clone();
+                    return (
+                        ClientClose::Closed(close::code::ABNORMAL, String::new()),
+                        ctx,
+                    );
+                }
                 Some(Ok(Message::Text(text))) => {
                     // Without a copy when the frame's buffer is not shared.
                     let bytes = Vec::from(bytes::Bytes::from(text));
@@ -424,12 +491,19 @@ impl<R: Functions> Reader<'_, R> {
                     let (code, reason) = frame
                         .map(|f| (u16::from(f.code), f.reason.as_str().to_owned()))
                         .unwrap_or((close::code::NORMAL, String::new()));
-                    return ClientClose::Closed(code, reason);
+                    let ctx = self.dispatcher.context().clone();
+                    return (ClientClose::Closed(code, reason), ctx);
                 }
                 Some(Ok(_)) => Next::Continue, // ping, pong: answered by tungstenite
                 Some(Err(error)) => match close_for(&error, limits.max_frame_size) {
                     Some(close) => Next::Close(close),
-                    None => return ClientClose::Closed(close::code::ABNORMAL, String::new()),
+                    None => {
+                        let ctx = self.dispatcher.context().clone();
+                        return (
+                            ClientClose::Closed(close::code::ABNORMAL, String::new()),
+                            ctx,
+                        );
+                    }
                 },
             };
         }
@@ -440,7 +514,8 @@ impl<R: Functions> Reader<'_, R> {
             // every idle connection's task.
             Box::pin(self.dispatcher.close(close)).await;
         }
-        ClientClose::Open(stream)
+        let ctx = self.dispatcher.context().clone();
+        (ClientClose::Open(stream), ctx)
     }
 
     async fn on_message(&mut self, payload: Payload) -> Next {

@@ -212,7 +212,7 @@ impl<R: Functions> Dispatcher<R> {
     pub fn new(settings: Arc<DispatchSettings>, wiring: Wiring<R>) -> Self {
         Self {
             settings,
-            route_path: Arc::from(wiring.route.path()),
+            route_path: wiring.route.shared_path().clone(),
             ctx: wiring.ctx,
             functions: wiring.functions,
             route: wiring.route,
@@ -363,8 +363,10 @@ impl<R: Functions> Dispatcher<R> {
     ) -> Next {
         // What reaches anyone but the caller waits for the copy first, even
         // when a reply before it takes the receipt.
+        // Boxed, as every rarer path: its state (a wait on the broker)
+        // should not be part of every idle connection's task.
         if effects.iter().any(reaches_others)
-            && let Some(close) = self.settle(&mut receipt).await
+            && let Some(close) = Box::pin(self.settle(&mut receipt)).await
         {
             return Next::Close(close);
         }
@@ -403,7 +405,7 @@ impl<R: Functions> Dispatcher<R> {
                     Arc::make_mut(&mut self.ctx).state = Some(state);
                 }
                 Effect::Publish((routing_key, body)) => {
-                    if let Some(close) = self.publish(function, routing_key, body).await {
+                    if let Some(close) = Box::pin(self.publish(function, routing_key, body)).await {
                         return Next::Close(close);
                     }
                 }

@@ -117,8 +117,9 @@ pub struct Registering {
 pub struct Handle {
     id: Arc<str>,
     route: Arc<str>,
-    path: String,
-    remote_addr: String,
+    /// Exactly sized: kept for the connection's life.
+    path: Box<str>,
+    remote_addr: Box<str>,
     /// Unix milliseconds.
     connected_at: u64,
     /// Unix milliseconds of the last message received.
@@ -194,8 +195,8 @@ impl Handle {
         ConnectionInfo {
             id: self.id.to_string(),
             route: self.route.to_string(),
-            path: self.path.clone(),
-            remote_addr: self.remote_addr.clone(),
+            path: self.path.to_string(),
+            remote_addr: self.remote_addr.to_string(),
             connected_at: rfc3339(self.connected_at),
             last_active_at: rfc3339(self.last_active.load(Ordering::Relaxed)),
             groups: self.groups(),
@@ -266,8 +267,8 @@ impl Hub {
         let handle = Arc::new(Handle {
             id: connection.id.into(),
             route: connection.route,
-            path: connection.path,
-            remote_addr: connection.remote_addr,
+            path: connection.path.into_boxed_str(),
+            remote_addr: connection.remote_addr.into_boxed_str(),
             connected_at: now,
             last_active: AtomicU64::new(now),
             outbound: Mutex::new(Some(connection.outbound)),

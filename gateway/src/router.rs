@@ -176,6 +176,8 @@ impl Selection {
 pub struct Route {
     /// The spec it was built from, as given (for listing).
     spec: RouteSpec,
+    /// Its path, shared by its connections (metric labels, copies' headers).
+    shared_path: Arc<str>,
     /// The function whose `on-connect` admits clients.
     connect: Option<String>,
     /// The function whose `on-disconnect` runs.
@@ -232,6 +234,7 @@ impl Route {
             }
             check_name("function", function)?;
             return Ok(Self {
+                shared_path: Arc::from(spec.path.as_str()),
                 connect: Some(function.clone()),
                 disconnect: Some(function.clone()),
                 default: Some(function.clone()),
@@ -290,6 +293,7 @@ impl Route {
             (None, true) => None,
         };
         Ok(Self {
+            shared_path: Arc::from(spec.path.as_str()),
             connect: spec.connect.clone(),
             disconnect: spec.disconnect.clone(),
             default: spec.default.clone(),
@@ -302,6 +306,11 @@ impl Route {
     /// The route's path.
     pub fn path(&self) -> &str {
         &self.spec.path
+    }
+
+    /// The route's path, shared.
+    pub fn shared_path(&self) -> &Arc<str> {
+        &self.shared_path
     }
 
     /// The spec, as given.
