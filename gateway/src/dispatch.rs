@@ -375,11 +375,7 @@ impl<R: Functions> Dispatcher<R> {
             // A call's effects may be many (up to `runtime.max_effects`,
             // each a broadcast): let other tasks run between them.
             tokio::task::consume_budget().await;
-            self.settings
-                .metrics
-                .effects
-                .with_label_values(&[effect_name(&effect)])
-                .inc();
+            self.settings.metrics.effect_counts.get(&effect).inc();
             match effect {
                 Effect::Reply(payload) => {
                     if let Next::Stop = self.reply(message(payload), receipt.take()).await {
@@ -756,11 +752,7 @@ pub async fn after_close<H: Handler>(
     }
     for effect in effects {
         tokio::task::consume_budget().await;
-        settings
-            .metrics
-            .effects
-            .with_label_values(&[effect_name(&effect)])
-            .inc();
+        settings.metrics.effect_counts.get(&effect).inc();
         match effect {
             Effect::Send((id, payload)) if payload_len(&payload) <= settings.max_reply_size => {
                 settings.hub.send(&id, message(payload));
@@ -949,6 +941,34 @@ fn effect_name(effect: &Effect) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_effect_is_counted_under_its_own_name() {
+        let metrics = Metrics::new().unwrap();
+        let text = || Payload::Text(String::new());
+        let effects = [
+            Effect::Reply(text()),
+            Effect::Send((String::new(), text())),
+            Effect::Join(String::new()),
+            Effect::Leave(String::new()),
+            Effect::Broadcast((String::new(), text())),
+            Effect::Publish((String::new(), Vec::new())),
+            Effect::SetState(Vec::new()),
+            Effect::Close((1000, String::new())),
+        ];
+        for (n, effect) in effects.iter().enumerate() {
+            for _ in 0..=n {
+                metrics.effect_counts.get(effect).inc();
+            }
+        }
+        for (n, effect) in effects.iter().enumerate() {
+            let counted = metrics
+                .effects
+                .with_label_values(&[effect_name(effect)])
+                .get();
+            assert_eq!(counted, n as u64 + 1, "{}", effect_name(effect));
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_reply_waits_for_room_and_gets_it_when_bytes_are_given_back() {

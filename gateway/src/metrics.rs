@@ -33,6 +33,8 @@ pub struct Metrics {
     pub bytes_sent: IntCounterVec,
     /// Effects carried out, by effect.
     pub effects: IntCounterVec,
+    /// `effects`, resolved once per effect (counted per message).
+    pub effect_counts: EffectCounts,
     /// Messages for a connection other than the caller's (`send`,
     /// `broadcast`, the API, the push queue), by outcome.
     pub deliveries: IntCounterVec,
@@ -89,6 +91,11 @@ impl Metrics {
             .buckets(CONFIRM_BUCKETS.to_vec()),
         )?;
         registry.register(Box::new(queue_confirm_duration.clone()))?;
+        let effects = counter(
+            "tidegate_effects_total",
+            "Effects of functions carried out, by effect.",
+            &["effect"],
+        )?;
         Ok(Self {
             connections_open,
             connections: counter(
@@ -126,11 +133,8 @@ impl Metrics {
                 "Payload bytes sent to clients.",
                 &["route"],
             )?,
-            effects: counter(
-                "tidegate_effects_total",
-                "Effects of functions carried out, by effect.",
-                &["effect"],
-            )?,
+            effect_counts: EffectCounts::new(&effects),
+            effects,
             deliveries: counter(
                 "tidegate_deliveries_total",
                 "Messages for a connection from elsewhere (send, broadcast, the API, the push queue), by outcome (delivered; gone: no such connection; full: its send queue was full).",
@@ -185,5 +189,43 @@ impl Metrics {
         encoder
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# encoding metrics failed: {e}\n"))
+    }
+}
+
+/// `tidegate_effects_total` for each effect, resolved once.
+#[derive(Clone)]
+pub struct EffectCounts([prometheus::IntCounter; 8]);
+
+impl EffectCounts {
+    /// The effect names, as the WIT spells them, in [`EffectCounts::get`]'s
+    /// order.
+    const NAMES: [&'static str; 8] = [
+        "reply",
+        "send",
+        "join",
+        "leave",
+        "broadcast",
+        "publish",
+        "set-state",
+        "close",
+    ];
+
+    fn new(effects: &IntCounterVec) -> Self {
+        Self(Self::NAMES.map(|name| effects.with_label_values(&[name])))
+    }
+
+    /// The counter of `effect`.
+    pub fn get(&self, effect: &runtime::Effect) -> &prometheus::IntCounter {
+        use runtime::Effect;
+        &self.0[match effect {
+            Effect::Reply(_) => 0,
+            Effect::Send(_) => 1,
+            Effect::Join(_) => 2,
+            Effect::Leave(_) => 3,
+            Effect::Broadcast(_) => 4,
+            Effect::Publish(_) => 5,
+            Effect::SetState(_) => 6,
+            Effect::Close(_) => 7,
+        }]
     }
 }
