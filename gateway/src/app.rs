@@ -247,6 +247,7 @@ impl App {
             routes,
             hub,
             max_message_size: websocket.max_message_size,
+            body_timeout: settings.admin.header_timeout,
             accepting: Arc::new(AtomicBool::new(false)),
             token: settings.admin.token.as_deref().map(Arc::from),
             catalog: Arc::new(catalog),

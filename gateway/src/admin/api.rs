@@ -111,12 +111,18 @@ fn authorize(token: Option<&str>, headers: &HeaderMap) -> Result<(), ApiError> {
             "the management API is off: set admin.token to turn it on",
         ));
     };
+    // The scheme is case-insensitive (RFC 7235).
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+        .and_then(|value| value.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim());
+    // Digests of equal length, compared in constant time: neither the
+    // token's bytes nor its length show in the time taken.
+    let digest = |bytes: &[u8]| ring::digest::digest(&ring::digest::SHA256, bytes);
+    let (presented, token) = (digest(presented.as_bytes()), digest(token.as_bytes()));
+    if bool::from(presented.as_ref().ct_eq(token.as_ref())) {
         Ok(())
     } else {
         Err(ApiError::new(

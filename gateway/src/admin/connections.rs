@@ -47,6 +47,7 @@ async fn message(state: &AdminState, headers: &HeaderMap, body: Body) -> Result<
         body,
         state.max_message_size,
         "the message (websocket.max_message_size)",
+        state.body_timeout,
     )
     .await?;
     message_of(headers, body)

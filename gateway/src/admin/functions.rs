@@ -87,12 +87,15 @@ impl From<CatalogError> for ApiError {
     }
 }
 
-/// Read a body of at most `limit` bytes; 413 beyond.
+/// Read a body of at most `limit` bytes; 413 beyond. A body that stops
+/// arriving for `idle` (`admin.header_timeout`) is refused with 408, so a
+/// stalled client holds nothing (an upload's compile slot) for long.
 pub(super) async fn read_body(
     headers: &HeaderMap,
     body: Body,
     limit: usize,
     what: &str,
+    idle: std::time::Duration,
 ) -> Result<Bytes, ApiError> {
     let too_large = || ApiError::too_large(format!("{what} is larger than {limit} bytes"));
     let declared = headers
@@ -104,7 +107,21 @@ pub(super) async fn read_body(
     }
     let mut bytes = Vec::with_capacity(declared.map_or(0, |length| length as usize));
     let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
+    loop {
+        let chunk = match tokio::time::timeout(idle, stream.next()).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    format!(
+                        "{what} stopped arriving for {} (admin.header_timeout)",
+                        humantime::format_duration(idle)
+                    ),
+                ));
+            }
+        };
         let chunk = chunk.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
         if bytes.len() + chunk.len() > limit {
             return Err(too_large());
@@ -118,8 +135,9 @@ pub(super) async fn read_body(
 pub(super) async fn read_json<T: DeserializeOwned>(
     headers: &HeaderMap,
     body: Body,
+    idle: std::time::Duration,
 ) -> Result<T, ApiError> {
-    let bytes = read_body(headers, body, MAX_JSON_BODY, "the JSON body").await?;
+    let bytes = read_body(headers, body, MAX_JSON_BODY, "the JSON body", idle).await?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("the body is not the JSON expected: {e}")))
 }
@@ -285,7 +303,7 @@ async fn try_upload(
     // The body is read only once this upload may compile: waiting
     // uploads hold a connection, not their component.
     let _slot = catalog.upload_slot().await?;
-    let wasm = read_body(headers, body, limit, "the component")
+    let wasm = read_body(headers, body, limit, "the component", state.body_timeout)
         .await
         .map_err(|e| {
             if e.status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -332,7 +350,7 @@ async fn set_live(
     body: Body,
 ) -> Response {
     let outcome = async {
-        let LiveVersion { version } = read_json(&headers, body).await?;
+        let LiveVersion { version } = read_json(&headers, body, state.body_timeout).await?;
         let function = state.catalog.set_live(&name, &version).await?;
         Ok::<_, ApiError>(json(
             StatusCode::OK,
@@ -378,11 +396,40 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_arriving_is_refused_with_408() {
+        let chunks =
+            futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"12"))])
+                .chain(futures_util::stream::pending());
+        let error = read_body(
+            &HeaderMap::new(),
+            Body::from_stream(chunks),
+            1 << 20,
+            "the component",
+            std::time::Duration::from_secs(10),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(error.status, StatusCode::REQUEST_TIMEOUT);
+        assert!(
+            error.message.contains("admin.header_timeout"),
+            "{}",
+            error.message
+        );
+    }
+
     #[tokio::test]
     async fn a_body_over_its_limit_is_413_whether_declared_or_streamed() {
         let mut headers = HeaderMap::new();
         let read = |headers: HeaderMap, body: &'static [u8]| async move {
-            read_body(&headers, Body::from(body), 4, "the body").await
+            read_body(
+                &headers,
+                Body::from(body),
+                4,
+                "the body",
+                std::time::Duration::from_secs(5),
+            )
+            .await
         };
         assert_eq!(&read(headers.clone(), b"1234").await.unwrap()[..], b"1234");
         assert_eq!(

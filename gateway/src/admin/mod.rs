@@ -53,6 +53,8 @@ pub struct AdminState {
     pub hub: Arc<Hub>,
     /// Largest message sent to a connection (`websocket.max_message_size`).
     pub max_message_size: usize,
+    /// Longest a request body may stop arriving (`admin.header_timeout`).
+    pub body_timeout: std::time::Duration,
     /// True once the WebSocket listener accepts, false again on shutdown.
     pub accepting: Arc<AtomicBool>,
     /// Bearer token of `/v1/`; `None` turns the management API off.

@@ -34,7 +34,7 @@ struct Listed<'a> {
 
 async fn set(State(state): State<AdminState>, headers: HeaderMap, body: Body) -> Response {
     let outcome = async {
-        let spec: RouteSpec = read_json(&headers, body).await?;
+        let spec: RouteSpec = read_json(&headers, body, state.body_timeout).await?;
         let created = state.catalog.put_route(spec.clone()).await?;
         let status = if created {
             StatusCode::CREATED

@@ -356,8 +356,11 @@ impl Catalog {
         function: &Arc<Function>,
         live: bool,
     ) -> Result<Uploaded, CatalogError> {
-        self.disk.write_component(&digest, wasm)?;
+        // Written under the index lock: a removal (which sweeps files the
+        // index does not name) cannot run between the write and the index
+        // naming the file.
         let mut index = self.index.lock().await;
+        self.disk.write_component(&digest, wasm)?;
         let mut next = index.clone();
         let record = next.functions.entry(name.to_owned()).or_default();
         if let Some(existing) = record.versions.iter().find(|v| v.digest == digest) {
