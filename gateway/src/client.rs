@@ -172,6 +172,27 @@ pub struct AdminClient {
     token: Option<AdminToken>,
 }
 
+/// The warning for a token about to go in clear text beyond this host:
+/// `http://` to an address that is not loopback.
+fn cleartext_warning(base: &Url, has_token: bool) -> Option<String> {
+    if !has_token || base.scheme() != "http" {
+        return None;
+    }
+    let host = base.host_str()?;
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!loopback).then(|| {
+        format!(
+            "the admin token goes in clear text to {base} (http://): anyone on the path can \
+             read it; reach the admin listener over a private network or a TLS proxy (https://)"
+        )
+    })
+}
+
 impl AdminClient {
     /// A client of the admin listener at `url` (`http://` or `https://`),
     /// sending `token` with every request; an empty token is none.
@@ -197,6 +218,9 @@ impl AdminClient {
             .build()
             .map_err(|e| ClientError::Http(format!("cannot set up the HTTP client: {e}")))?;
         let token = token.filter(|token| !token.0.is_empty());
+        if let Some(warning) = cleartext_warning(&base, token.is_some()) {
+            eprintln!("tidegate: warning: {warning}");
+        }
         Ok(Self { http, base, token })
     }
 
@@ -1453,5 +1477,25 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(seen.lock().unwrap()[0].uri, "/gateway/v1/functions");
+    }
+
+    #[test]
+    fn a_token_over_http_beyond_loopback_is_warned_about() {
+        let warn = |url: &str, token: bool| cleartext_warning(&Url::parse(url).unwrap(), token);
+        assert!(warn("http://10.0.0.5:9090", true).is_some());
+        assert!(warn("http://admin.example.com:9090", true).is_some());
+        assert!(
+            warn("http://10.0.0.5:9090", false).is_none(),
+            "no token, nothing to leak"
+        );
+        for quiet in [
+            "http://127.0.0.1:9090",
+            "http://127.0.0.9:9090",
+            "http://[::1]:9090",
+            "http://localhost:9090",
+            "https://admin.example.com",
+        ] {
+            assert!(warn(quiet, true).is_none(), "{quiet}");
+        }
     }
 }
