@@ -31,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::publisher::{Publisher, PublisherTask};
 use crate::push;
 use crate::router::{Entry, Origin, RouteTable, Router};
-use crate::store::Catalog;
+use crate::store::{Catalog, Limits};
 use crate::{dev, tls};
 
 /// Where a built gateway listens.
@@ -191,7 +191,10 @@ impl App {
             registry.clone(),
             routes.clone(),
             settings.functions.keys().cloned().collect(),
-            settings.admin.max_upload_size,
+            Limits {
+                max_upload_size: settings.admin.max_upload_size,
+                max_versions: settings.admin.max_versions,
+            },
         )
         .await
         .context("restoring the functions and routes uploaded through the management API")?;

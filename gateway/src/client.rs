@@ -407,10 +407,19 @@ impl AdminClient {
             value.set_sensitive(true);
             request = request.header(AUTHORIZATION, value);
         }
+        let sending = body.as_ref().map(|(bytes, _)| bytes.len());
         if let Some((bytes, content_type)) = body {
             request = request.header(CONTENT_TYPE, content_type).body(bytes);
         }
-        let mut response = request.send().await.map_err(|e| self.failed(&e))?;
+        let mut response = request.send().await.map_err(|e| match sending {
+            Some(size) if cut_off(&e) => ClientError::Http(format!(
+                "the admin API at {} closed the connection before the request's {size} bytes \
+                 were sent: it refused the request without reading it all (a component larger \
+                 than the gateway's admin.max_upload_size, or a wrong token); its log says which",
+                self.shown_url()
+            )),
+            _ => self.failed(&e),
+        })?;
         let status = response.status();
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(|e| self.failed(&e))? {
@@ -465,6 +474,24 @@ fn add_query(url: &mut Url, key: &str, value: Option<impl AsRef<str>>) {
     if let Some(value) = value {
         url.query_pairs_mut().append_pair(key, value.as_ref());
     }
+}
+
+/// Whether `e` is the connection closing (or reset) under a request still
+/// being written.
+fn cut_off(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(error) = next {
+        if let Some(io) = error.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            )
+        {
+            return true;
+        }
+        next = error.source();
+    }
+    false
 }
 
 /// The last error in `e`'s chain: the one that says what happened
@@ -558,7 +585,19 @@ pub fn deployed(answer: &Answer, name: &str, asked_live: bool) -> String {
     about.extend(json.get("size").and_then(Value::as_u64).map(bytes));
     let about = about.join(", ");
     if answer.status == StatusCode::CREATED {
-        format!("deployed {name} version {version} ({about})")
+        let pruned: Vec<&str> = json
+            .get("pruned")
+            .and_then(Value::as_array)
+            .map(|pruned| pruned.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let mut text = format!("deployed {name} version {version} ({about})");
+        if !pruned.is_empty() {
+            text.push_str(&format!(
+                "; oldest versions deleted (admin.max_versions): {}",
+                pruned.join(", ")
+            ));
+        }
+        text
     } else {
         format!("unchanged: {name} version {version} is this component already ({about})")
     }
@@ -996,6 +1035,22 @@ mod tests {
         assert_eq!(seen.authorization.as_deref(), Some("Bearer s3cret"));
         assert_eq!(seen.content_type.as_deref(), Some("application/wasm"));
         assert_eq!(seen.body, b"\0asm component");
+    }
+
+    #[tokio::test]
+    async fn deploy_says_which_old_versions_were_deleted() {
+        let (_dir, file) = component("chat.wasm");
+        let (printed, _) = exchange(
+            &["fn", "deploy", &file],
+            201,
+            r#"{"name":"chat","version":"3f2a","size":2048,"live":true,"pruned":["0a1b","2c3d"]}"#,
+        )
+        .await;
+        assert_eq!(
+            printed.unwrap(),
+            "deployed chat version 3f2a (live, 2.0 KiB); oldest versions deleted \
+             (admin.max_versions): 0a1b, 2c3d\n"
+        );
     }
 
     #[tokio::test]

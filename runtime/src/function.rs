@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -46,10 +46,16 @@ pub struct Function {
     engine: Arc<Engine>,
     /// Limits and timeouts.
     config: Arc<RuntimeConfig>,
-    /// The component as uploaded, kept to compile it again when its
+    /// The component as uploaded, kept (in memory, or as a file read back
+    /// and checked against its digest) to compile it again when its
     /// artifact is missing, damaged, replaced or cannot be loaded (so the
     /// function never stays broken until a restart).
-    component: Bytes,
+    component: Kept,
+    /// The component's size, in bytes.
+    size: usize,
+    /// Whether the version was deleted: its calls still running record no
+    /// metric, so its series, once removed, do not come back.
+    forgotten: AtomicBool,
     /// Where the precompiled component lives while it is unloaded.
     artifact: PathBuf,
     /// What the artifact was when this process wrote it (`None` when it
@@ -177,14 +183,58 @@ pub(crate) enum Readiness {
     OnFirstUse,
 }
 
+/// Where a version's component is kept, to compile it again if its
+/// artifact cannot be loaded.
+#[derive(Debug, Clone)]
+pub enum Keep {
+    /// In memory, for as long as the version exists: for the few functions
+    /// of a config file.
+    InMemory,
+    /// In this file, read back (and checked against the component's digest)
+    /// only when the code must be compiled again: for uploaded versions,
+    /// which may be many and large. The caller writes the file before the
+    /// version is first called and keeps it for as long as the version
+    /// exists.
+    File(PathBuf),
+}
+
+/// The component as [`Keep`] says.
+#[derive(Clone)]
+enum Kept {
+    InMemory(Bytes),
+    File(PathBuf),
+}
+
+impl Kept {
+    /// The component's bytes: `component` is its SHA-256.
+    fn read(&self, component: &[u8; 32]) -> Result<Bytes, String> {
+        match self {
+            Kept::InMemory(bytes) => Ok(bytes.clone()),
+            Kept::File(path) => {
+                let bytes = std::fs::read(path).map_err(|e| {
+                    format!("its component {} cannot be read ({e})", path.display())
+                })?;
+                if Sha256::digest(&bytes).as_slice() != component {
+                    return Err(format!(
+                        "its component {} is damaged or was replaced (its SHA-256 is not the \
+                         version's)",
+                        path.display()
+                    ));
+                }
+                Ok(bytes.into())
+            }
+        }
+    }
+}
+
 impl Function {
     /// Make `wasm` function `name`'s version, keeping its code loaded
     /// when `readiness` is [`Readiness::Now`]: from the artifact an
     /// earlier run saved for this component and engine when its seal file
     /// vouches for it, else compiled (which checks that it is a Tidegate
     /// handler) and saved as a sealed artifact in `config.artifact_dir`.
-    /// The component is kept too, to compile it again if the artifact
-    /// cannot be loaded later.
+    /// The component is kept as `keep` says, to compile it again if the
+    /// artifact cannot be loaded later.
     ///
     /// # Errors
     /// [`LoadError::Invalid`] when the bytes are not a component of the
@@ -196,6 +246,7 @@ impl Function {
         metrics: &RuntimeMetrics,
         name: &str,
         wasm: Bytes,
+        keep: Keep,
         readiness: Readiness,
     ) -> Result<Self, LoadError> {
         let digest: [u8; 32] = Sha256::digest(&wasm).into();
@@ -271,7 +322,12 @@ impl Function {
             queued: AtomicUsize::new(0),
             engine,
             config,
-            component: wasm,
+            size: wasm.len(),
+            component: match keep {
+                Keep::InMemory => Kept::InMemory(wasm),
+                Keep::File(path) => Kept::File(path),
+            },
+            forgotten: AtomicBool::new(false),
             artifact: artifact_path,
             seal: tokio::sync::Mutex::new(seal),
             pool: Mutex::new(Pool {
@@ -303,7 +359,7 @@ impl Function {
 
     /// The component's size, in bytes.
     pub fn size(&self) -> usize {
-        self.component.len()
+        self.size
     }
 
     /// Calls of this version so far (every event, every outcome).
@@ -493,6 +549,7 @@ impl Function {
                 self.metrics.message_ok.inc();
                 self.metrics.message_duration.observe(elapsed);
             }
+            _ if self.forgotten.load(Ordering::Relaxed) => {}
             (result, _) => {
                 let label = match result {
                     Ok(_) => "ok",
@@ -648,6 +705,9 @@ impl Function {
         }
         let mut pool = self.lock();
         let pre = pool.pre.get_or_insert(reloaded.pre).clone();
+        // Kept for `runtime.unload_after` from now, not unloaded by the next
+        // scale-down because its last instance went long ago.
+        pool.last_active = self.engine.now_millis();
         self.metrics.code_loaded.set(1);
         Ok(pre)
     }
@@ -763,6 +823,7 @@ impl Function {
 
     /// The version is deleted: its metric series go.
     pub(crate) fn forget_metrics(&self) {
+        self.forgotten.store(true, Ordering::Relaxed);
         self.metrics.all.remove_version(&self.name, &self.version);
     }
 
@@ -896,7 +957,7 @@ fn reload(
     config: &RuntimeConfig,
     path: &std::path::Path,
     seal: Option<Seal>,
-    component: &[u8],
+    component: &Kept,
     source: Source,
     name: &str,
 ) -> Result<Reloaded, InvokeError> {
@@ -916,7 +977,14 @@ fn reload(
             Err(why) => why,
         },
     };
-    let compiled = Component::new(&engine.engine, component).map_err(failed)?;
+    let wasm = component
+        .read(&source.component)
+        .map_err(|reason| InvokeError::Instantiate {
+            function: name.to_owned(),
+            reason: format!("the artifact {why}, and {reason}"),
+        })?;
+    let compiled = Component::new(&engine.engine, &wasm).map_err(failed)?;
+    drop(wasm);
     let bytes = compiled.serialize().map_err(failed)?;
     // The function works from the code compiled here even when no artifact
     // can be written; the next reload then compiles again.

@@ -57,16 +57,24 @@ impl Caller {
 
     /// Log `line` with the current call's connection id.
     fn line(&self, log: &GuestLog, level: Level, stream: &'static str, line: &str) {
+        self.with_connection(|connection| log.line(level, stream, connection, line));
+    }
+
+    /// The current call's connection id (empty between calls).
+    fn connection(&self) -> String {
+        self.with_connection(str::to_owned)
+    }
+
+    fn with_connection<R>(&self, f: impl FnOnce(&str) -> R) -> R {
         let caller = self
             .0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let connection = match &*caller {
+        f(match &*caller {
             Some(CallerId::Context(ctx)) => ctx.id.as_str(),
             Some(CallerId::Connection(conn)) => conn.id.as_str(),
             None => "",
-        };
-        log.line(level, stream, connection, line);
+        })
     }
 }
 
@@ -210,6 +218,7 @@ impl StdoutStream for GuestOutput {
         Box::new(LineLogger {
             output: self.clone(),
             line: Vec::new(),
+            connection: None,
         })
     }
 }
@@ -219,6 +228,10 @@ impl StdoutStream for GuestOutput {
 struct LineLogger {
     output: GuestOutput,
     line: Vec<u8>,
+    /// The connection of the call that wrote the line's first byte: a line
+    /// a call leaves unfinished is logged under that call's connection, not
+    /// the one of the call that ends it.
+    connection: Option<String>,
 }
 
 impl LineLogger {
@@ -227,9 +240,18 @@ impl LineLogger {
         // A CRLF line ending is an ending; other carriage returns are
         // escaped as part of the line.
         let text = text.strip_suffix('\r').unwrap_or(&text);
-        self.output
-            .caller
-            .line(&self.output.log, Level::Info, self.output.stream, text);
+        match self.connection.take() {
+            Some(connection) => {
+                self.output
+                    .log
+                    .line(Level::Info, self.output.stream, &connection, text)
+            }
+            None => {
+                self.output
+                    .caller
+                    .line(&self.output.log, Level::Info, self.output.stream, text)
+            }
+        }
         self.line.clear();
     }
 }
@@ -243,8 +265,13 @@ impl AsyncWrite for LineLogger {
         for &byte in buf {
             if byte == b'\n' {
                 self.emit();
-            } else if self.line.len() < self.output.log.max_line() {
-                self.line.push(byte);
+            } else {
+                if self.connection.is_none() {
+                    self.connection = Some(self.output.caller.connection());
+                }
+                if self.line.len() < self.output.log.max_line() {
+                    self.line.push(byte);
+                }
             }
         }
         Poll::Ready(Ok(buf.len()))

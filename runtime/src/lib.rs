@@ -52,6 +52,6 @@ mod wall_clock;
 pub use bindings::types::{ConnectDecision, Connection, Context, Effect, HandlerError, Payload};
 pub use config::RuntimeConfig;
 pub use error::{InvokeError, LoadError};
-pub use function::{Function, Priority};
+pub use function::{Function, Keep, Priority};
 pub use metrics::RuntimeMetrics;
-pub use registry::Registry;
+pub use registry::{Ready, Registry};

@@ -19,7 +19,7 @@ use crate::artifact;
 use crate::config::RuntimeConfig;
 use crate::engine::Engine;
 use crate::error::LoadError;
-use crate::function::{Function, Readiness};
+use crate::function::{Function, Keep, Readiness};
 use crate::metrics::RuntimeMetrics;
 
 /// The functions of this node, with their versions.
@@ -71,6 +71,62 @@ pub struct Loaded {
     /// False when the function already had this exact component as a
     /// version (nothing was compiled or added).
     pub created: bool,
+}
+
+/// A version whose code is loaded, ready to go live (see
+/// [`Registry::ready`]).
+pub struct Ready<'r> {
+    registry: &'r Registry,
+    /// `None` once live.
+    function: Option<Arc<Function>>,
+}
+
+impl Ready<'_> {
+    /// The version.
+    pub fn function(&self) -> &Arc<Function> {
+        self.function.as_ref().expect("taken only by go_live")
+    }
+
+    /// Make it live now: calls that start from now on run it.
+    ///
+    /// # Errors
+    /// [`VersionError::UnknownVersion`] when it was deleted meanwhile.
+    pub fn go_live(mut self) -> Result<Arc<Function>, VersionError> {
+        let function = self.function.take().expect("taken only here");
+        let made = self.registry.make_live(function.name(), &function);
+        match made {
+            Ok(()) => Ok(function),
+            Err(e) => {
+                self.function = Some(function);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for Ready<'_> {
+    fn drop(&mut self) {
+        if let Some(function) = self.function.take() {
+            let live = self
+                .registry
+                .get(function.name())
+                .is_some_and(|live| Arc::ptr_eq(&live, &function));
+            if !live {
+                function.retire();
+            }
+        }
+    }
+}
+
+/// Why a version cannot be made ready to go live.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadyError {
+    /// An unknown function or version.
+    #[error(transparent)]
+    Version(#[from] VersionError),
+    /// Its code can be neither loaded nor compiled.
+    #[error("{0}")]
+    Load(crate::InvokeError),
 }
 
 /// A change to a function's versions that was refused.
@@ -155,25 +211,32 @@ impl Registry {
                 created: false,
             });
         }
-        let function = self.prepare(name, wasm).await?;
+        let function = self.prepare(name, wasm, Keep::InMemory).await?;
         let created = self.insert(function.clone(), created, live);
         Ok(Loaded { function, created })
     }
 
     /// Compile `wasm` (on a blocking thread) into a version of function
     /// `name`, or load its artifact saved by an earlier run, without adding
-    /// it: [`Registry::insert`] does, once the caller has recorded it.
+    /// it: [`Registry::insert`] does, once the caller has recorded it. The
+    /// component is kept as `keep` says.
     ///
     /// # Errors
     /// A [`LoadError`] naming the function when it is not a valid Tidegate
     /// component or its artifact cannot be written.
-    pub async fn prepare(&self, name: &str, wasm: Bytes) -> Result<Arc<Function>, LoadError> {
-        self.build(name, wasm, Readiness::Now).await
+    pub async fn prepare(
+        &self,
+        name: &str,
+        wasm: Bytes,
+        keep: Keep,
+    ) -> Result<Arc<Function>, LoadError> {
+        self.build(name, wasm, keep, Readiness::Now).await
     }
 
     /// Restore a version recorded by an earlier run: like
     /// [`Registry::load_version`], but a version that is not live is not
-    /// loaded (nor compiled) before its first use.
+    /// loaded (nor compiled) before its first use. The component is kept
+    /// as `keep` says.
     ///
     /// # Errors
     /// As [`Registry::prepare`].
@@ -181,6 +244,7 @@ impl Registry {
         &self,
         name: &str,
         wasm: Bytes,
+        keep: Keep,
         live: bool,
         created: SystemTime,
     ) -> Result<Arc<Function>, LoadError> {
@@ -189,7 +253,7 @@ impl Registry {
         } else {
             Readiness::OnFirstUse
         };
-        let function = self.build(name, wasm, readiness).await?;
+        let function = self.build(name, wasm, keep, readiness).await?;
         self.insert(function.clone(), created, live);
         Ok(function)
     }
@@ -198,6 +262,7 @@ impl Registry {
         &self,
         name: &str,
         wasm: Bytes,
+        keep: Keep,
         readiness: Readiness,
     ) -> Result<Arc<Function>, LoadError> {
         let engine = self.engine.clone();
@@ -205,7 +270,7 @@ impl Registry {
         let metrics = self.metrics.clone();
         let owned_name = name.to_owned();
         let function = tokio::task::spawn_blocking(move || {
-            Function::open(engine, config, &metrics, &owned_name, wasm, readiness)
+            Function::open(engine, config, &metrics, &owned_name, wasm, keep, readiness)
         })
         .await
         .map_err(|e| LoadError::Engine(format!("compilation task failed: {e}")))??;
@@ -277,6 +342,20 @@ impl Registry {
         }
     }
 
+    /// Version `version` of `name`, or which of the two is unknown.
+    fn existing(&self, name: &str, version: &str) -> Result<Arc<Function>, VersionError> {
+        self.version(name, version).ok_or_else(|| {
+            if self.read().contains_key(name) {
+                VersionError::UnknownVersion {
+                    function: name.to_owned(),
+                    version: version.to_owned(),
+                }
+            } else {
+                VersionError::UnknownFunction(name.to_owned())
+            }
+        })
+    }
+
     /// The live version of a function: what a call should run now.
     pub fn get(&self, name: &str) -> Option<Arc<Function>> {
         self.read().get(name)?.live.clone()
@@ -301,31 +380,61 @@ impl Registry {
     /// [`VersionError::UnknownFunction`] or
     /// [`VersionError::UnknownVersion`].
     pub async fn set_live(&self, name: &str, version: &str) -> Result<Arc<Function>, VersionError> {
-        let function = self.version(name, version).ok_or_else(|| {
-            if self.read().contains_key(name) {
-                VersionError::UnknownVersion {
-                    function: name.to_owned(),
-                    version: version.to_owned(),
-                }
-            } else {
-                VersionError::UnknownFunction(name.to_owned())
-            }
-        })?;
+        let function = self.existing(name, version)?;
         function.revive();
         if let Err(e) = function.preload().await {
             // Its calls will say so too; making it live is what was asked.
             tracing::warn!(function = name, version, "loading the version's code: {e}");
         }
-        self.make_live(name, &function);
+        // Found above; a concurrent delete makes this a no-op.
+        let _ = self.make_live(name, &function);
         Ok(function)
     }
 
-    fn make_live(&self, name: &str, function: &Arc<Function>) {
+    /// Make version `version` of `name` ready to go live: its code loaded
+    /// (from its artifact, or compiled again) and kept, without making it
+    /// live; [`Ready::go_live`] does, at once. For a caller that records
+    /// the change in between and must not hold its own lock while code
+    /// loads. A `Ready` dropped without going live leaves the version as
+    /// it was (not live, its code let go).
+    ///
+    /// # Errors
+    /// [`ReadyError::Version`] for an unknown function or version;
+    /// [`ReadyError::Load`] when its code can be neither loaded nor
+    /// compiled.
+    pub async fn ready(&self, name: &str, version: &str) -> Result<Ready<'_>, ReadyError> {
+        let function = self.existing(name, version)?;
+        // Kept loaded while it waits to go live.
+        function.revive();
+        let ready = Ready {
+            registry: self,
+            function: Some(function),
+        };
+        ready.function().preload().await.map_err(ReadyError::Load)?;
+        Ok(ready)
+    }
+
+    /// Make `function`, a version of `name`, live now (see
+    /// [`Registry::set_live`]).
+    ///
+    /// # Errors
+    /// [`VersionError::UnknownVersion`] when it is no longer a version of
+    /// `name`.
+    fn make_live(&self, name: &str, function: &Arc<Function>) -> Result<(), VersionError> {
         let retired = {
             let mut functions = self.write();
-            let Some(named) = functions.get_mut(name) else {
-                return;
-            };
+            let named = functions
+                .get_mut(name)
+                .filter(|named| {
+                    named
+                        .versions
+                        .iter()
+                        .any(|v| Arc::ptr_eq(&v.function, function))
+                })
+                .ok_or_else(|| VersionError::UnknownVersion {
+                    function: name.to_owned(),
+                    version: function.version().to_owned(),
+                })?;
             swap_live(named, function)
         };
         if let Some(retired) = retired {
@@ -337,6 +446,7 @@ impl Registry {
                 "live version changed"
             );
         }
+        Ok(())
     }
 
     /// Delete version `version` of `name`, which must not be live; its
@@ -658,6 +768,16 @@ mod tests {
             versions(&prometheus, "tidegate_function_instances"),
             vec![old.version().to_owned()]
         );
+        // A call that still held the deleted version brings none of its
+        // series back.
+        new.on_disconnect(ctx.clone(), 1000, String::new())
+            .await
+            .unwrap();
+        assert!(
+            !versions(&prometheus, "tidegate_invocations_total")
+                .contains(&new.version().to_owned()),
+            "a deleted version's series came back"
+        );
         registry.remove("f").unwrap();
         assert!(registry.get("f").is_none());
         assert!(versions(&prometheus, "tidegate_function_instances").is_empty());
@@ -686,7 +806,7 @@ mod tests {
         };
         let registry = Registry::new(config, metrics).expect("engine");
         let f = registry
-            .restore_version("f", wasm.clone(), live, SystemTime::now())
+            .restore_version("f", wasm.clone(), Keep::InMemory, live, SystemTime::now())
             .await
             .unwrap();
         assert_eq!(registry.get("f").is_some(), live);
@@ -742,6 +862,57 @@ mod tests {
         assert_eq!(
             (other.compiles, other.code_loads, other.loaded),
             (0, 0, false)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_version_kept_in_a_file_compiles_from_it_and_not_from_a_replaced_one() {
+        let (registry, _prometheus, dir) = registry();
+        let message = |f: Arc<Function>| async move {
+            let ctx = Arc::new(crate::Context {
+                id: "c".into(),
+                route: "/".into(),
+                claims: vec![],
+                state: None,
+            });
+            f.on_message(
+                ctx,
+                crate::Payload::Text("x".into()),
+                crate::Priority::Normal,
+            )
+            .await
+        };
+        let restore = |name: &'static str, wasm: Bytes| {
+            let file = dir.path().join(format!("{name}.wasm"));
+            std::fs::write(&file, &wasm).unwrap();
+            let registry = &registry;
+            async move {
+                let f = registry
+                    .restore_version(
+                        name,
+                        wasm,
+                        Keep::File(file.clone()),
+                        false,
+                        SystemTime::now(),
+                    )
+                    .await
+                    .unwrap();
+                (f, file)
+            }
+        };
+        // Not live: nothing compiled until the first call, which compiles
+        // from the file.
+        let (kept, _) = restore("kept", echo_variant("kept")).await;
+        assert!(!kept.is_loaded());
+        message(kept.clone()).await.unwrap().unwrap();
+        assert_eq!(kept.size(), echo_variant("kept").len());
+
+        let (replaced, file) = restore("replaced", echo_variant("replaced")).await;
+        std::fs::write(&file, echo_variant("other")).unwrap();
+        let error = message(replaced).await.unwrap_err();
+        assert!(
+            error.to_string().contains("damaged or was replaced"),
+            "{error}"
         );
     }
 

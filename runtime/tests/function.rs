@@ -886,6 +886,45 @@ async fn guest_log_lines_cannot_forge_gateway_log_lines() {
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn a_line_a_call_leaves_unfinished_is_logged_under_that_calls_connection() {
+    let (registry, _metrics, _dir) = registry(on_this_thread(RuntimeConfig::default()));
+    let wasm = std::fs::read(tidegate_functions::FAULTY_PATH).expect("faulty.wasm");
+    let function = registry.load("faulty", wasm).await.expect("faulty loads");
+    let log = CapturedLog::default();
+    let capturing = log.start();
+    let from = |id: &str, text: &str| {
+        let context = Context {
+            id: id.into(),
+            ..context()
+        };
+        function.on_message(
+            Arc::new(context),
+            Payload::Text(text.into()),
+            Priority::Normal,
+        )
+    };
+    // One instance serves both calls, one after the other.
+    from("node-1.first", "print begun-")
+        .await
+        .expect("ran")
+        .expect("echo");
+    from("node-1.second", "print ended\n")
+        .await
+        .expect("ran")
+        .expect("echo");
+    drop(capturing);
+    let text = log.text();
+    let line = text
+        .lines()
+        .find(|line| line.contains("begun-ended"))
+        .unwrap_or_else(|| panic!("no joined line:\n{text}"));
+    assert!(
+        line.contains("node-1.first") && !line.contains("node-1.second"),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn a_function_that_floods_the_log_is_cut_to_its_lines_per_second() {
     let (registry, metrics, _dir) = registry(on_this_thread(RuntimeConfig {
         max_log_lines_per_second: NonZeroU32::new(50).unwrap(),

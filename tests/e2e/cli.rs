@@ -141,3 +141,36 @@ async fn an_author_deploys_routes_talks_rolls_back_and_removes_with_the_cli() {
     ok(&gateway, &["fn", "rm", "chat"]);
     assert!(!ok(&gateway, &["fn", "list"]).contains("chat "));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_upload_refused_unread_is_shown_as_the_api_refused_it() {
+    let gateway = Gateway::start(
+        Options::default()
+            .env("TIDEGATE__ADMIN__TOKEN", TOKEN)
+            .env("TIDEGATE__ADMIN__MAX_UPLOAD_SIZE", "100000"),
+    );
+    // Far more than socket buffers hold: the gateway answers before it
+    // has read the body.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let big = dir.path().join("big.wasm");
+    std::fs::write(&big, vec![0u8; 24 << 20]).expect("written");
+    let big = big.to_str().unwrap();
+
+    let refused = tidegate(&gateway, &["fn", "deploy", big]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("413") && said.contains("admin.max_upload_size"),
+        "{said}"
+    );
+
+    let unauthorized = Command::new(env!("CARGO_BIN_EXE_tidegate"))
+        .args(["fn", "deploy", big])
+        .env("TIDEGATE_ADMIN_URL", format!("http://{}", gateway.admin))
+        .env("TIDEGATE_ADMIN_TOKEN", "wrong-token-00000000")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&unauthorized.stderr);
+    assert_eq!(unauthorized.status.code(), Some(1), "{said}");
+    assert!(said.contains("401"), "{said}");
+}

@@ -17,6 +17,8 @@
 //! - `forge`: try to forge gateway log lines: a newline through the logging
 //!   import, a carriage return and ANSI escapes on stdout;
 //! - `flood N`: print N lines to stdout;
+//! - `print TEXT`: print TEXT to stdout as it is, with no line end added
+//!   (a line a call leaves unfinished), then echo;
 //! - `publish KEY BODY`: publish BODY with routing key KEY, then echo;
 //! - anything else (and every binary message) is echoed.
 //!
@@ -106,6 +108,11 @@ impl Function for Faulty {
                         other.strip_prefix("spin ").and_then(|n| n.parse().ok())
                     {
                         spin_for(std::time::Duration::from_millis(millis));
+                    } else if let Some(text) = other.strip_prefix("print ") {
+                        use std::io::Write as _;
+                        let mut stdout = std::io::stdout();
+                        let _ = stdout.write_all(text.as_bytes());
+                        let _ = stdout.flush();
                     } else if let Some(millis) = other.strip_prefix("sleep ") {
                         sleep(millis);
                     } else if let Some(lines) = other

@@ -2,10 +2,14 @@
 //! `/v1/` and `/@connections/`, and errors as JSON
 //! (`{"error": kind, "message": ...}`) with a status that fits.
 
+use std::time::Duration;
+
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 use subtle::ConstantTimeEq;
 
 use super::AdminState;
@@ -97,9 +101,37 @@ pub async fn guard(State(state): State<AdminState>, request: Request, next: Next
     if guarded(request.uri().path())
         && let Err(error) = authorize(state.token.as_deref(), request.headers())
     {
+        drain(request.into_body()).await;
         return error.into_response();
     }
     next.run(request).await
+}
+
+/// Most of a refused request's body read (and thrown away) before the
+/// answer.
+pub const DRAIN_LIMIT: usize = 64 << 20;
+
+/// Longest a refused request's body is read before the answer.
+pub const DRAIN_TIME: Duration = Duration::from_secs(10);
+
+/// Read what is left of a refused request's body, up to [`DRAIN_LIMIT`]
+/// bytes and for [`DRAIN_TIME`], keeping none of it. A client still
+/// sending a large body (an upload refused before it was read) then reads
+/// the answer, instead of failing with a broken pipe when the connection
+/// closes under it. What is beyond the bounds is not read: the connection
+/// closes.
+pub async fn drain(body: Body) {
+    let mut stream = body.into_data_stream();
+    let mut left = DRAIN_LIMIT;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(chunk)) = stream.next().await {
+            left = left.saturating_sub(chunk.len());
+            if left == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Check `Authorization: Bearer <token>`, in constant time.

@@ -18,7 +18,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::AdminState;
-use super::api::{ApiError, json};
+use super::api::{ApiError, drain, json};
 use crate::router::TableError;
 use crate::store::CatalogError;
 
@@ -74,9 +74,14 @@ impl From<CatalogError> for ApiError {
             | CatalogError::Version(VersionError::Live { .. })
             | CatalogError::InUse { .. }
             | CatalogError::MissingFunction { .. }
+            | CatalogError::VersionClash { .. }
             | CatalogError::Route(TableError::FromConfig(_)) => ApiError::conflict(message),
             CatalogError::TooLarge { .. } => ApiError::too_large(message),
             CatalogError::Busy => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message),
+            CatalogError::Unloadable { .. } => {
+                tracing::error!("management API: {message}");
+                ApiError::internal(message)
+            }
             CatalogError::Disk(_) | CatalogError::Load(_) => {
                 tracing::error!("management API: {message}");
                 ApiError::internal(format!(
@@ -103,6 +108,7 @@ pub(super) async fn read_body(
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
     if declared.is_some_and(|length| length > limit as u64) {
+        drain(body).await;
         return Err(too_large());
     }
     let mut bytes = Vec::with_capacity(declared.map_or(0, |length| length as usize));
@@ -124,6 +130,8 @@ pub(super) async fn read_body(
         };
         let chunk = chunk.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
         if bytes.len() + chunk.len() > limit {
+            drop(bytes);
+            drain(Body::from_stream(stream)).await;
             return Err(too_large());
         }
         bytes.extend_from_slice(&chunk);
@@ -287,22 +295,32 @@ async fn try_upload(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let live = live_of(query)?;
     let catalog = &state.catalog;
-    catalog.check_upload(name)?;
     let limit = catalog.max_upload_size();
     let too_large = || ApiError::from(CatalogError::TooLarge { limit });
-    if headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok())
-        .is_some_and(|length| length > limit as u64)
-    {
-        return Err(too_large());
-    }
-    // The body is read only once this upload may compile: waiting
-    // uploads hold a connection, not their component.
-    let _slot = catalog.upload_slot().await?;
+    let admitted = async {
+        let live = live_of(query)?;
+        catalog.check_upload(name)?;
+        if headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok())
+            .is_some_and(|length| length > limit as u64)
+        {
+            return Err(too_large());
+        }
+        // The body is read only once this upload may compile: waiting
+        // uploads hold a connection, not their component.
+        let slot = catalog.upload_slot().await?;
+        Ok::<_, ApiError>((live, slot))
+    };
+    let (live, _slot) = match admitted.await {
+        Ok(admitted) => admitted,
+        Err(error) => {
+            drain(body).await;
+            return Err(error);
+        }
+    };
     let wasm = read_body(headers, body, limit, "the component", state.body_timeout)
         .await
         .map_err(|e| {
@@ -332,6 +350,7 @@ async fn try_upload(
             "size": function.size(),
             "created": rfc3339(uploaded.created_at),
             "live": is_live,
+            "pruned": uploaded.pruned,
         }),
     ))
 }

@@ -25,6 +25,8 @@ pub(super) struct RawAdmin {
     header_timeout: Option<Duration>,
     /// `admin.max_upload_size`, bytes.
     max_upload_size: Option<usize>,
+    /// `admin.max_versions`.
+    max_versions: Option<usize>,
 }
 
 /// The admin listener. Its `Debug` shows no token.
@@ -44,6 +46,10 @@ pub struct AdminSettings {
     /// Largest component `PUT /v1/functions/{name}` takes, in bytes
     /// (`admin.max_upload_size`); a larger one is refused with 413.
     pub max_upload_size: usize,
+    /// Most versions an uploaded function keeps (`admin.max_versions`): an
+    /// upload beyond deletes the oldest that are not live, so repeated
+    /// deploys do not fill the disk.
+    pub max_versions: NonZeroUsize,
 }
 
 impl std::fmt::Debug for AdminSettings {
@@ -55,6 +61,7 @@ impl std::fmt::Debug for AdminSettings {
             max_connections,
             header_timeout,
             max_upload_size,
+            max_versions,
         } = self;
         f.debug_struct("AdminSettings")
             .field("listen", listen)
@@ -62,6 +69,7 @@ impl std::fmt::Debug for AdminSettings {
             .field("max_connections", max_connections)
             .field("header_timeout", header_timeout)
             .field("max_upload_size", max_upload_size)
+            .field("max_versions", max_versions)
             .finish()
     }
 }
@@ -82,6 +90,9 @@ impl AdminSettings {
     /// Least `admin.max_upload_size`: the smallest useful component is
     /// tens of kilobytes.
     pub const MIN_UPLOAD_SIZE: usize = 1 << 10;
+    /// Default of `admin.max_versions`: room to roll back across many
+    /// deploys.
+    pub const MAX_VERSIONS: usize = 16;
 }
 
 impl RawAdmin {
@@ -120,6 +131,11 @@ impl RawAdmin {
                 AdminSettings::MAX_UPLOAD_SIZE,
                 AdminSettings::MIN_UPLOAD_SIZE,
             )?,
+            max_versions: non_zero(
+                "admin.max_versions",
+                self.max_versions,
+                AdminSettings::MAX_VERSIONS,
+            )?,
         })
     }
 }
@@ -141,5 +157,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("admin.max_upload_size"), "{error}");
+    }
+
+    #[test]
+    fn a_function_keeps_16_versions_unless_set_and_never_none() {
+        let settings = Settings::from_toml(MINIMAL, vec![], false).unwrap();
+        assert_eq!(settings.admin.max_versions.get(), 16);
+        let text = format!("{MINIMAL}\n[admin]\nmax_versions = 3\n");
+        let settings = Settings::from_toml(&text, vec![], false).unwrap();
+        assert_eq!(settings.admin.max_versions.get(), 3);
+        let text = format!("{MINIMAL}\n[admin]\nmax_versions = 0\n");
+        let error = Settings::from_toml(&text, vec![], false)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("admin.max_versions"), "{error}");
     }
 }

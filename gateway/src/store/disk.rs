@@ -310,8 +310,9 @@ impl Disk {
     }
 
     /// Write `bytes` to `path` in `dir`: a new 0600 temporary file, synced,
-    /// renamed over `path`, then the directory synced so the rename is
-    /// durable. The directory is checked to be private first.
+    /// renamed over `path`, then the directory and its parents up to the
+    /// state directory synced so the rename (and the directories the first
+    /// change creates) are durable. The directory is checked to be private first.
     fn write_atomically(&self, dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), DiskError> {
         private_dir::prepare(KEY, dir)?;
         let failed = |path: &Path| {
@@ -337,9 +338,18 @@ impl Disk {
             let _ = std::fs::remove_file(&temp);
             return Err(failed(path)(e));
         }
-        File::open(dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(failed(dir))
+        // The directory holds the rename; its parents, up to the state
+        // directory, the directories the first change created.
+        let state_dir = self.dir.parent().unwrap_or(&self.dir);
+        for dir in dir.ancestors() {
+            File::open(dir)
+                .and_then(|dir| dir.sync_all())
+                .map_err(failed(dir))?;
+            if dir == state_dir {
+                break;
+            }
+        }
+        Ok(())
     }
 }
 

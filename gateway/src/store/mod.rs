@@ -12,13 +12,14 @@
 //!   atomically.
 
 use std::collections::BTreeSet;
+use std::num::NonZeroUsize;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use runtime::registry::{self, VersionError};
-use runtime::{Function, LoadError, Registry};
+use runtime::registry::{self, ReadyError, VersionError};
+use runtime::{Function, Keep, LoadError, Registry};
 use tokio::sync::{Mutex, Semaphore, SemaphorePermit};
 
 use crate::router::{Origin, Route, RouteError, RouteSpec, RouteTable, TableError};
@@ -44,12 +45,22 @@ pub struct Catalog {
     routes: Arc<RouteTable>,
     /// The config file's functions: not changed through the API.
     config_functions: BTreeSet<String>,
-    /// Largest component accepted, in bytes (`admin.max_upload_size`).
-    max_upload_size: usize,
+    /// Largest component accepted, and most versions kept.
+    limits: Limits,
     /// One upload read and compiled at a time: a component can take
     /// seconds of all cores and hundreds of megabytes to compile, so
     /// parallel uploads would only compete, and could exhaust memory.
     uploads: Semaphore,
+}
+
+/// The catalog's bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest component accepted, in bytes (`admin.max_upload_size`).
+    pub max_upload_size: usize,
+    /// Most versions a function keeps (`admin.max_versions`): an upload
+    /// beyond deletes the oldest ones, never the live one nor itself.
+    pub max_versions: NonZeroUsize,
 }
 
 /// A function or route change that was refused, or failed.
@@ -93,6 +104,30 @@ pub enum CatalogError {
     /// The body is not a Tidegate handler component.
     #[error("{0}")]
     Invalid(LoadError),
+    /// Another component of the function has the same version (the first
+    /// 16 hex digits of their SHA-256 are equal).
+    #[error(
+        "function {function:?} already has a version {version} of another component (their \
+         SHA-256 differ beyond the 16 digits of a version): upload it under another name"
+    )]
+    VersionClash {
+        /// The function.
+        function: String,
+        /// The version both would be.
+        version: String,
+    },
+    /// The version's code can be neither loaded nor compiled.
+    #[error(
+        "version {version} of function {function:?} cannot be loaded, nothing was changed: {reason}"
+    )]
+    Unloadable {
+        /// The function.
+        function: String,
+        /// The version.
+        version: String,
+        /// Why.
+        reason: String,
+    },
     /// The route spec is not valid.
     #[error("route {0}")]
     BadRoute(RouteError),
@@ -125,6 +160,8 @@ pub struct Uploaded {
     pub created: bool,
     /// When it was first uploaded.
     pub created_at: SystemTime,
+    /// The oldest versions deleted to keep `admin.max_versions`.
+    pub pruned: Vec<String>,
 }
 
 /// What start-up restored from disk.
@@ -196,10 +233,15 @@ impl Catalog {
         registry: Arc<Registry>,
         routes: Arc<RouteTable>,
         config_functions: BTreeSet<String>,
-        max_upload_size: usize,
+        limits: Limits,
     ) -> Result<(Self, Restored), RestoreError> {
         let disk = Disk::open(state_dir)?;
-        let index = disk.read_index()?;
+        let mut index = disk.read_index()?;
+        // A function whose last version was deleted by an earlier build:
+        // there is nothing to serve (written away with the next change).
+        index
+            .functions
+            .retain(|_, function| !function.versions.is_empty());
         let index_path = disk.index_path();
         let mut restored = Restored::default();
         for (name, function) in &index.functions {
@@ -221,8 +263,9 @@ impl Catalog {
                         ),
                     })?;
                 let live = function.live.as_deref() == Some(version.version());
+                let keep = Keep::File(disk.component_path(&version.digest));
                 registry
-                    .restore_version(name, wasm, live, created)
+                    .restore_version(name, wasm, keep, live, created)
                     .await
                     .map_err(|source| RestoreError::Load {
                         index: index_path.clone(),
@@ -262,7 +305,7 @@ impl Catalog {
             registry,
             routes,
             config_functions,
-            max_upload_size,
+            limits,
             uploads: Semaphore::new(1),
         };
         Ok((catalog, restored))
@@ -270,7 +313,7 @@ impl Catalog {
 
     /// Largest component accepted, in bytes.
     pub fn max_upload_size(&self) -> usize {
-        self.max_upload_size
+        self.limits.max_upload_size
     }
 
     /// Whether function `name` is the config file's.
@@ -294,7 +337,8 @@ impl Catalog {
     }
 
     /// The one compilation slot, waited for up to [`UPLOAD_WAIT`]. Taken
-    /// before the body is read, so waiting uploads hold no memory.
+    /// before the body is read, so waiting uploads hold no memory, and by
+    /// a switch of the live version, which may compile too.
     ///
     /// # Errors
     /// [`CatalogError::Busy`] after [`UPLOAD_WAIT`].
@@ -321,20 +365,31 @@ impl Catalog {
         live: bool,
     ) -> Result<Uploaded, CatalogError> {
         self.check_upload(name)?;
-        if wasm.len() > self.max_upload_size {
+        if wasm.len() > self.limits.max_upload_size {
             return Err(CatalogError::TooLarge {
-                limit: self.max_upload_size,
+                limit: self.limits.max_upload_size,
             });
         }
         let digest = registry::digest_hex(&wasm);
         if let Some(uploaded) = self.reupload(name, &digest, live).await? {
             return Ok(uploaded);
         }
+        check_clash(
+            name,
+            &digest,
+            self.registry
+                .versions(name)
+                .unwrap_or_default()
+                .iter()
+                .map(|v| v.function.digest()),
+        )?;
         // Compiled (and checked) before anything changes, outside the lock:
-        // other changes go on meanwhile.
+        // other changes go on meanwhile. The component is kept on disk,
+        // not in memory: it is read back only to compile it again.
+        let keep = Keep::File(self.disk.component_path(&digest));
         let function = self
             .registry
-            .prepare(name, wasm.clone())
+            .prepare(name, wasm.clone(), keep)
             .await
             .map_err(|e| match e {
                 LoadError::Invalid { .. } => CatalogError::Invalid(e),
@@ -374,8 +429,14 @@ impl Catalog {
                 function,
                 created: false,
                 created_at,
+                pruned: Vec::new(),
             });
         }
+        check_clash(
+            name,
+            &digest,
+            record.versions.iter().map(|v| v.digest.clone()),
+        )?;
         let created_at = SystemTime::now();
         record.versions.push(VersionRecord {
             digest,
@@ -385,13 +446,27 @@ impl Catalog {
         if live {
             record.live = Some(function.version().to_owned());
         }
+        let pruned = prune(record, function.version(), self.limits.max_versions);
         self.disk.write_index(&next)?;
         *index = next;
         self.registry.insert(function.clone(), created_at, live);
+        for version in &pruned {
+            // In the registry: the index named it, under this lock.
+            let _ = self.registry.remove_version(name, version);
+        }
+        if !pruned.is_empty() {
+            tracing::info!(
+                function = name,
+                pruned = ?pruned,
+                "oldest versions deleted to keep admin.max_versions"
+            );
+            self.disk.remove_unused(&index);
+        }
         Ok(Uploaded {
             function: function.clone(),
             created: true,
             created_at,
+            pruned,
         })
     }
 
@@ -411,12 +486,14 @@ impl Catalog {
             return Ok(None);
         };
         if live && !existing.live {
-            self.set_live(name, existing.function.version()).await?;
+            // The caller holds the upload slot.
+            self.switch(name, existing.function.version()).await?;
         }
         Ok(Some(Uploaded {
             function: existing.function,
             created: false,
             created_at: existing.created,
+            pruned: Vec::new(),
         }))
     }
 
@@ -425,8 +502,32 @@ impl Catalog {
     ///
     /// # Errors
     /// [`CatalogError::ConfigFunction`], an unknown function or version,
+    /// [`CatalogError::Busy`], [`CatalogError::Unloadable`],
     /// [`CatalogError::Disk`].
     pub async fn set_live(&self, name: &str, version: &str) -> Result<Arc<Function>, CatalogError> {
+        let _slot = self.upload_slot().await?;
+        self.switch(name, version).await
+    }
+
+    /// [`Catalog::set_live`] with the upload slot held: the version's code
+    /// is loaded (compiled if it must be) first, outside the lock; then the
+    /// index is written and the version made live.
+    async fn switch(&self, name: &str, version: &str) -> Result<Arc<Function>, CatalogError> {
+        if self.is_config_function(name) {
+            return Err(CatalogError::ConfigFunction(name.to_owned()));
+        }
+        let ready = self
+            .registry
+            .ready(name, version)
+            .await
+            .map_err(|e| match e {
+                ReadyError::Version(e) => CatalogError::Version(e),
+                ReadyError::Load(e) => CatalogError::Unloadable {
+                    function: name.to_owned(),
+                    version: version.to_owned(),
+                    reason: e.to_string(),
+                },
+            })?;
         let mut index = self.index.lock().await;
         self.check_api_function(name, &index)?;
         let mut next = index.clone();
@@ -438,7 +539,8 @@ impl Catalog {
         record.live = Some(version.to_owned());
         self.disk.write_index(&next)?;
         *index = next;
-        Ok(self.registry.set_live(name, version).await?)
+        // Still a version: deletions take the index lock too.
+        Ok(ready.go_live()?)
     }
 
     /// Delete version `version` of `name`, which must not be live.
@@ -463,9 +565,19 @@ impl Catalog {
             .into());
         }
         record.versions.remove(position);
+        // Its last version: the function goes with it (a function with no
+        // version has nothing to serve or list).
+        let last = record.versions.is_empty();
+        if last {
+            next.functions.remove(name);
+        }
         self.disk.write_index(&next)?;
         *index = next;
-        self.registry.remove_version(name, version)?;
+        if last {
+            self.registry.remove(name)?;
+        } else {
+            self.registry.remove_version(name, version)?;
+        }
         self.disk.remove_unused(&index);
         Ok(())
     }
@@ -589,6 +701,44 @@ fn position(record: &FunctionRecord, name: &str, version: &str) -> Result<usize,
             function: name.to_owned(),
             version: version.to_owned(),
         })
+}
+
+/// Refuse a component whose version (the first 16 hex digits of
+/// `digest`) is that of another component of function `name`, of
+/// `digests`.
+fn check_clash(
+    name: &str,
+    digest: &str,
+    digests: impl IntoIterator<Item = String>,
+) -> Result<(), CatalogError> {
+    let version = &digest[..16];
+    if digests
+        .into_iter()
+        .any(|other| other != digest && other.starts_with(version))
+    {
+        return Err(CatalogError::VersionClash {
+            function: name.to_owned(),
+            version: version.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Delete from `record` its oldest versions beyond `max`, never the live
+/// one nor `keep` (the version just added); the versions deleted.
+fn prune(record: &mut FunctionRecord, keep: &str, max: NonZeroUsize) -> Vec<String> {
+    let mut pruned = Vec::new();
+    while record.versions.len() > max.get() {
+        let Some(oldest) = record
+            .versions
+            .iter()
+            .position(|v| v.version() != keep && record.live.as_deref() != Some(v.version()))
+        else {
+            break;
+        };
+        pruned.push(record.versions.remove(oldest).version().to_owned());
+    }
+    pruned
 }
 
 fn parse_created(text: &str) -> SystemTime {

@@ -27,6 +27,11 @@ struct Node {
 }
 
 async fn start(state: &Path) -> Result<Node, RestoreError> {
+    start_keeping(state, 16).await
+}
+
+/// [`start`], keeping at most `max_versions` versions of a function.
+async fn start_keeping(state: &Path, max_versions: usize) -> Result<Node, RestoreError> {
     let prometheus = prometheus::Registry::new();
     let metrics = RuntimeMetrics::register(&prometheus).expect("metrics");
     let config = RuntimeConfig {
@@ -54,7 +59,10 @@ async fn start(state: &Path) -> Result<Node, RestoreError> {
         registry.clone(),
         routes.clone(),
         BTreeSet::from(["config-echo".to_owned()]),
-        1 << 20,
+        Limits {
+            max_upload_size: 1 << 20,
+            max_versions: NonZeroUsize::new(max_versions).unwrap(),
+        },
     )
     .await?;
     Ok(Node {
@@ -64,6 +72,26 @@ async fn start(state: &Path) -> Result<Node, RestoreError> {
         prometheus,
         restored,
     })
+}
+
+/// Another handler component: echo with a custom section appended (a
+/// digest of its own, the same code).
+fn echo_variant(tag: &str) -> Bytes {
+    let mut wasm = ECHO.to_vec();
+    let name = b"tidegate-test";
+    let mut section = vec![name.len() as u8];
+    section.extend_from_slice(name);
+    section.extend_from_slice(tag.as_bytes());
+    wasm.push(0); // custom section id
+    wasm.push(section.len() as u8);
+    wasm.extend_from_slice(&section);
+    wasm.into()
+}
+
+fn components(state: &Path) -> usize {
+    std::fs::read_dir(state.join(disk::DIR).join("components"))
+        .unwrap()
+        .count()
 }
 
 fn spec(path: &str, function: &str) -> RouteSpec {
@@ -260,4 +288,153 @@ async fn a_damaged_catalog_stops_start_up_naming_the_file() {
     std::fs::write(&index, "{").unwrap();
     let error = start(state.path()).await.err().unwrap().to_string();
     assert!(error.contains(&index.display().to_string()), "{error}");
+}
+
+#[tokio::test]
+async fn a_function_keeps_its_newest_versions_and_the_live_one() {
+    let state = tempfile::tempdir().unwrap();
+    let node = start_keeping(state.path(), 3).await.unwrap();
+    let catalog = &node.catalog;
+    let mut versions = Vec::new();
+    let mut pruned = Vec::new();
+    for (n, live) in [(1, true), (2, false), (3, false), (4, false), (5, false)] {
+        let uploaded = catalog
+            .upload("f", echo_variant(&n.to_string()), live)
+            .await
+            .unwrap();
+        versions.push(uploaded.function.version().to_owned());
+        pruned.push(uploaded.pruned);
+    }
+    // The live first version stays; the oldest of the others go.
+    assert_eq!(
+        pruned,
+        vec![
+            vec![],
+            vec![],
+            vec![],
+            vec![versions[1].clone()],
+            vec![versions[2].clone()]
+        ]
+    );
+    let kept: Vec<String> = node
+        .registry
+        .versions("f")
+        .unwrap()
+        .iter()
+        .map(|v| v.function.version().to_owned())
+        .collect();
+    assert_eq!(
+        kept,
+        vec![
+            versions[0].clone(),
+            versions[3].clone(),
+            versions[4].clone()
+        ]
+    );
+    assert_eq!(components(state.path()), 3, "pruned components are deleted");
+    drop(node);
+    let node = start_keeping(state.path(), 3).await.unwrap();
+    assert_eq!(node.restored.versions, 3);
+}
+
+#[tokio::test]
+async fn a_version_is_kept_on_disk_not_in_memory_and_compiles_from_there() {
+    let state = tempfile::tempdir().unwrap();
+    let node = start(state.path()).await.unwrap();
+    let catalog = &node.catalog;
+    catalog.upload("f", echo_variant("1"), true).await.unwrap();
+    let second = catalog.upload("f", echo_variant("2"), false).await.unwrap();
+    let version = second.function.version().to_owned();
+    assert_eq!(second.function.size(), echo_variant("2").len());
+
+    // Its artifact gone, it compiles again from the component on disk.
+    std::fs::remove_dir_all(state.path().join("artifacts")).unwrap();
+    std::fs::create_dir(state.path().join("artifacts")).unwrap();
+    catalog.set_live("f", &version).await.unwrap();
+    assert!(node.registry.get("f").unwrap().is_loaded());
+
+    // Both gone: the switch is refused, and nothing changes.
+    catalog.set_live("f", &not_live(&node)).await.unwrap();
+    let index = std::fs::read(state.path().join("functions/index.json")).unwrap();
+    std::fs::remove_dir_all(state.path().join("artifacts")).unwrap();
+    std::fs::create_dir(state.path().join("artifacts")).unwrap();
+    std::fs::remove_file(
+        state
+            .path()
+            .join("functions/components")
+            .join(format!("{}.wasm", second.function.digest())),
+    )
+    .unwrap();
+    node.registry.scale_down();
+    let Err(error) = catalog.set_live("f", &version).await else {
+        panic!("made live without its code");
+    };
+    assert!(matches!(error, CatalogError::Unloadable { .. }), "{error}");
+    assert!(error.to_string().contains("cannot be read"), "{error}");
+    assert_ne!(node.registry.get("f").unwrap().version(), version);
+    assert_eq!(
+        std::fs::read(state.path().join("functions/index.json")).unwrap(),
+        index
+    );
+}
+
+/// The version of `f` that is not live.
+fn not_live(node: &Node) -> String {
+    node.registry
+        .versions("f")
+        .unwrap()
+        .iter()
+        .find(|v| !v.live)
+        .unwrap()
+        .function
+        .version()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn deleting_the_last_version_deletes_the_function() {
+    let state = tempfile::tempdir().unwrap();
+    let node = start(state.path()).await.unwrap();
+    let only = node
+        .catalog
+        .upload("f", echo_variant("only"), false)
+        .await
+        .unwrap();
+    node.catalog
+        .remove_version("f", only.function.version())
+        .await
+        .unwrap();
+    assert!(node.registry.versions("f").is_none());
+    drop(node);
+    let node = start(state.path()).await.unwrap();
+    assert!(node.registry.versions("f").is_none());
+    assert_eq!(node.restored.functions, 0);
+
+    // An index an earlier build left with a function of no versions.
+    drop(node);
+    let index = state.path().join("functions/index.json");
+    let mut text: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
+    text["functions"]["empty"] = serde_json::json!({"versions": []});
+    std::fs::write(&index, serde_json::to_vec(&text).unwrap()).unwrap();
+    let node = start(state.path()).await.unwrap();
+    assert!(node.registry.versions("empty").is_none());
+    // Uploading under its name works as for a new function.
+    node.catalog
+        .upload("empty", echo_variant("again"), true)
+        .await
+        .unwrap();
+}
+
+#[test]
+fn a_version_of_another_component_with_the_same_16_digits_is_refused() {
+    let digest = format!("{}{}", "ab".repeat(8), "00".repeat(24));
+    let other = format!("{}{}", "ab".repeat(8), "11".repeat(24));
+    let unrelated = "cd".repeat(32);
+    assert!(check_clash("f", &digest, [unrelated.clone(), digest.clone()]).is_ok());
+    let error = check_clash("f", &digest, [unrelated, other]).unwrap_err();
+    assert!(
+        matches!(&error, CatalogError::VersionClash { version, .. } if version == &"ab".repeat(8)),
+        "{error}"
+    );
 }
