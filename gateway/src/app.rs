@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminLimits, AdminState};
 use crate::auth::JwtVerifier;
+use crate::cluster::Cluster;
 use crate::config::{self, FunctionSource, QueueMode, Settings, TlsSettings, WebSocketSettings};
 use crate::connection::ConnectionSettings;
 use crate::dispatch::DispatchSettings;
@@ -71,6 +72,10 @@ pub struct App {
     admin_state: AdminState,
     /// Cancelled once, when shutdown starts; every loop selects on it.
     shutdown: CancellationToken,
+    /// The cluster's link, when `cluster.enabled`.
+    cluster_task: Option<tokio::task::JoinHandle<()>>,
+    /// Stops the cluster's link (with a goodbye) once connections drained.
+    cluster_stop: CancellationToken,
 }
 
 impl App {
@@ -243,12 +248,26 @@ impl App {
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
         });
+        // Stopped after the connections drained, so that what they send to
+        // other nodes meanwhile still goes out; then it says goodbye.
+        let cluster_stop = CancellationToken::new();
+        let cluster = settings.cluster.enabled.then(|| {
+            Cluster::start(
+                settings.cluster.clone(),
+                settings.queue.clone(),
+                hub.clone(),
+                registry.clone(),
+                metrics.clone(),
+                cluster_stop.clone(),
+            )
+        });
         let admin_state = AdminState {
             metrics: metrics.clone(),
             publisher,
             registry: registry.clone(),
             routes,
             hub,
+            cluster: cluster.as_ref().map(|(cluster, _)| cluster.clone()),
             max_message_size: websocket.max_message_size,
             body_timeout: settings.admin.header_timeout,
             accepting: Arc::new(AtomicBool::new(false)),
@@ -269,6 +288,8 @@ impl App {
             admin,
             admin_state,
             shutdown,
+            cluster_task: cluster.map(|(_, task)| task),
+            cluster_stop,
         })
     }
 
@@ -300,6 +321,8 @@ impl App {
             admin,
             admin_state,
             shutdown: stopping,
+            cluster_task,
+            cluster_stop,
         } = self;
         let accepting = admin_state.accepting.clone();
         let hub = admin_state.hub.clone();
@@ -401,6 +424,10 @@ impl App {
                 open = tracker.len(),
                 "grace period: connections still open are cut"
             );
+        }
+        cluster_stop.cancel();
+        if let Some(task) = cluster_task {
+            let _ = task.await;
         }
         if let Some(task) = publisher_task {
             task.flush(started + grace).await;

@@ -97,6 +97,10 @@ impl Functions for runtime::Registry {
     }
 }
 
+/// Longest the effects after a node's first `join` of a group wait for
+/// the cluster to route the group's broadcasts here.
+const BIND_WAIT: Duration = Duration::from_secs(5);
+
 /// How messages are handled, the same for every connection.
 pub struct DispatchSettings {
     /// This node's id, carried by the copies' headers.
@@ -391,8 +395,23 @@ impl<R: Functions> Dispatcher<R> {
                 Effect::Join(group) => {
                     // Checked before any effect was carried out (see
                     // `check`): only a bad name can fail here.
-                    if let Err(error) = self.settings.hub.join(&self.handle, &group) {
-                        tracing::debug!(connection = %self.ctx.id, "join refused: {error}");
+                    match self.settings.hub.join(&self.handle, &group) {
+                        Err(error) => {
+                            tracing::debug!(connection = %self.ctx.id, "join refused: {error}");
+                        }
+                        // The group's first member here: the effects after
+                        // the join (a reply saying so) wait until other
+                        // nodes' broadcasts reach it, for a bounded time.
+                        Ok(Some(bound)) => {
+                            if tokio::time::timeout(BIND_WAIT, bound).await.is_err() {
+                                tracing::debug!(
+                                    connection = %self.ctx.id,
+                                    group,
+                                    "the cluster did not bind the group within {BIND_WAIT:?}"
+                                );
+                            }
+                        }
+                        Ok(None) => {}
                     }
                 }
                 Effect::Leave(group) => self.settings.hub.leave(&self.handle, &group),

@@ -2,7 +2,10 @@
 //! to a connection, close it, describe it, and keep groups of connections
 //! to broadcast to. Function effects (`send`, `join`, `leave`,
 //! `broadcast`), the connections API and the push queue all go through
-//! the [`Hub`]; a remote path (a connection on another node) joins here.
+//! the [`Hub`]. A connection or group member on another node is reached
+//! through the [`Remote`] the cluster sets ([`Hub::set_remote`]): a
+//! connection id names its node (`<node>.<id>`), and a group spans every
+//! node with members.
 //!
 //! A message delivered to a connection goes into the same queue as its
 //! replies, bounded by the same `websocket.send_queue_bytes`: a connection
@@ -12,13 +15,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_channel::mpsc;
 use prometheus::IntCounter;
-use serde::Serialize;
-use tokio::sync::Notify;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::close::Close;
@@ -37,6 +40,10 @@ pub enum Delivery {
     Gone,
     /// The connection's send queue is full: its client is not reading.
     Full,
+    /// Handed to the broker for the connection's node, another one.
+    Forwarded,
+    /// On another node that cannot be reached now (no link to the broker).
+    Unreachable,
 }
 
 impl Delivery {
@@ -46,8 +53,33 @@ impl Delivery {
             Delivery::Delivered => "delivered",
             Delivery::Gone => "gone",
             Delivery::Full => "full",
+            Delivery::Forwarded => "forwarded",
+            Delivery::Unreachable => "unreachable",
         }
     }
+}
+
+/// The way to connections and groups on other nodes: the cluster.
+pub trait Remote: Send + Sync {
+    /// Forward `message` to connection `id` on node `node` (not this one):
+    /// [`Delivery::Forwarded`], [`Delivery::Gone`] when no such node is in
+    /// the cluster, or [`Delivery::Unreachable`].
+    fn send(&self, node: &str, id: &str, message: Message) -> Delivery;
+    /// Ask connection `id` on node `node` to close; false when the node is
+    /// not in the cluster or cannot be reached.
+    fn close(&self, node: &str, id: &str, close: Close) -> bool;
+    /// Deliver `message` to the members of `group` on every other node.
+    fn broadcast(&self, group: &str, message: &Message);
+    /// This node has its first member of `group`: make the group's
+    /// broadcasts reach it. Done when the receiver resolves.
+    fn bind(&self, group: &str) -> oneshot::Receiver<()>;
+    /// This node has no member of `group` left.
+    fn unbind(&self, group: &str);
+}
+
+/// The node a connection id names: what comes before its first `.`.
+pub fn node_of(id: &str) -> Option<&str> {
+    id.split_once('.').map(|(node, _)| node)
 }
 
 /// Why a join was refused.
@@ -77,7 +109,7 @@ pub fn check_group(name: &str) -> Result<(), GroupError> {
 }
 
 /// What the connections API tells about a connection.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnectionInfo {
     /// The connection's id.
     pub id: String,
@@ -235,10 +267,14 @@ pub struct Hub {
     connections: RwLock<HashMap<Arc<str>, Arc<Handle>>>,
     /// Members of each group with at least one.
     groups: RwLock<HashMap<Arc<str>, HashSet<Arc<str>>>>,
+    /// Connections and groups on other nodes, once the cluster is up.
+    remote: OnceLock<Arc<dyn Remote>>,
     /// `tidegate_deliveries_total` by outcome.
     delivered: IntCounter,
     gone: IntCounter,
     full: IntCounter,
+    forwarded: IntCounter,
+    unreachable: IntCounter,
 }
 
 impl Hub {
@@ -250,10 +286,37 @@ impl Hub {
             max_groups,
             connections: RwLock::new(HashMap::new()),
             groups: RwLock::new(HashMap::new()),
+            remote: OnceLock::new(),
             delivered: outcome("delivered"),
             gone: outcome("gone"),
             full: outcome("full"),
+            forwarded: outcome("forwarded"),
+            unreachable: outcome("unreachable"),
         }
+    }
+
+    /// Reach connections and groups on other nodes through `remote` (set
+    /// once, by the cluster).
+    pub fn set_remote(&self, remote: Arc<dyn Remote>) {
+        let _ = self.remote.set(remote);
+    }
+
+    /// The node holding connection `id` when it is another node of the
+    /// cluster; `None` for this node's connections (and any id when there
+    /// is no cluster).
+    pub fn remote_node<'a>(&self, id: &'a str) -> Option<&'a str> {
+        self.remote.get()?;
+        node_of(id).filter(|node| *node != self.node_id)
+    }
+
+    /// Open connections on this node.
+    pub fn connections(&self) -> usize {
+        read(&self.connections).len()
+    }
+
+    /// The groups with members on this node.
+    pub fn local_groups(&self) -> Vec<String> {
+        read(&self.groups).keys().map(|g| g.to_string()).collect()
     }
 
     /// This node's id.
@@ -291,7 +354,7 @@ impl Hub {
         if !groups.is_empty() {
             let mut all = write(&self.groups);
             for group in groups {
-                remove_member(&mut all, &group, &handle.id);
+                self.remove_member(&mut all, &group, &handle.id);
             }
         }
     }
@@ -300,19 +363,38 @@ impl Hub {
         read(&self.connections).get(id).cloned()
     }
 
-    /// Queue `message` for connection `id`.
+    /// Queue `message` for connection `id`, on this node or, through the
+    /// cluster, on the node its id names.
     pub fn send(&self, id: &str, message: Message) -> Delivery {
-        let delivery = match self.get(id) {
-            Some(handle) => handle.deliver(message),
-            None => Delivery::Gone,
+        let delivery = match (self.remote_node(id), self.remote.get()) {
+            (Some(node), Some(remote)) => remote.send(node, id, message),
+            _ => self.deliver(id, message),
         };
         self.count(delivery);
         delivery
     }
 
-    /// Queue `message` for every member of `group`; returns how many got
-    /// it and how many had a full queue.
+    /// Queue `message` for connection `id` of this node (a message the
+    /// cluster brought from another node; counted there).
+    pub fn deliver(&self, id: &str, message: Message) -> Delivery {
+        match self.get(id) {
+            Some(handle) => handle.deliver(message),
+            None => Delivery::Gone,
+        }
+    }
+
+    /// Queue `message` for every member of `group`, on this node and
+    /// through the cluster on the others; returns how many on this node
+    /// got it and how many had a full queue.
     pub fn broadcast(&self, group: &str, message: &Message) -> (usize, usize) {
+        if let Some(remote) = self.remote.get() {
+            remote.broadcast(group, message);
+        }
+        self.broadcast_here(group, message)
+    }
+
+    /// [`Hub::broadcast`] to the members on this node only.
+    pub fn broadcast_here(&self, group: &str, message: &Message) -> (usize, usize) {
         let members: Vec<Arc<Handle>> = {
             let groups = read(&self.groups);
             let Some(ids) = groups.get(group) else {
@@ -328,7 +410,7 @@ impl Hub {
             match member.deliver(message.clone()) {
                 Delivery::Delivered => delivered += 1,
                 Delivery::Full => full += 1,
-                Delivery::Gone => {}
+                Delivery::Gone | Delivery::Forwarded | Delivery::Unreachable => {}
             }
         }
         self.delivered.inc_by(delivered as u64);
@@ -336,8 +418,17 @@ impl Hub {
         (delivered, full)
     }
 
-    /// Ask connection `id` to close; `false` when it is gone.
+    /// Ask connection `id` to close, on this node or through the cluster;
+    /// `false` when it is gone (or its node cannot be reached).
     pub fn close(&self, id: &str, close: Close) -> bool {
+        if let (Some(node), Some(remote)) = (self.remote_node(id), self.remote.get()) {
+            return remote.close(node, id, close);
+        }
+        self.close_here(id, close)
+    }
+
+    /// [`Hub::close`] for a connection of this node.
+    pub fn close_here(&self, id: &str, close: Close) -> bool {
         let Some(handle) = self.get(id) else {
             return false;
         };
@@ -392,14 +483,21 @@ impl Hub {
     }
 
     /// Put `handle` in `group` (no change if it is a member already).
+    /// When it is the group's first member on this node and there is a
+    /// cluster, broadcasts from other nodes reach it once the returned
+    /// receiver resolves.
     ///
     /// # Errors
     /// [`GroupError`] for a bad name or a connection in too many groups.
-    pub fn join(&self, handle: &Handle, group: &str) -> Result<(), GroupError> {
+    pub fn join(
+        &self,
+        handle: &Handle,
+        group: &str,
+    ) -> Result<Option<oneshot::Receiver<()>>, GroupError> {
         check_group(group)?;
         let mut groups = lock(&handle.groups);
         if groups.iter().any(|g| &**g == group) {
-            return Ok(());
+            return Ok(None);
         }
         if groups.len() >= self.max_groups {
             return Err(GroupError::TooMany(self.max_groups));
@@ -407,15 +505,19 @@ impl Hub {
         // Only while still registered: a connection that closed joins
         // nothing.
         if lock(&handle.outbound).is_none() {
-            return Ok(());
+            return Ok(None);
         }
         let group: Arc<str> = group.into();
         groups.push(group.clone());
-        write(&self.groups)
-            .entry(group)
-            .or_default()
-            .insert(handle.id.clone());
-        Ok(())
+        let mut all = write(&self.groups);
+        let members = all.entry(group.clone()).or_default();
+        members.insert(handle.id.clone());
+        // Asked under the groups' lock, as unbinds are: the cluster sees
+        // binds and unbinds of a group in the order they happened here.
+        Ok(match self.remote.get() {
+            Some(remote) if members.len() == 1 => Some(remote.bind(&group)),
+            _ => None,
+        })
     }
 
     /// Take `handle` out of `group` (no change if it is not a member).
@@ -425,7 +527,26 @@ impl Hub {
             return;
         };
         let group = groups.swap_remove(index);
-        remove_member(&mut write(&self.groups), &group, &handle.id);
+        self.remove_member(&mut write(&self.groups), &group, &handle.id);
+    }
+
+    /// Take `id` out of `group`; the cluster hears when that leaves the
+    /// group with no member on this node (under the groups' lock).
+    fn remove_member(
+        &self,
+        groups: &mut HashMap<Arc<str>, HashSet<Arc<str>>>,
+        group: &str,
+        id: &str,
+    ) {
+        if let Some(members) = groups.get_mut(group)
+            && members.remove(id)
+            && members.is_empty()
+        {
+            groups.remove(group);
+            if let Some(remote) = self.remote.get() {
+                remote.unbind(group);
+            }
+        }
     }
 
     /// Most groups per connection.
@@ -438,15 +559,8 @@ impl Hub {
             Delivery::Delivered => self.delivered.inc(),
             Delivery::Gone => self.gone.inc(),
             Delivery::Full => self.full.inc(),
-        }
-    }
-}
-
-fn remove_member(groups: &mut HashMap<Arc<str>, HashSet<Arc<str>>>, group: &str, id: &str) {
-    if let Some(members) = groups.get_mut(group) {
-        members.remove(id);
-        if members.is_empty() {
-            groups.remove(group);
+            Delivery::Forwarded => self.forwarded.inc(),
+            Delivery::Unreachable => self.unreachable.inc(),
         }
     }
 }
@@ -555,7 +669,10 @@ mod tests {
         let (a, _qa) = open(&hub, "n1.a", 1 << 20);
         hub.join(a.handle(), "g1").unwrap();
         hub.join(a.handle(), "g2").unwrap();
-        assert_eq!(hub.join(a.handle(), "g3"), Err(GroupError::TooMany(2)));
+        assert_eq!(
+            hub.join(a.handle(), "g3").unwrap_err(),
+            GroupError::TooMany(2)
+        );
         assert!(matches!(
             hub.join(a.handle(), "has space"),
             Err(GroupError::BadName(_))
@@ -586,5 +703,72 @@ mod tests {
             }
         ));
         assert_eq!(waiting.await.unwrap().code(), 4000);
+    }
+
+    /// What the hub asked of the cluster, in order.
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<String>>);
+
+    impl Remote for Recorded {
+        fn send(&self, node: &str, id: &str, _: Message) -> Delivery {
+            lock(&self.0).push(format!("send {node} {id}"));
+            if node == "n2" {
+                Delivery::Forwarded
+            } else {
+                Delivery::Gone
+            }
+        }
+        fn close(&self, node: &str, id: &str, _: Close) -> bool {
+            lock(&self.0).push(format!("close {node} {id}"));
+            true
+        }
+        fn broadcast(&self, group: &str, _: &Message) {
+            lock(&self.0).push(format!("broadcast {group}"));
+        }
+        fn bind(&self, group: &str) -> oneshot::Receiver<()> {
+            lock(&self.0).push(format!("bind {group}"));
+            oneshot::channel().1
+        }
+        fn unbind(&self, group: &str) {
+            lock(&self.0).push(format!("unbind {group}"));
+        }
+    }
+
+    #[tokio::test]
+    async fn other_nodes_are_reached_through_the_remote_and_groups_bound_while_they_have_members() {
+        let hub = hub(8);
+        let remote = Arc::new(Recorded::default());
+        hub.set_remote(remote.clone());
+        let (a, mut qa) = open(&hub, "n1.a", 1 << 20);
+        let (b, _qb) = open(&hub, "n1.b", 1 << 20);
+        assert_eq!(hub.remote_node("n2.x"), Some("n2"));
+        assert_eq!(hub.remote_node("n1.a"), None);
+        assert_eq!(hub.send("n2.x", Message::text("hi")), Delivery::Forwarded);
+        assert_eq!(hub.send("n3.y", Message::text("hi")), Delivery::Gone);
+        assert_eq!(hub.send("n1.a", Message::text("here")), Delivery::Delivered);
+        assert_eq!(text(qa.next().await), "here");
+        assert!(hub.close("n2.x", Close::by_function(1000, String::new()).unwrap()));
+        // Bound with the first member here, unbound with the last.
+        assert!(hub.join(a.handle(), "room").unwrap().is_some());
+        assert!(hub.join(b.handle(), "room").unwrap().is_none());
+        hub.broadcast("room", &Message::text("all"));
+        hub.leave(a.handle(), "room");
+        drop(b);
+        assert!(hub.join(a.handle(), "other").unwrap().is_some());
+        drop(a);
+        assert_eq!(
+            *lock(&remote.0),
+            vec![
+                "send n2 n2.x",
+                "send n3 n3.y",
+                "close n2 n2.x",
+                "bind room",
+                "broadcast room",
+                "unbind room",
+                "bind other",
+                "unbind other",
+            ]
+        );
+        assert!(hub.local_groups().is_empty());
     }
 }

@@ -14,6 +14,8 @@
 //!   closing handshake.
 //! - [`dispatch`]: one message: the function for it (the live version),
 //!   copy, call, effects, failure policy.
+//! - [`cluster`]: several nodes as one platform through the broker:
+//!   membership, connections and groups of other nodes.
 //! - [`hub`]: this node's connections and groups: `send`, `broadcast`,
 //!   the connections API, the push queue.
 //! - [`close`]: the close codes the gateway sends, and why.
@@ -38,6 +40,7 @@ pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod close;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod dev;

@@ -40,6 +40,12 @@ pub struct Metrics {
     pub deliveries: IntCounterVec,
     /// Push queue messages, by outcome.
     pub push: IntCounterVec,
+    /// Nodes in this node's view of the cluster, itself included.
+    pub cluster_nodes: IntGauge,
+    /// 1 while the cluster link to the broker is up.
+    pub cluster_connected: IntGauge,
+    /// Messages between nodes, by kind and direction.
+    pub cluster_messages: IntCounterVec,
     /// Messages the function failed on, by route and kind.
     pub message_failures: IntCounterVec,
     /// Certificate reloads after a file change, by outcome.
@@ -137,13 +143,26 @@ impl Metrics {
             effects,
             deliveries: counter(
                 "tidegate_deliveries_total",
-                "Messages for a connection from elsewhere (send, broadcast, the API, the push queue), by outcome (delivered; gone: no such connection; full: its send queue was full).",
+                "Messages for a connection from elsewhere (send, broadcast, the API, the push queue), by outcome (delivered; gone: no such connection; full: its send queue was full; forwarded: handed to the broker for the connection's node; unreachable: its node cannot be reached now).",
                 &["outcome"],
             )?,
             push: counter(
                 "tidegate_push_total",
                 "Push queue messages, by outcome (delivered, gone, full, malformed).",
                 &["outcome"],
+            )?,
+            cluster_nodes: gauge(
+                "tidegate_cluster_nodes",
+                "Nodes in this node's view of the cluster, itself included (1 without a cluster).",
+            )?,
+            cluster_connected: gauge(
+                "tidegate_cluster_connected",
+                "1 while the cluster's link to the broker is up.",
+            )?,
+            cluster_messages: counter(
+                "tidegate_cluster_messages_total",
+                "Messages between nodes, by kind (heartbeat, bye, send, close, info, broadcast, reply) and direction (out, in, unroutable: no node to take it).",
+                &["kind", "direction"],
             )?,
             tls_reloads: counter(
                 "tidegate_tls_reloads_total",

@@ -10,9 +10,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Connection, ConnectionProperties};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -85,6 +88,19 @@ impl Options {
         self.env.push((key.to_owned(), value.into()));
         self
     }
+}
+
+/// A config file serving the chat function on `/chat`.
+pub fn chat_config() -> String {
+    format!(
+        r#"
+        [functions.chat]
+        wasm = "{}"
+        [routes]
+        "/chat" = "chat"
+        "#,
+        tidegate_functions::CHAT_PATH
+    )
 }
 
 /// A fresh queue name, unique to this test run.
@@ -391,6 +407,20 @@ impl Drop for Gateway {
             });
         })
         .join();
+    }
+}
+
+/// Delete test exchanges.
+pub async fn delete_exchanges(exchanges: &[String]) {
+    if let Ok(connection) = Connection::connect(BROKER, ConnectionProperties::default()).await {
+        if let Ok(channel) = connection.create_channel().await {
+            for exchange in exchanges {
+                let _ = channel
+                    .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
+            }
+        }
+        let _ = connection.close(200, "bye".into()).await;
     }
 }
 
@@ -735,4 +765,51 @@ pub async fn close_frame(client: &mut Client) -> Option<(u16, String)> {
         }
     }
     None
+}
+
+/// The next message, as JSON.
+pub async fn json(client: &mut Client) -> serde_json::Value {
+    match next_data(client).await {
+        Message::Text(text) => serde_json::from_str(&text).expect("JSON"),
+        other => panic!("expected a text message, got {other:?}"),
+    }
+}
+
+/// Nothing arrives for a short while.
+pub async fn quiet(client: &mut Client) {
+    use futures_util::StreamExt;
+    let next = tokio::time::timeout(Duration::from_millis(300), client.next()).await;
+    assert!(next.is_err(), "expected nothing, got {next:?}");
+}
+
+/// Publish one push message with `headers`.
+pub async fn push(queue: &str, headers: &[(&str, AMQPValue)], content_type: &str, body: &[u8]) {
+    let connection = Connection::connect(BROKER, ConnectionProperties::default())
+        .await
+        .expect("broker");
+    let channel = connection.create_channel().await.unwrap();
+    let mut table = FieldTable::default();
+    for (name, value) in headers {
+        table.insert(ShortString::from(*name), value.clone());
+    }
+    channel
+        .basic_publish(
+            ShortString::from(""),
+            ShortString::from(queue),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default()
+                .with_headers(table)
+                .with_content_type(ShortString::from(content_type)),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let _ = connection.close(200, "bye".into()).await;
+}
+
+/// A header value of text.
+pub fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(value.into())
 }

@@ -14,6 +14,7 @@ mod admin;
 mod auth;
 mod cli;
 mod client_address;
+mod cluster;
 mod echo;
 mod faults;
 mod foreign;

@@ -6,31 +6,16 @@
 
 use std::time::Duration;
 
-use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::{
-    BROKER, Client, Gateway, Options, SendText, close_code, eventually, next_data, round_trip,
+    BROKER, Client, Gateway, Options, SendText, chat_config, close_code, eventually, json,
+    next_data, push, quiet, round_trip, text,
 };
 
 const TOKEN: &str = "0123456789abcdef-platform-token";
-
-/// The next message, as JSON.
-async fn json(client: &mut Client) -> serde_json::Value {
-    match next_data(client).await {
-        Message::Text(text) => serde_json::from_str(&text).expect("JSON"),
-        other => panic!("expected a text message, got {other:?}"),
-    }
-}
-
-/// Nothing arrives for a short while.
-async fn quiet(client: &mut Client) {
-    use futures_util::StreamExt;
-    let next = tokio::time::timeout(Duration::from_millis(300), client.next()).await;
-    assert!(next.is_err(), "expected nothing, got {next:?}");
-}
 
 async fn act(client: &mut Client, message: serde_json::Value) {
     client.send_text(&message.to_string()).await;
@@ -39,15 +24,7 @@ async fn act(client: &mut Client, message: serde_json::Value) {
 fn chat_gateway() -> Gateway {
     Gateway::start(
         Options::default()
-            .config(&format!(
-                r#"
-                [functions.chat]
-                wasm = "{}"
-                [routes]
-                "/chat" = "chat"
-                "#,
-                tidegate_functions::CHAT_PATH
-            ))
+            .config(&chat_config())
             .env("TIDEGATE__RUNTIME__IDLE_TIMEOUT", "200ms")
             .env("TIDEGATE__RUNTIME__UNLOAD_AFTER", "400ms"),
     )
@@ -254,11 +231,27 @@ async fn ids(gateway: &Gateway, route: &str) -> Vec<String> {
         .collect()
 }
 
+/// The id of the one connection on `route`, once it is registered (a
+/// client's handshake ends just before its connection is).
+async fn only_id(gateway: &Gateway, route: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(id) = ids(gateway, route).await.pop() {
+            return id;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no connection on {route}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connections_api_sends_describes_and_closes_in_both_path_forms() {
     let gateway = api_gateway();
     let mut client = gateway.connect("/").await;
-    let id = ids(&gateway, "/").await.pop().expect("one connection");
+    let id = only_id(&gateway, "/").await;
 
     let (status, body) = gateway
         .admin_request(
@@ -391,44 +384,13 @@ async fn a_group_gets_broadcasts_through_the_api() {
     assert_eq!(ids(&gateway, "/watch").await.len(), 2);
 }
 
-/// Publish one push message with `headers`.
-async fn push(queue: &str, headers: &[(&str, AMQPValue)], content_type: &str, body: &[u8]) {
-    let connection = Connection::connect(BROKER, ConnectionProperties::default())
-        .await
-        .expect("broker");
-    let channel = connection.create_channel().await.unwrap();
-    let mut table = FieldTable::default();
-    for (name, value) in headers {
-        table.insert(ShortString::from(*name), value.clone());
-    }
-    channel
-        .basic_publish(
-            ShortString::from(""),
-            ShortString::from(queue),
-            BasicPublishOptions::default(),
-            body,
-            BasicProperties::default()
-                .with_headers(table)
-                .with_content_type(ShortString::from(content_type)),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    let _ = connection.close(200, "bye".into()).await;
-}
-
-fn text(value: &str) -> AMQPValue {
-    AMQPValue::LongString(value.into())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_push_queue_delivers_to_connections_and_groups_and_counts_the_rest() {
     let gateway = api_gateway();
     let queue = format!("{}.push", gateway.queue);
     let mut client = gateway.connect("/").await;
     let mut member = gateway.connect("/watch?notify=team").await;
-    let id = ids(&gateway, "/").await.pop().unwrap();
+    let id = only_id(&gateway, "/").await;
     // The consumer is up once the queue has it.
     eventually(
         "the push queue is consumed",

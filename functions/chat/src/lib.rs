@@ -6,11 +6,15 @@
 //! | `{"action":"leave","room":"r"}` | leaves group `r` | `{"ok":"leave","room":"r"}` |
 //! | `{"action":"nick","name":"n"}` | keeps `n` as the nickname | `{"ok":"nick","name":"n"}` |
 //! | `{"action":"send","room":"r","text":"t"}` | broadcasts to `r` | (none) |
+//! | `{"action":"whisper","to":"<connection id>","text":"t"}` | sends to that connection | (none) |
 //!
 //! A `send` reaches every member of the room, the sender included, as
 //! `{"from":"<nickname>","room":"r","text":"t"}`; only a member may send.
 //! The nickname is the one set with `nick`, or else the connection's `sub`
-//! claim (set by an authorizer or a JWT), or else its id.
+//! claim (set by an authorizer or a JWT), or else its id. A `whisper`
+//! reaches one connection, on whichever node of the cluster holds it, as
+//! `{"from":"<nickname>","text":"t"}`; a connection that is gone gets
+//! nothing (the gateway counts it).
 //!
 //! The nickname and the rooms a connection is in are its state, which the
 //! gateway keeps between messages: it survives the function being scaled
@@ -25,7 +29,7 @@
 use serde::{Deserialize, Serialize};
 use tidegate_sdk::{
     Context, Effect, Function, HandlerError, Payload, broadcast_json, join, leave, reply_json,
-    set_state,
+    send_json, set_state,
 };
 
 /// The longest room name, in bytes.
@@ -44,6 +48,7 @@ enum Request {
     Leave { room: String },
     Nick { name: String },
     Send { room: String, text: String },
+    Whisper { to: String, text: String },
 }
 
 /// What the gateway keeps for each connection between messages.
@@ -66,12 +71,24 @@ struct Ack<'a> {
     name: Option<&'a str>,
 }
 
-/// A chat line, as every member of the room receives it.
+/// A chat line, as every member of the room receives it (a whisper has
+/// no room).
 #[derive(Serialize)]
 struct Line<'a> {
     from: &'a str,
-    room: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    room: Option<&'a str>,
     text: &'a str,
+}
+
+/// The name a connection's lines are from: its nickname, or its `sub`
+/// claim, or its id.
+fn sender<'a>(member: &'a Member, ctx: &'a Context) -> &'a str {
+    member
+        .nick
+        .as_deref()
+        .or_else(|| ctx.claim("sub"))
+        .unwrap_or(&ctx.id)
 }
 
 struct Chat;
@@ -117,17 +134,20 @@ impl Function for Chat {
                         "join room {room:?} before sending to it"
                     )));
                 }
-                let from = member
-                    .nick
-                    .as_deref()
-                    .or_else(|| ctx.claim("sub"))
-                    .unwrap_or(&ctx.id);
                 let line = Line {
-                    from,
-                    room: &room,
+                    from: sender(&member, &ctx),
+                    room: Some(&room),
                     text: &text,
                 };
                 Ok(vec![broadcast_json(&room, &line)?])
+            }
+            Request::Whisper { to, text } => {
+                let line = Line {
+                    from: sender(&member, &ctx),
+                    room: None,
+                    text: &text,
+                };
+                Ok(vec![send_json(to, &line)?])
             }
         }
     }

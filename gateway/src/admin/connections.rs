@@ -15,6 +15,7 @@ use super::AdminState;
 use super::api::{ApiError, json};
 use super::functions::read_body;
 use crate::close::Close;
+use crate::cluster::{Answer, ClusterError, Request};
 use crate::hub::{Delivery, check_group};
 
 /// Connections listed when the request gives no `limit`.
@@ -32,6 +33,7 @@ pub fn router() -> Router<AdminState> {
         .route("/v1/connections/{id}", one.clone())
         .route("/@connections/{id}", one)
         .route("/v1/groups/{group}", get(group))
+        .route("/v1/nodes", get(nodes))
         .route(
             "/v1/groups/{group}/messages",
             axum::routing::post(broadcast),
@@ -76,8 +78,51 @@ fn message_of(headers: &HeaderMap, body: Bytes) -> Result<Message, ApiError> {
 
 fn gone(id: &str) -> ApiError {
     ApiError::gone(format!(
-        "no connection {id:?} on this gateway (closed, or never was)"
+        "no connection {id:?} (closed, never was, or its node is gone)"
     ))
+}
+
+fn full(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "send-queue-full",
+        format!(
+            "the send queue of connection {id:?} is full (websocket.send_queue_bytes): \
+             its client is not reading; try again later"
+        ),
+    )
+}
+
+/// Ask the node holding connection `id` (another one) and answer as it
+/// does; `None` when `id` is this node's.
+async fn ask_remote(
+    state: &AdminState,
+    id: &str,
+    request: Request,
+) -> Option<Result<Answer, ApiError>> {
+    let node = state.hub.remote_node(id)?;
+    let cluster = state.cluster.as_ref()?;
+    Some(cluster.ask(node, request).await.map_err(|e| match e {
+        ClusterError::Unavailable => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cluster-unavailable",
+            e.to_string(),
+        ),
+        ClusterError::Timeout { .. } => {
+            ApiError::new(StatusCode::GATEWAY_TIMEOUT, "node-timeout", e.to_string())
+        }
+    }))
+}
+
+/// An answer of another node as the API gives it.
+fn answered(id: &str, answer: Result<Answer, ApiError>, done: StatusCode) -> Response {
+    match answer {
+        Ok(Answer::Done) => done.into_response(),
+        Ok(Answer::Full) => full(id).into_response(),
+        Ok(Answer::Gone) => gone(id).into_response(),
+        Ok(Answer::Info(info)) => json(StatusCode::OK, &info),
+        Err(error) => error.into_response(),
+    }
 }
 
 async fn send(
@@ -90,22 +135,27 @@ async fn send(
         Ok(message) => message,
         Err(error) => return error.into_response(),
     };
-    match state.hub.send(&id, message) {
+    let request = Request::Send {
+        id: id.clone(),
+        message,
+    };
+    if let Some(answer) = ask_remote(&state, &id, request.clone()).await {
+        return answered(&id, answer, StatusCode::OK);
+    }
+    let Request::Send { message, .. } = request else {
+        unreachable!("built just above");
+    };
+    match state.hub.deliver(&id, message) {
         Delivery::Delivered => StatusCode::OK.into_response(),
-        Delivery::Gone => gone(&id).into_response(),
-        Delivery::Full => ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "send-queue-full",
-            format!(
-                "the send queue of connection {id:?} is full (websocket.send_queue_bytes): \
-                 its client is not reading; try again later"
-            ),
-        )
-        .into_response(),
+        Delivery::Full => full(&id).into_response(),
+        _ => gone(&id).into_response(),
     }
 }
 
 async fn info(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
+    if let Some(answer) = ask_remote(&state, &id, Request::Info { id: id.clone() }).await {
+        return answered(&id, answer, StatusCode::OK);
+    }
     match state.hub.info(&id) {
         Some(info) => json(StatusCode::OK, &info),
         None => gone(&id).into_response(),
@@ -151,7 +201,14 @@ async fn close(
         Ok(close) => close,
         Err(error) => return error.into_response(),
     };
-    if state.hub.close(&id, close) {
+    let request = Request::Close {
+        id: id.clone(),
+        close: close.clone(),
+    };
+    if let Some(answer) = ask_remote(&state, &id, request).await {
+        return answered(&id, answer, StatusCode::NO_CONTENT);
+    }
+    if state.hub.close_here(&id, close) {
         StatusCode::NO_CONTENT.into_response()
     } else {
         gone(&id).into_response()
@@ -216,6 +273,20 @@ async fn broadcast(
         StatusCode::OK,
         &serde_json::json!({ "group": group, "delivered": delivered, "full": full }),
     )
+}
+
+/// `GET /v1/nodes`: the nodes of the cluster as this node sees them (this
+/// one alone without a cluster).
+async fn nodes(State(state): State<AdminState>) -> Response {
+    let nodes = match &state.cluster {
+        Some(cluster) => serde_json::to_value(cluster.members()).unwrap_or_default(),
+        None => serde_json::json!([{
+            "node": state.hub.node_id(),
+            "connections": state.hub.connections(),
+            "self": true,
+        }]),
+    };
+    json(StatusCode::OK, &serde_json::json!({ "nodes": nodes }))
 }
 
 #[cfg(test)]

@@ -51,6 +51,9 @@ pub struct AdminState {
     pub routes: Arc<RouteTable>,
     /// The connections and groups of `/v1/connections`, `/v1/groups`.
     pub hub: Arc<Hub>,
+    /// The cluster, when this node is part of one: connections of other
+    /// nodes, `/v1/nodes`.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Largest message sent to a connection (`websocket.max_message_size`).
     pub max_message_size: usize,
     /// Longest a request body may stop arriving (`admin.header_timeout`).

@@ -20,6 +20,7 @@
 
 mod admin;
 mod auth;
+mod cluster;
 mod functions;
 mod queue;
 mod runtime;
@@ -37,6 +38,7 @@ use serde::Deserialize;
 
 pub use self::admin::AdminSettings;
 pub use self::auth::{AuthSettings, JwtSettings, PemKey, TokenSource};
+pub use self::cluster::ClusterSettings;
 pub use self::functions::{BUILTINS, FunctionSource, builtin};
 pub use self::queue::{QueueMode, QueueSettings, redact_url};
 pub use self::runtime::OnError;
@@ -106,6 +108,9 @@ struct RawConfig {
     /// `[queue]`.
     #[serde(default)]
     queue: queue::RawQueue,
+    /// `[cluster]`.
+    #[serde(default)]
+    cluster: cluster::RawCluster,
     /// `[runtime]`.
     #[serde(default)]
     runtime: runtime::RawRuntime,
@@ -134,6 +139,8 @@ pub struct Settings {
     pub admin: AdminSettings,
     /// The RabbitMQ copy of every message.
     pub queue: QueueSettings,
+    /// The cluster this node is part of.
+    pub cluster: ClusterSettings,
     /// Function limits.
     pub runtime: ::runtime::RuntimeConfig,
     /// What a client sees when the function fails on its message
@@ -241,6 +248,7 @@ impl RawConfig {
         let websocket = self.websocket.validate()?;
         let admin = self.admin.validate()?;
         let queue = self.queue.validate(&server.state_dir)?;
+        let cluster = self.cluster.validate(&admin)?;
         // A copy of the largest message must fit in the spool: a copy that
         // cannot reserve its room there is refused even with the broker up.
         let largest_copy = websocket.max_message_size as u64 + SPOOL_RECORD_OVERHEAD;
@@ -293,6 +301,7 @@ impl RawConfig {
             websocket,
             admin,
             queue,
+            cluster,
             runtime: runtime.limits,
             on_error: runtime.on_error,
             fault_backoff: runtime.fault_backoff,

@@ -1,0 +1,535 @@
+//! The cluster's link to the broker: one connection and one channel, kept
+//! up (reconnecting with backoff), over which this node announces itself,
+//! sends what the hub hands it in order, and takes what other nodes send.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::message::Delivery as AmqpDelivery;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    PublisherConfirm,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::wire::{self, Reply};
+use super::{Answer, Cluster, Outgoing, Request};
+use crate::close::Close;
+use crate::config::{QueueSettings, redact_url};
+use crate::hub::Delivery;
+
+/// The longest pause between attempts to reach the broker.
+const MAX_RECONNECT_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Longest a goodbye waits for the broker at shutdown.
+const BYE_WAIT: Duration = Duration::from_secs(2);
+
+/// The names this cluster uses on the broker.
+struct Names {
+    heartbeats: String,
+    nodes: String,
+    groups: String,
+    queue: String,
+}
+
+impl Names {
+    fn of(cluster: &Cluster) -> Self {
+        let name = &cluster.settings.name;
+        Self {
+            heartbeats: format!("{name}.heartbeats"),
+            nodes: format!("{name}.nodes"),
+            groups: format!("{name}.groups"),
+            queue: format!("{name}.node.{}", cluster.node),
+        }
+    }
+}
+
+/// Keep the link up until `shutdown`.
+pub(super) async fn run(
+    cluster: Arc<Cluster>,
+    queue: QueueSettings,
+    mut work: mpsc::Receiver<Outgoing>,
+    shutdown: CancellationToken,
+) {
+    let mut pause = queue.reconnect_interval;
+    let mut failures = 0u32;
+    loop {
+        let mut linked = false;
+        let outcome = serve(&cluster, &queue, &mut work, &shutdown, &mut linked).await;
+        cluster.set_linked(false);
+        let error = match outcome {
+            Ok(()) => return,
+            Err(error) => error,
+        };
+        if linked {
+            failures = 0;
+            pause = queue.reconnect_interval;
+        }
+        failures += 1;
+        if failures == 1 {
+            tracing::warn!("cluster link: {error}; trying again in {pause:?}");
+        } else {
+            tracing::debug!(failures, "cluster link: {error}; trying again in {pause:?}");
+        }
+        // Meanwhile what comes is settled at once: nothing would take it.
+        let sleep = tokio::time::sleep(pause);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = &mut sleep => break,
+                next = work.recv() => match next {
+                    Some(outgoing) => settle_unlinked(&cluster, outgoing),
+                    None => return,
+                },
+            }
+        }
+        pause = (pause * 2).min(MAX_RECONNECT_INTERVAL.max(queue.reconnect_interval));
+    }
+}
+
+/// Work that came while there was no link.
+fn settle_unlinked(cluster: &Cluster, outgoing: Outgoing) {
+    match outgoing {
+        // Bound with every group that has members once the link is back.
+        Outgoing::Bind { done, .. } => {
+            let _ = done.send(());
+        }
+        Outgoing::Unbind { .. } => {}
+        Outgoing::Ask { correlation, .. } => {
+            cluster.answered(&correlation, Answer::Gone);
+        }
+        Outgoing::Send { .. } | Outgoing::Close { .. } | Outgoing::Broadcast { .. } => {
+            cluster.hub_count(Delivery::Unreachable);
+        }
+    }
+}
+
+impl Cluster {
+    fn hub_count(&self, delivery: Delivery) {
+        self.metrics
+            .deliveries
+            .with_label_values(&[delivery.label()])
+            .inc();
+    }
+}
+
+/// One life of the link: connect, declare, bind, then serve until the
+/// link fails (an error) or `shutdown` (after saying goodbye).
+async fn serve(
+    cluster: &Arc<Cluster>,
+    queue: &QueueSettings,
+    work: &mut mpsc::Receiver<Outgoing>,
+    shutdown: &CancellationToken,
+    linked: &mut bool,
+) -> Result<(), String> {
+    let names = Names::of(cluster);
+    let properties = ConnectionProperties::default().with_connection_name(LongString::from(
+        format!("tidegate {} cluster", cluster.node),
+    ));
+    let connection = tokio::time::timeout(
+        queue.connect_timeout,
+        Connection::connect(&queue.url, properties),
+    )
+    .await
+    .map_err(|_| format!("no answer from {}", redact_url(&queue.url)))?
+    .map_err(|e| format!("connecting to {}: {e}", redact_url(&queue.url)))?;
+    let setup = async {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| e.to_string())?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        for (exchange, kind) in [
+            (&names.heartbeats, ExchangeKind::Fanout),
+            (&names.nodes, ExchangeKind::Direct),
+            (&names.groups, ExchangeKind::Direct),
+        ] {
+            channel
+                .exchange_declare(
+                    exchange.as_str().into(),
+                    kind,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| format!("declaring exchange {exchange}: {e}"))?;
+        }
+        channel
+            .queue_declare(
+                names.queue.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| {
+                format!(
+                    "declaring this node's queue {}: {e} (if another gateway holds it, it has \
+                     the same server.node_id: give every node its own)",
+                    names.queue
+                )
+            })?;
+        bind(&channel, &names.queue, &names.nodes, &cluster.node).await?;
+        bind(&channel, &names.queue, &names.heartbeats, "").await?;
+        for group in cluster.hub.local_groups() {
+            bind(&channel, &names.queue, &names.groups, &group).await?;
+        }
+        let consumer = channel
+            .basic_consume(
+                names.queue.as_str().into(),
+                format!("tidegate-{}", cluster.node).as_str().into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    exclusive: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("consuming {}: {e}", names.queue))?;
+        Ok::<_, String>((channel, consumer))
+    };
+    let (channel, mut consumer) = tokio::time::timeout(queue.connect_timeout, setup)
+        .await
+        .map_err(|_| "the broker did not finish the cluster set-up in time".to_owned())??;
+    cluster.set_linked(true);
+    *linked = true;
+    tracing::info!(
+        cluster = %cluster.settings.name,
+        queue = %names.queue,
+        "cluster link up"
+    );
+    let link = Link {
+        cluster,
+        channel: &channel,
+        names: &names,
+    };
+    link.heartbeat().await?;
+    let mut ticks = tokio::time::interval(cluster.settings.heartbeat_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = tokio::time::timeout(BYE_WAIT, link.bye()).await;
+                let _ = connection.close(200, "tidegate shutting down".into()).await;
+                return Ok(());
+            }
+            _ = ticks.tick() => {
+                link.heartbeat().await?;
+                cluster.expire();
+            }
+            next = work.recv() => match next {
+                Some(outgoing) => link.carry_out(outgoing).await?,
+                None => return Ok(()),
+            },
+            delivery = consumer.next() => match delivery {
+                Some(Ok(delivery)) => link.take(delivery).await?,
+                Some(Err(e)) => return Err(format!("consuming: {e}")),
+                None => return Err("the broker ended the consumer".into()),
+            },
+        }
+    }
+}
+
+async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), String> {
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| format!("binding {queue} to {exchange} ({key:?}): {e}"))
+}
+
+/// The link while it is up.
+struct Link<'a> {
+    cluster: &'a Arc<Cluster>,
+    channel: &'a Channel,
+    names: &'a Names,
+}
+
+impl Link<'_> {
+    async fn publish(
+        &self,
+        exchange: &str,
+        key: &str,
+        mandatory: bool,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<PublisherConfirm, String> {
+        self.channel
+            .basic_publish(
+                ShortString::from(exchange),
+                ShortString::from(key),
+                BasicPublishOptions {
+                    mandatory,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                properties,
+            )
+            .await
+            .map_err(|e| format!("publishing to {exchange}: {e}"))
+    }
+
+    async fn heartbeat(&self) -> Result<(), String> {
+        let body = serde_json::to_vec(&self.cluster.announcement())
+            .map_err(|e| format!("encoding the announcement: {e}"))?;
+        let expiry = self.cluster.settings.node_expiry.as_millis().to_string();
+        let properties = wire::properties("heartbeat", &[])
+            .with_content_type("application/json".into())
+            // Not kept past the time it says anything.
+            .with_expiration(ShortString::from(expiry));
+        self.publish(&self.names.heartbeats, "", false, &body, properties)
+            .await?;
+        self.cluster.count("heartbeat", "out");
+        Ok(())
+    }
+
+    async fn bye(&self) -> Result<(), String> {
+        let properties = wire::properties("bye", &[("node", wire::text(&self.cluster.node))]);
+        let confirm = self
+            .publish(&self.names.heartbeats, "", false, &[], properties)
+            .await?;
+        let _ = confirm.await;
+        self.cluster.count("bye", "out");
+        tracing::info!("said goodbye to the cluster");
+        Ok(())
+    }
+
+    /// Publish a request for node `node`; mandatory, so that a node whose
+    /// queue is gone is known at once: `on_return` runs then.
+    async fn to_node(
+        &self,
+        node: &str,
+        kind: &'static str,
+        body: &[u8],
+        properties: BasicProperties,
+        on_return: impl FnOnce(&Cluster) + Send + 'static,
+    ) -> Result<(), String> {
+        let confirm = self
+            .publish(&self.names.nodes, node, true, body, properties)
+            .await?;
+        self.cluster.count(kind, "out");
+        let cluster = self.cluster.clone();
+        tokio::spawn(async move {
+            if let Ok(Confirmation::Ack(Some(_returned))) = confirm.await {
+                cluster.count(kind, "unroutable");
+                on_return(&cluster);
+            }
+        });
+        Ok(())
+    }
+
+    async fn carry_out(&self, outgoing: Outgoing) -> Result<(), String> {
+        match outgoing {
+            Outgoing::Send { node, id, message } => {
+                let (body, content_type) = wire::encode(&message);
+                let properties = wire::properties("send", &[("connection-id", wire::text(&id))])
+                    .with_content_type(content_type.into());
+                self.to_node(&node, "send", &body, properties, |_| {}).await
+            }
+            Outgoing::Close { node, id, close } => {
+                let properties = close_properties(&id, &close);
+                self.to_node(&node, "close", &[], properties, |_| {}).await
+            }
+            Outgoing::Broadcast { group, message } => {
+                let (body, content_type) = wire::encode(&message);
+                let properties = wire::properties(
+                    "broadcast",
+                    &[
+                        ("group", wire::text(&group)),
+                        ("node", wire::text(&self.cluster.node)),
+                    ],
+                )
+                .with_content_type(content_type.into());
+                self.publish(&self.names.groups, &group, false, &body, properties)
+                    .await?;
+                self.cluster.count("broadcast", "out");
+                Ok(())
+            }
+            Outgoing::Bind { group, done } => {
+                bind(self.channel, &self.names.queue, &self.names.groups, &group).await?;
+                let _ = done.send(());
+                Ok(())
+            }
+            Outgoing::Unbind { group } => self
+                .channel
+                .queue_unbind(
+                    self.names.queue.as_str().into(),
+                    self.names.groups.as_str().into(),
+                    group.as_str().into(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| format!("unbinding group {group:?}: {e}")),
+            Outgoing::Ask {
+                node,
+                correlation,
+                request,
+            } => {
+                let (kind, body, properties) = match &request {
+                    Request::Send { id, message } => {
+                        let (body, content_type) = wire::encode(message);
+                        let properties =
+                            wire::properties("send", &[("connection-id", wire::text(id))])
+                                .with_content_type(content_type.into());
+                        ("send", body, properties)
+                    }
+                    Request::Close { id, close } => {
+                        ("close", Vec::new(), close_properties(id, close))
+                    }
+                    Request::Info { id } => (
+                        "info",
+                        Vec::new(),
+                        wire::properties("info", &[("connection-id", wire::text(id))]),
+                    ),
+                };
+                let properties = properties
+                    .with_reply_to(ShortString::from(self.cluster.node.as_str()))
+                    .with_correlation_id(ShortString::from(correlation.as_str()));
+                self.to_node(&node, kind, &body, properties, move |cluster| {
+                    cluster.answered(&correlation, Answer::Gone);
+                })
+                .await
+            }
+        }
+    }
+
+    /// A message from another node.
+    async fn take(&self, delivery: AmqpDelivery) -> Result<(), String> {
+        let properties = &delivery.properties;
+        let kind = properties
+            .kind()
+            .as_ref()
+            .map(|k| k.as_str().to_owned())
+            .unwrap_or_default();
+        let cluster = self.cluster;
+        match kind.as_str() {
+            "heartbeat" => match serde_json::from_slice(&delivery.data) {
+                Ok(announced) => cluster.heard(announced),
+                Err(e) => tracing::debug!("a heartbeat that is not an announcement: {e}"),
+            },
+            "bye" => {
+                if let Some(node) = wire::header(properties, "node") {
+                    cluster.left(&node);
+                }
+            }
+            "broadcast" => {
+                let from_here = wire::header(properties, "node").as_deref() == Some(&cluster.node);
+                let group = wire::header(properties, "group");
+                let content_type = properties.content_type().as_ref().map(|c| c.as_str());
+                if let (false, Some(group), Some(message)) = (
+                    from_here,
+                    group,
+                    wire::decode(delivery.data.clone(), content_type),
+                ) {
+                    cluster.hub.broadcast_here(&group, &message);
+                }
+            }
+            "answer" => {
+                let correlation = properties.correlation_id().as_ref().map(|c| c.as_str());
+                let reply: Option<Reply> = serde_json::from_slice(&delivery.data).ok();
+                if let (Some(correlation), Some(reply)) = (correlation, reply) {
+                    cluster.answered(correlation, reply.into());
+                }
+            }
+            "send" | "close" | "info" => {
+                let reply = self.answer(&kind, &delivery);
+                if let (Some(reply_to), Some(correlation)) =
+                    (properties.reply_to(), properties.correlation_id())
+                {
+                    let body = serde_json::to_vec(&reply)
+                        .map_err(|e| format!("encoding an answer: {e}"))?;
+                    let properties = wire::properties("answer", &[])
+                        .with_content_type("application/json".into())
+                        .with_correlation_id(correlation.clone());
+                    self.publish(
+                        &self.names.nodes,
+                        reply_to.as_str(),
+                        false,
+                        &body,
+                        properties,
+                    )
+                    .await?;
+                    cluster.count("answer", "out");
+                }
+            }
+            other => tracing::debug!(kind = other, "a cluster message of an unknown type"),
+        }
+        cluster.count(if kind.is_empty() { "unknown" } else { &kind }, "in");
+        Ok(())
+    }
+
+    /// Carry out another node's request about a connection of this node.
+    fn answer(&self, kind: &str, delivery: &AmqpDelivery) -> Reply {
+        let properties = &delivery.properties;
+        let Some(id) = wire::header(properties, "connection-id") else {
+            return Reply::Gone;
+        };
+        let hub = &self.cluster.hub;
+        match kind {
+            "send" => {
+                let content_type = properties.content_type().as_ref().map(|c| c.as_str());
+                let Some(message) = wire::decode(delivery.data.clone(), content_type) else {
+                    return Reply::Gone;
+                };
+                let delivery = hub.deliver(&id, message);
+                self.cluster.hub_count(delivery);
+                match delivery {
+                    Delivery::Delivered => Reply::Done,
+                    Delivery::Full => Reply::Full,
+                    _ => Reply::Gone,
+                }
+            }
+            "close" => {
+                let code = wire::header(properties, "code")
+                    .and_then(|code| code.parse().ok())
+                    .unwrap_or(crate::close::code::NORMAL);
+                let reason = wire::header(properties, "reason").unwrap_or_default();
+                let close = Close::by_function(code, reason)
+                    .unwrap_or_else(|_| Close::by_function(1000, String::new()).expect("1000"));
+                if hub.close_here(&id, close) {
+                    Reply::Done
+                } else {
+                    Reply::Gone
+                }
+            }
+            _ => match hub.info(&id) {
+                Some(info) => Reply::Info { info },
+                None => Reply::Gone,
+            },
+        }
+    }
+}
+
+fn close_properties(id: &str, close: &Close) -> BasicProperties {
+    wire::properties(
+        "close",
+        &[
+            ("connection-id", wire::text(id)),
+            ("code", AMQPValue::ShortUInt(close.code())),
+            ("reason", wire::text(&close.reason())),
+        ],
+    )
+}

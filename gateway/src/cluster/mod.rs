@@ -1,0 +1,452 @@
+//! Several nodes as one platform, tied together through the broker every
+//! deployment already runs (`queue.url`), with nothing else shared.
+//!
+//! On the broker, under the cluster's name `N` (`cluster.name`):
+//! - exchange `N.heartbeats` (fanout): each node announces itself every
+//!   `cluster.heartbeat_interval` (id, admin URL, open connections, the
+//!   functions and versions it serves, start time) and says goodbye when it
+//!   stops; every node keeps a view of the others, dropping one not heard
+//!   from for `cluster.node_expiry`;
+//! - exchange `N.nodes` (direct, routing key = node id): what one node asks
+//!   of another about one of its connections (send, close, describe) and
+//!   the answers;
+//! - exchange `N.groups` (direct, routing key = group): a broadcast, sent
+//!   once and delivered once to each node with members of the group (a node
+//!   binds a group while it has members);
+//! - queue `N.node.<node id>` per node, exclusive to its connection: when a
+//!   node dies or loses the broker, its queue goes, and what is sent to it
+//!   comes back unroutable at once (a 410 for the management API) rather
+//!   than waiting for a node that is not coming.
+//!
+//! The [`Hub`] sends through [`Cluster`] (its [`Remote`]) what is for a
+//! connection of another node (a connection id names its node) or for a
+//! group's members elsewhere. All of it goes out in one ordered stream over
+//! one channel, so messages from one sender to one connection arrive in the
+//! order sent.
+
+mod link;
+mod wire;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use runtime::Registry;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::close::Close;
+use crate::config::{ClusterSettings, QueueSettings};
+use crate::hub::{ConnectionInfo, Delivery, Hub, Remote};
+use crate::metrics::Metrics;
+
+pub use wire::Announcement;
+
+/// Most messages waiting to go out to other nodes; beyond, a send is
+/// counted `unreachable` rather than buffered without bound.
+const OUTGOING: usize = 16_384;
+
+/// What the management API asks of another node about one of its
+/// connections.
+#[derive(Debug, Clone)]
+pub enum Request {
+    /// Send a message to it.
+    Send {
+        /// The connection.
+        id: String,
+        /// The message.
+        message: Message,
+    },
+    /// Close it.
+    Close {
+        /// The connection.
+        id: String,
+        /// The close to send.
+        close: Close,
+    },
+    /// Describe it.
+    Info {
+        /// The connection.
+        id: String,
+    },
+}
+
+/// The other node's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Sent ([`Request::Send`]) or asked to close ([`Request::Close`]).
+    Done,
+    /// Its send queue is full.
+    Full,
+    /// No such connection there (or no such node in the cluster).
+    Gone,
+    /// What [`Request::Info`] asked for.
+    Info(Box<ConnectionInfo>),
+}
+
+/// Why another node gave no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterError {
+    /// No link to the broker now.
+    #[error("the cluster is unreachable: this node has no link to the broker now")]
+    Unavailable,
+    /// The node is in the view but did not answer in time.
+    #[error("node {node} did not answer within {timeout:?} (cluster.request_timeout)")]
+    Timeout {
+        /// The node asked.
+        node: String,
+        /// `cluster.request_timeout`.
+        timeout: Duration,
+    },
+}
+
+/// One node as the view holds it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Member {
+    /// What it last announced.
+    #[serde(flatten)]
+    pub announced: Announcement,
+    /// Milliseconds since it was last heard from.
+    pub last_seen_ms: u64,
+    /// Whether it is this node.
+    #[serde(rename = "self")]
+    pub this: bool,
+}
+
+/// Work for the link task, in the order it is to be done.
+enum Outgoing {
+    Send {
+        node: String,
+        id: String,
+        message: Message,
+    },
+    Close {
+        node: String,
+        id: String,
+        close: Close,
+    },
+    Broadcast {
+        group: String,
+        message: Message,
+    },
+    Bind {
+        group: String,
+        done: oneshot::Sender<()>,
+    },
+    Unbind {
+        group: String,
+    },
+    Ask {
+        node: String,
+        correlation: String,
+        request: Request,
+    },
+}
+
+/// This node's part in the cluster.
+pub struct Cluster {
+    settings: ClusterSettings,
+    node: String,
+    /// Tells this run of the node from an earlier or a clashing one.
+    instance: String,
+    started_at: SystemTime,
+    hub: Arc<Hub>,
+    registry: Arc<Registry>,
+    metrics: Metrics,
+    outgoing: mpsc::Sender<Outgoing>,
+    /// Whether the link to the broker is up.
+    linked: AtomicBool,
+    /// The other nodes, by id, with when each was last heard from.
+    view: Mutex<HashMap<String, (Announcement, Instant)>>,
+    /// Requests waiting for their answer, by correlation id.
+    pending: Mutex<HashMap<String, oneshot::Sender<Answer>>>,
+}
+
+impl Cluster {
+    /// Join the cluster: `hub` reaches other nodes through it from now on,
+    /// and a task keeps the link to the broker of `queue` (reconnecting)
+    /// until `shutdown`, when it says goodbye.
+    pub fn start(
+        settings: ClusterSettings,
+        queue: QueueSettings,
+        hub: Arc<Hub>,
+        registry: Arc<Registry>,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
+        let (outgoing, work) = mpsc::channel(OUTGOING);
+        let cluster = Arc::new(Self {
+            settings,
+            node: hub.node_id().to_owned(),
+            instance: uuid::Uuid::now_v7().simple().to_string(),
+            started_at: SystemTime::now(),
+            hub: hub.clone(),
+            registry,
+            metrics,
+            outgoing,
+            linked: AtomicBool::new(false),
+            view: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+        });
+        hub.set_remote(cluster.clone());
+        cluster.metrics.cluster_nodes.set(1);
+        let task = tokio::spawn(link::run(cluster.clone(), queue, work, shutdown));
+        (cluster, task)
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Every node in the view, this one first, then by id.
+    pub fn members(&self) -> Vec<Member> {
+        let now = Instant::now();
+        let mut others: Vec<Member> = lock(&self.view)
+            .values()
+            .filter(|(_, seen)| now.duration_since(*seen) < self.settings.node_expiry)
+            .map(|(announced, seen)| Member {
+                announced: announced.clone(),
+                last_seen_ms: now.duration_since(*seen).as_millis() as u64,
+                this: false,
+            })
+            .collect();
+        others.sort_by(|a, b| a.announced.node.cmp(&b.announced.node));
+        let mut members = vec![Member {
+            announced: self.announcement(),
+            last_seen_ms: 0,
+            this: true,
+        }];
+        members.extend(others);
+        members
+    }
+
+    /// Whether node `node` (another one) is in the view.
+    pub fn knows(&self, node: &str) -> bool {
+        lock(&self.view)
+            .get(node)
+            .is_some_and(|(_, seen)| seen.elapsed() < self.settings.node_expiry)
+    }
+
+    /// Ask node `node` about connection `id` and wait for its answer, at
+    /// most `cluster.request_timeout`. A node not in the view, or whose
+    /// queue is gone (it died or lost the broker), answers
+    /// [`Answer::Gone`] at once.
+    ///
+    /// # Errors
+    /// [`ClusterError::Unavailable`] without a link to the broker;
+    /// [`ClusterError::Timeout`] when the node is in the view and silent.
+    pub async fn ask(&self, node: &str, request: Request) -> Result<Answer, ClusterError> {
+        if !self.linked.load(Ordering::Relaxed) {
+            return Err(ClusterError::Unavailable);
+        }
+        if !self.knows(node) {
+            return Ok(Answer::Gone);
+        }
+        let correlation = uuid::Uuid::now_v7().simple().to_string();
+        let (answer, answered) = oneshot::channel();
+        lock(&self.pending).insert(correlation.clone(), answer);
+        let _forget = Forget(self, &correlation);
+        let asked = self.outgoing.try_send(Outgoing::Ask {
+            node: node.to_owned(),
+            correlation: correlation.clone(),
+            request,
+        });
+        if asked.is_err() {
+            return Err(ClusterError::Unavailable);
+        }
+        let timeout = self.settings.request_timeout;
+        match tokio::time::timeout(timeout, answered).await {
+            Ok(Ok(answer)) => Ok(answer),
+            // The link went down with the request unanswered.
+            Ok(Err(_)) => Err(ClusterError::Unavailable),
+            Err(_) if !self.knows(node) => Ok(Answer::Gone),
+            Err(_) => Err(ClusterError::Timeout {
+                node: node.to_owned(),
+                timeout,
+            }),
+        }
+    }
+
+    /// What this node announces now.
+    fn announcement(&self) -> Announcement {
+        let mut functions: Vec<wire::Served> = self
+            .registry
+            .list()
+            .into_iter()
+            .filter_map(|summary| {
+                summary.live.map(|live| wire::Served {
+                    name: summary.name,
+                    version: live.version().to_owned(),
+                })
+            })
+            .collect();
+        functions.sort_by(|a, b| a.name.cmp(&b.name));
+        Announcement {
+            node: self.node.clone(),
+            instance: self.instance.clone(),
+            admin_url: self.settings.admin_url.clone(),
+            connections: self.hub.connections(),
+            functions,
+            started_at: humantime::format_rfc3339_seconds(self.started_at).to_string(),
+        }
+    }
+
+    /// A node announced itself.
+    fn heard(&self, announced: Announcement) {
+        if announced.node == self.node {
+            if announced.instance != self.instance {
+                tracing::error!(
+                    node = %self.node,
+                    "another gateway announces itself with this node's id: give every node its \
+                     own server.node_id, or their connections get each other's messages"
+                );
+            }
+            return;
+        }
+        let node = announced.node.clone();
+        let new = lock(&self.view)
+            .insert(node.clone(), (announced, Instant::now()))
+            .is_none();
+        if new {
+            tracing::info!(node = %node, "node joined the cluster view");
+        }
+        self.count_nodes();
+    }
+
+    /// A node said goodbye.
+    fn left(&self, node: &str) {
+        if lock(&self.view).remove(node).is_some() {
+            tracing::info!(node, "node left the cluster (said goodbye)");
+        }
+        self.count_nodes();
+    }
+
+    /// Drop the nodes not heard from for `cluster.node_expiry`.
+    fn expire(&self) {
+        let expiry = self.settings.node_expiry;
+        let mut gone = Vec::new();
+        lock(&self.view).retain(|node, (_, seen)| {
+            let keep = seen.elapsed() < expiry;
+            if !keep {
+                gone.push(node.clone());
+            }
+            keep
+        });
+        for node in gone {
+            tracing::warn!(
+                node = %node,
+                "node dropped from the cluster view: not heard from for {expiry:?} \
+                 (cluster.node_expiry)"
+            );
+        }
+        self.count_nodes();
+    }
+
+    fn count_nodes(&self) {
+        let others = lock(&self.view).len();
+        self.metrics.cluster_nodes.set(1 + others as i64);
+    }
+
+    fn set_linked(&self, linked: bool) {
+        self.linked.store(linked, Ordering::Relaxed);
+        self.metrics.cluster_connected.set(i64::from(linked));
+        if !linked {
+            // Nothing answers requests sent over a link that is gone.
+            lock(&self.pending).clear();
+        }
+    }
+
+    /// The answer to request `correlation` came.
+    fn answered(&self, correlation: &str, answer: Answer) {
+        if let Some(waiting) = lock(&self.pending).remove(correlation) {
+            let _ = waiting.send(answer);
+        }
+    }
+
+    fn count(&self, kind: &str, direction: &str) {
+        self.metrics
+            .cluster_messages
+            .with_label_values(&[kind, direction])
+            .inc();
+    }
+
+    /// Queue work for the link task; false when it cannot take it now.
+    fn queue(&self, work: Outgoing) -> bool {
+        self.linked.load(Ordering::Relaxed) && self.outgoing.try_send(work).is_ok()
+    }
+}
+
+impl Remote for Cluster {
+    fn send(&self, node: &str, id: &str, message: Message) -> Delivery {
+        if !self.linked.load(Ordering::Relaxed) {
+            return Delivery::Unreachable;
+        }
+        if !self.knows(node) {
+            return Delivery::Gone;
+        }
+        let queued = self.queue(Outgoing::Send {
+            node: node.to_owned(),
+            id: id.to_owned(),
+            message,
+        });
+        if queued {
+            Delivery::Forwarded
+        } else {
+            Delivery::Unreachable
+        }
+    }
+
+    fn close(&self, node: &str, id: &str, close: Close) -> bool {
+        self.knows(node)
+            && self.queue(Outgoing::Close {
+                node: node.to_owned(),
+                id: id.to_owned(),
+                close,
+            })
+    }
+
+    fn broadcast(&self, group: &str, message: &Message) {
+        if !self.queue(Outgoing::Broadcast {
+            group: group.to_owned(),
+            message: message.clone(),
+        }) {
+            self.count("broadcast", "unreachable");
+        }
+    }
+
+    fn bind(&self, group: &str) -> oneshot::Receiver<()> {
+        let (done, bound) = oneshot::channel();
+        // Always queued, even with the link down: the link task then
+        // settles it, and binds every group with members when it is back.
+        let _ = self.outgoing.try_send(Outgoing::Bind {
+            group: group.to_owned(),
+            done,
+        });
+        bound
+    }
+
+    fn unbind(&self, group: &str) {
+        let _ = self.outgoing.try_send(Outgoing::Unbind {
+            group: group.to_owned(),
+        });
+    }
+}
+
+/// Forgets a pending request when its asker stops waiting.
+struct Forget<'a>(&'a Cluster, &'a str);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.pending).remove(self.1);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

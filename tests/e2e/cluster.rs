@@ -1,0 +1,299 @@
+//! Three nodes, each its own `tidegate` process with its own state
+//! directory, as one cluster through the real RabbitMQ: membership, a
+//! connection on one node reached from the others (API, push queue,
+//! function), groups across nodes, and a node that dies.
+
+use std::time::{Duration, Instant};
+
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::harness::{
+    Client, Gateway, Options, SendText, chat_config, close_code, delete_exchanges, eventually,
+    json, next_data, push, quiet, text,
+};
+
+const TOKEN: &str = "0123456789abcdef-cluster-token";
+
+/// Three nodes `a`, `b`, `c` of one cluster (a name of their own), each
+/// serving the chat function on `/chat`; waits until each sees all three.
+struct Three {
+    nodes: Vec<Gateway>,
+    name: String,
+}
+
+impl Three {
+    async fn start() -> Self {
+        let name = format!("cluster-test-{}", uuid::Uuid::now_v7().simple());
+        let nodes: Vec<Gateway> = ["a", "b", "c"]
+            .into_iter()
+            .map(|node| {
+                Gateway::start(
+                    Options::default()
+                        .config(&chat_config())
+                        .env("TIDEGATE__ADMIN__TOKEN", TOKEN)
+                        .env("TIDEGATE__SERVER__NODE_ID", node)
+                        .env("TIDEGATE__CLUSTER__ENABLED", "true")
+                        .env("TIDEGATE__CLUSTER__NAME", &name)
+                        .env("TIDEGATE__CLUSTER__HEARTBEAT_INTERVAL", "250ms")
+                        .env("TIDEGATE__CLUSTER__REQUEST_TIMEOUT", "2s"),
+                )
+            })
+            .collect();
+        let three = Self { nodes, name };
+        for node in &three.nodes {
+            eventually(
+                "every node sees the three",
+                Duration::from_secs(20),
+                || async move { nodes_seen(node).await.len() == 3 },
+            )
+            .await;
+        }
+        three
+    }
+}
+
+impl Drop for Three {
+    /// The nodes stop first (their queues go with them), then the
+    /// cluster's exchanges are deleted, also when the test failed.
+    fn drop(&mut self) {
+        self.nodes.clear();
+        let exchanges: Vec<String> = ["heartbeats", "nodes", "groups"]
+            .iter()
+            .map(|kind| format!("{}.{kind}", self.name))
+            .collect();
+        // Its own thread: Drop runs inside the test's runtime.
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(delete_exchanges(&exchanges));
+        })
+        .join();
+    }
+}
+
+/// The ids of the nodes `gateway` has in its view.
+async fn nodes_seen(gateway: &Gateway) -> Vec<String> {
+    let (status, body) = api(gateway, "GET", "/v1/nodes", b"").await;
+    assert_eq!(status, 200, "{body}");
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    listed["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn api(gateway: &Gateway, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    gateway
+        .admin_request(method, path, TOKEN, "text/plain", body)
+        .await
+}
+
+/// A client on `/chat` of `gateway`, and its connection id.
+async fn client(gateway: &Gateway) -> (Client, String) {
+    let (status, before) = api(gateway, "GET", "/v1/connections?route=/chat", b"").await;
+    assert_eq!(status, 200);
+    let client = gateway.connect("/chat").await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, body) = api(gateway, "GET", "/v1/connections?route=/chat", b"").await;
+        let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let new = listed["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["id"].as_str().unwrap().to_owned())
+            .find(|id| !before.contains(id.as_str()));
+        if let Some(id) = new {
+            return (client, id);
+        }
+        assert!(Instant::now() < deadline, "the connection is never listed");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn chat(client: &mut Client, message: serde_json::Value) {
+    client.send_text(&message.to_string()).await;
+}
+
+async fn text_of(client: &mut Client) -> String {
+    match next_data(client).await {
+        Message::Text(text) => text.to_string(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_on_one_node_is_reached_from_every_other() {
+    let three = Three::start().await;
+    let [a, b, c] = &three.nodes[..] else {
+        unreachable!()
+    };
+    let (mut on_a, id) = client(a).await;
+    assert!(id.starts_with("a."), "{id}");
+
+    // Through node B's API: send, describe.
+    let (status, body) = api(b, "POST", &format!("/v1/connections/{id}"), b"via b").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(text_of(&mut on_a).await, "via b");
+    let (status, body) = api(b, "GET", &format!("/@connections/{id}"), b"").await;
+    assert_eq!(status, 200, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (info["node"].as_str(), info["route"].as_str()),
+        (Some("a"), Some("/chat"))
+    );
+
+    // Messages from one sender arrive in the order sent.
+    for n in 0..20 {
+        let (status, _) = api(
+            b,
+            "POST",
+            &format!("/v1/connections/{id}"),
+            format!("{n}").as_bytes(),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    for n in 0..20 {
+        assert_eq!(text_of(&mut on_a).await, n.to_string());
+    }
+
+    // Through node C's push queue.
+    push(
+        &format!("{}.push", c.queue),
+        &[("connection-id", text(&id))],
+        "text/plain",
+        b"via c's push queue",
+    )
+    .await;
+    assert_eq!(text_of(&mut on_a).await, "via c's push queue");
+
+    // From a function running on node C.
+    let (mut on_c, _) = client(c).await;
+    chat(
+        &mut on_c,
+        serde_json::json!({"action": "nick", "name": "cleo"}),
+    )
+    .await;
+    assert_eq!(json(&mut on_c).await["ok"], "nick");
+    chat(
+        &mut on_c,
+        serde_json::json!({"action": "whisper", "to": id, "text": "psst"}),
+    )
+    .await;
+    let whispered: serde_json::Value = serde_json::from_str(&text_of(&mut on_a).await).unwrap();
+    assert_eq!(
+        whispered,
+        serde_json::json!({"from": "cleo", "text": "psst"})
+    );
+
+    // A close from node B.
+    let (status, body) = api(
+        b,
+        "DELETE",
+        &format!("/v1/connections/{id}?code=4000&reason=from%20b"),
+        b"",
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(close_code(&mut on_a).await, Some(4000));
+    eventually(
+        "the closed connection is gone for node b",
+        Duration::from_secs(5),
+        || async { api(b, "GET", &format!("/v1/connections/{id}"), b"").await.0 == 410 },
+    )
+    .await;
+    // A node that is not in the cluster: 410 at once.
+    let (status, body) = api(b, "POST", "/v1/connections/nowhere.0123", b"x").await;
+    assert_eq!(status, 410, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_reaches_the_members_on_every_node_once() {
+    let three = Three::start().await;
+    let mut members = Vec::new();
+    for node in &three.nodes {
+        let (mut member, _) = client(node).await;
+        chat(
+            &mut member,
+            serde_json::json!({"action": "join", "room": "r"}),
+        )
+        .await;
+        assert_eq!(json(&mut member).await["ok"], "join");
+        members.push(member);
+    }
+    let (mut outsider, _) = client(&three.nodes[0]).await;
+    let b = &three.nodes[1];
+
+    // Through node B's API.
+    let (status, body) = api(b, "POST", "/v1/groups/r/messages", b"to all").await;
+    assert_eq!(status, 200, "{body}");
+    for member in &mut members {
+        assert_eq!(text_of(member).await, "to all");
+    }
+    // From the function on node A, for a member there.
+    chat(
+        &mut members[0],
+        serde_json::json!({"action": "send", "room": "r", "text": "hi"}),
+    )
+    .await;
+    for member in &mut members {
+        let line: serde_json::Value = serde_json::from_str(&text_of(member).await).unwrap();
+        assert_eq!(line["text"], "hi");
+    }
+    // Exactly once each; nothing for the outsider.
+    for member in &mut members {
+        quiet(member).await;
+    }
+    quiet(&mut outsider).await;
+
+    // Leaving stops it, on that node only.
+    chat(
+        &mut members[2],
+        serde_json::json!({"action": "leave", "room": "r"}),
+    )
+    .await;
+    assert_eq!(json(&mut members[2]).await["ok"], "leave");
+    let (status, _) = api(b, "POST", "/v1/groups/r/messages", b"after").await;
+    assert_eq!(status, 200);
+    assert_eq!(text_of(&mut members[0]).await, "after");
+    assert_eq!(text_of(&mut members[1]).await, "after");
+    quiet(&mut members[2]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_leaves_the_view_and_its_connections_answer_410_at_once() {
+    let mut three = Three::start().await;
+    let (_on_a, id) = client(&three.nodes[0]).await;
+    three.nodes[0].kill();
+    let b = &three.nodes[1];
+    // Its queue went with its broker connection: no waiting for a timeout.
+    let started = Instant::now();
+    let (status, body) = api(b, "POST", &format!("/v1/connections/{id}"), b"x").await;
+    assert_eq!(status, 410, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    eventually(
+        "node a leaves b's view",
+        Duration::from_secs(10),
+        || async { !nodes_seen(b).await.contains(&"a".to_owned()) },
+    )
+    .await;
+
+    // A clean stop says goodbye: it leaves the view at once.
+    let left = Instant::now();
+    three.nodes[2].terminate();
+    let b = &three.nodes[1];
+    eventually("node c leaves b's view", Duration::from_secs(5), || async {
+        nodes_seen(b).await == vec!["b".to_owned()]
+    })
+    .await;
+    assert!(left.elapsed() < Duration::from_secs(5));
+}
