@@ -414,9 +414,11 @@ impl AdminClient {
         let mut response = request.send().await.map_err(|e| match sending {
             Some(size) if cut_off(&e) => ClientError::Http(format!(
                 "the admin API at {} closed the connection before the request's {size} bytes \
-                 were sent: it refused the request without reading it all (a component larger \
-                 than the gateway's admin.max_upload_size, or a wrong token); its log says which",
-                self.shown_url()
+                 were sent ({}): most likely it refused the request unread (a component larger \
+                 than the gateway's admin.max_upload_size, or a wrong token), or it restarted; \
+                 its log says which",
+                self.shown_url(),
+                innermost(&e)
             )),
             _ => self.failed(&e),
         })?;

@@ -202,7 +202,11 @@ pub enum Keep {
 #[derive(Clone)]
 enum Kept {
     InMemory(Bytes),
-    File(PathBuf),
+    /// The file, and the component's length.
+    File {
+        path: PathBuf,
+        size: usize,
+    },
 }
 
 impl Kept {
@@ -210,11 +214,11 @@ impl Kept {
     fn read(&self, component: &[u8; 32]) -> Result<Bytes, String> {
         match self {
             Kept::InMemory(bytes) => Ok(bytes.clone()),
-            Kept::File(path) => {
-                let bytes = std::fs::read(path).map_err(|e| {
+            &Kept::File { ref path, size } => {
+                let bytes = read_regular(path, size).map_err(|e| {
                     format!("its component {} cannot be read ({e})", path.display())
                 })?;
-                if Sha256::digest(&bytes).as_slice() != component {
+                if bytes.len() != size || Sha256::digest(&bytes).as_slice() != component {
                     return Err(format!(
                         "its component {} is damaged or was replaced (its SHA-256 is not the \
                          version's)",
@@ -225,6 +229,24 @@ impl Kept {
             }
         }
     }
+}
+
+/// At most `size + 1` bytes of the regular file at `path`, opened without
+/// following a link and without waiting on a FIFO.
+fn read_regular(path: &std::path::Path, size: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits() as i32)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut bytes = Vec::with_capacity(size);
+    file.take(size as u64 + 1).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 impl Function {
@@ -325,7 +347,10 @@ impl Function {
             size: wasm.len(),
             component: match keep {
                 Keep::InMemory => Kept::InMemory(wasm),
-                Keep::File(path) => Kept::File(path),
+                Keep::File(path) => Kept::File {
+                    path,
+                    size: wasm.len(),
+                },
             },
             forgotten: AtomicBool::new(false),
             artifact: artifact_path,

@@ -107,10 +107,13 @@ impl Ready<'_> {
 impl Drop for Ready<'_> {
     fn drop(&mut self) {
         if let Some(function) = self.function.take() {
-            let live = self
-                .registry
+            // Under the registry's lock, as a version goes live: it cannot
+            // go live between the check and the retirement.
+            let functions = self.registry.write();
+            let live = functions
                 .get(function.name())
-                .is_some_and(|live| Arc::ptr_eq(&live, &function));
+                .and_then(|named| named.live.as_ref())
+                .is_some_and(|live| Arc::ptr_eq(live, &function));
             if !live {
                 function.retire();
             }
@@ -914,6 +917,15 @@ mod tests {
             error.to_string().contains("damaged or was replaced"),
             "{error}"
         );
+
+        // A link in its place is not followed, even to the right bytes.
+        let (linked, file) = restore("linked", echo_variant("linked")).await;
+        let elsewhere = dir.path().join("elsewhere.wasm");
+        std::fs::write(&elsewhere, echo_variant("linked")).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &file).unwrap();
+        let error = message(linked).await.unwrap_err();
+        assert!(error.to_string().contains("cannot be read"), "{error}");
     }
 
     #[tokio::test]

@@ -101,7 +101,8 @@ pub async fn guard(State(state): State<AdminState>, request: Request, next: Next
     if guarded(request.uri().path())
         && let Err(error) = authorize(state.token.as_deref(), request.headers())
     {
-        drain(request.into_body()).await;
+        let (parts, body) = request.into_parts();
+        drain(&parts.headers, body).await;
         return error.into_response();
     }
     next.run(request).await
@@ -119,8 +120,21 @@ pub const DRAIN_TIME: Duration = Duration::from_secs(10);
 /// sending a large body (an upload refused before it was read) then reads
 /// the answer, instead of failing with a broken pipe when the connection
 /// closes under it. What is beyond the bounds is not read: the connection
-/// closes.
-pub async fn drain(body: Body) {
+/// closes. Nothing is read from a client that waits for `100 Continue`
+/// before sending (it reads the refusal instead), nor from one that said
+/// its body is larger than the bound (it would be cut off anyway).
+pub async fn drain(headers: &HeaderMap, body: Body) {
+    let waits_to_send = headers
+        .get(header::EXPECT)
+        .is_some_and(|expect| expect.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let too_large = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok())
+        .is_some_and(|length| length > DRAIN_LIMIT as u64);
+    if waits_to_send || too_large {
+        return;
+    }
     let mut stream = body.into_data_stream();
     let mut left = DRAIN_LIMIT;
     let _ = tokio::time::timeout(DRAIN_TIME, async {
@@ -204,5 +218,30 @@ mod tests {
         let off = authorize(None, &headers).unwrap_err();
         assert_eq!(off.status, StatusCode::NOT_FOUND);
         assert!(!off.message.contains("secret"), "{}", off.message);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_waiting_for_100_continue_or_too_large_is_not_read() {
+        let pending = || {
+            Body::from_stream(futures_util::stream::pending::<
+                Result<Vec<u8>, std::io::Error>,
+            >())
+        };
+        let mut expect = HeaderMap::new();
+        expect.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        let mut large = HeaderMap::new();
+        large.insert(
+            header::CONTENT_LENGTH,
+            HeaderValue::from(DRAIN_LIMIT as u64 + 1),
+        );
+        for headers in [expect, large] {
+            let started = tokio::time::Instant::now();
+            drain(&headers, pending()).await;
+            assert_eq!(started.elapsed(), std::time::Duration::ZERO, "{headers:?}");
+        }
+        // Any other body is read for at most DRAIN_TIME.
+        let started = tokio::time::Instant::now();
+        drain(&HeaderMap::new(), pending()).await;
+        assert_eq!(started.elapsed(), DRAIN_TIME);
     }
 }

@@ -108,7 +108,7 @@ pub(super) async fn read_body(
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
     if declared.is_some_and(|length| length > limit as u64) {
-        drain(body).await;
+        drain(headers, body).await;
         return Err(too_large());
     }
     let mut bytes = Vec::with_capacity(declared.map_or(0, |length| length as usize));
@@ -131,7 +131,7 @@ pub(super) async fn read_body(
         let chunk = chunk.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
         if bytes.len() + chunk.len() > limit {
             drop(bytes);
-            drain(Body::from_stream(stream)).await;
+            drain(headers, Body::from_stream(stream)).await;
             return Err(too_large());
         }
         bytes.extend_from_slice(&chunk);
@@ -317,7 +317,7 @@ async fn try_upload(
     let (live, _slot) = match admitted.await {
         Ok(admitted) => admitted,
         Err(error) => {
-            drain(body).await;
+            drain(headers, body).await;
             return Err(error);
         }
     };

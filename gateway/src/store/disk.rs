@@ -339,12 +339,19 @@ impl Disk {
             return Err(failed(path)(e));
         }
         // The directory holds the rename; its parents, up to the state
-        // directory, the directories the first change created.
+        // directory, the directories the first change created. The file is
+        // in place now, so the change is made: a directory that cannot be
+        // synced (some filesystems refuse) is a warning, not a failure the
+        // caller would undo in memory while the disk kept it.
         let state_dir = self.dir.parent().unwrap_or(&self.dir);
         for dir in dir.ancestors() {
-            File::open(dir)
-                .and_then(|dir| dir.sync_all())
-                .map_err(failed(dir))?;
+            if let Err(e) = File::open(dir).and_then(|dir| dir.sync_all()) {
+                tracing::warn!(
+                    "cannot sync directory {}: {e} (the change is made, but may not survive a \
+                     power loss)",
+                    dir.display()
+                );
+            }
             if dir == state_dir {
                 break;
             }

@@ -51,6 +51,10 @@ pub struct Catalog {
     /// seconds of all cores and hundreds of megabytes to compile, so
     /// parallel uploads would only compete, and could exhaust memory.
     uploads: Semaphore,
+    /// One compilation at a time, an upload's or a switch's to a version
+    /// whose code must be loaded again; held only while compiling, so a
+    /// rollback does not wait for an upload's body to arrive.
+    compiles: Semaphore,
 }
 
 /// The catalog's bounds.
@@ -307,6 +311,7 @@ impl Catalog {
             config_functions,
             limits,
             uploads: Semaphore::new(1),
+            compiles: Semaphore::new(1),
         };
         Ok((catalog, restored))
     }
@@ -336,17 +341,18 @@ impl Catalog {
         Ok(())
     }
 
-    /// The one compilation slot, waited for up to [`UPLOAD_WAIT`]. Taken
-    /// before the body is read, so waiting uploads hold no memory, and by
-    /// a switch of the live version, which may compile too.
+    /// The one upload slot, waited for up to [`UPLOAD_WAIT`]. Taken
+    /// before the body is read, so waiting uploads hold no memory.
     ///
     /// # Errors
     /// [`CatalogError::Busy`] after [`UPLOAD_WAIT`].
     pub async fn upload_slot(&self) -> Result<SemaphorePermit<'_>, CatalogError> {
-        match tokio::time::timeout(UPLOAD_WAIT, self.uploads.acquire()).await {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => Err(CatalogError::Busy),
-        }
+        wait_for(&self.uploads).await
+    }
+
+    /// The one compilation slot, waited for up to [`UPLOAD_WAIT`].
+    async fn compile_slot(&self) -> Result<SemaphorePermit<'_>, CatalogError> {
+        wait_for(&self.compiles).await
     }
 
     /// Add `wasm` as a version of function `name` (creating the function),
@@ -387,6 +393,7 @@ impl Catalog {
         // other changes go on meanwhile. The component is kept on disk,
         // not in memory: it is read back only to compile it again.
         let keep = Keep::File(self.disk.component_path(&digest));
+        let compiling = self.compile_slot().await?;
         let function = self
             .registry
             .prepare(name, wasm.clone(), keep)
@@ -395,27 +402,31 @@ impl Catalog {
                 LoadError::Invalid { .. } => CatalogError::Invalid(e),
                 other => CatalogError::Load(other),
             })?;
-        let recorded = self.record(name, digest, &wasm, &function, live).await;
+        drop(compiling);
+        // Written under the index lock: a removal (which sweeps files the
+        // index does not name) cannot run between the write and the index
+        // naming the file.
+        let mut index = self.index.lock().await;
+        let recorded = self.record(&mut index, name, digest, &wasm, &function, live);
         if recorded.is_err() {
+            // A component written for a change that failed goes too.
+            self.disk.remove_unused(&index);
             self.registry.discard(&function);
         }
         recorded
     }
 
-    /// Keep a prepared version on disk, then add it to the registry.
-    async fn record(
+    /// Keep a prepared version on disk, then add it to the registry; with
+    /// the index lock held.
+    fn record(
         &self,
+        index: &mut Index,
         name: &str,
         digest: String,
         wasm: &Bytes,
         function: &Arc<Function>,
         live: bool,
     ) -> Result<Uploaded, CatalogError> {
-        // Written under the index lock: a removal (which sweeps files the
-        // index does not name) cannot run between the write and the index
-        // naming the file.
-        let mut index = self.index.lock().await;
-        self.disk.write_component(&digest, wasm)?;
         let mut next = index.clone();
         let record = next.functions.entry(name.to_owned()).or_default();
         if let Some(existing) = record.versions.iter().find(|v| v.digest == digest) {
@@ -437,7 +448,10 @@ impl Catalog {
             &digest,
             record.versions.iter().map(|v| v.digest.clone()),
         )?;
+        self.disk.write_component(&digest, wasm)?;
         let created_at = SystemTime::now();
+        // Kept through pruning too: the version to roll back to.
+        let was_live = record.live.clone();
         record.versions.push(VersionRecord {
             digest,
             size: wasm.len() as u64,
@@ -446,7 +460,8 @@ impl Catalog {
         if live {
             record.live = Some(function.version().to_owned());
         }
-        let pruned = prune(record, function.version(), self.limits.max_versions);
+        let keep = [Some(function.version()), was_live.as_deref()];
+        let pruned = prune(record, &keep, self.limits.max_versions);
         self.disk.write_index(&next)?;
         *index = next;
         self.registry.insert(function.clone(), created_at, live);
@@ -460,7 +475,7 @@ impl Catalog {
                 pruned = ?pruned,
                 "oldest versions deleted to keep admin.max_versions"
             );
-            self.disk.remove_unused(&index);
+            self.disk.remove_unused(index);
         }
         Ok(Uploaded {
             function: function.clone(),
@@ -486,7 +501,6 @@ impl Catalog {
             return Ok(None);
         };
         if live && !existing.live {
-            // The caller holds the upload slot.
             self.switch(name, existing.function.version()).await?;
         }
         Ok(Some(Uploaded {
@@ -505,17 +519,25 @@ impl Catalog {
     /// [`CatalogError::Busy`], [`CatalogError::Unloadable`],
     /// [`CatalogError::Disk`].
     pub async fn set_live(&self, name: &str, version: &str) -> Result<Arc<Function>, CatalogError> {
-        let _slot = self.upload_slot().await?;
         self.switch(name, version).await
     }
 
-    /// [`Catalog::set_live`] with the upload slot held: the version's code
-    /// is loaded (compiled if it must be) first, outside the lock; then the
-    /// index is written and the version made live.
+    /// [`Catalog::set_live`]: the version's code is loaded (compiled if it
+    /// must be, in the compile slot) first, outside the lock; then the index
+    /// is written and the version made live.
     async fn switch(&self, name: &str, version: &str) -> Result<Arc<Function>, CatalogError> {
         if self.is_config_function(name) {
             return Err(CatalogError::ConfigFunction(name.to_owned()));
         }
+        let loaded = self
+            .registry
+            .version(name, version)
+            .is_some_and(|f| f.is_loaded());
+        let _compiling = if loaded {
+            None
+        } else {
+            Some(self.compile_slot().await?)
+        };
         let ready = self
             .registry
             .ready(name, version)
@@ -703,6 +725,14 @@ fn position(record: &FunctionRecord, name: &str, version: &str) -> Result<usize,
         })
 }
 
+/// A permit of `slot`, waited for up to [`UPLOAD_WAIT`].
+async fn wait_for(slot: &Semaphore) -> Result<SemaphorePermit<'_>, CatalogError> {
+    match tokio::time::timeout(UPLOAD_WAIT, slot.acquire()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => Err(CatalogError::Busy),
+    }
+}
+
 /// Refuse a component whose version (the first 16 hex digits of
 /// `digest`) is that of another component of function `name`, of
 /// `digests`.
@@ -725,15 +755,15 @@ fn check_clash(
 }
 
 /// Delete from `record` its oldest versions beyond `max`, never the live
-/// one nor `keep` (the version just added); the versions deleted.
-fn prune(record: &mut FunctionRecord, keep: &str, max: NonZeroUsize) -> Vec<String> {
+/// one nor those in `keep` (the version just added, the one live before
+/// it: the one to roll back to); the versions deleted.
+fn prune(record: &mut FunctionRecord, keep: &[Option<&str>], max: NonZeroUsize) -> Vec<String> {
     let mut pruned = Vec::new();
     while record.versions.len() > max.get() {
-        let Some(oldest) = record
-            .versions
-            .iter()
-            .position(|v| v.version() != keep && record.live.as_deref() != Some(v.version()))
-        else {
+        let Some(oldest) = record.versions.iter().position(|v| {
+            let version = Some(v.version());
+            record.live.as_deref() != version && !keep.contains(&version)
+        }) else {
             break;
         };
         pruned.push(record.versions.remove(oldest).version().to_owned());

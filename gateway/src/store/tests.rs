@@ -438,3 +438,25 @@ fn a_version_of_another_component_with_the_same_16_digits_is_refused() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn the_version_rolled_back_to_is_not_pruned_by_the_next_deploy() {
+    let state = tempfile::tempdir().unwrap();
+    let node = start_keeping(state.path(), 2).await.unwrap();
+    let catalog = &node.catalog;
+    let first = catalog.upload("f", echo_variant("1"), true).await.unwrap();
+    let second = catalog.upload("f", echo_variant("2"), true).await.unwrap();
+    // Rolled back to the first, then a new deploy: the first (live until
+    // then) stays to roll back to; the second goes.
+    catalog
+        .set_live("f", first.function.version())
+        .await
+        .unwrap();
+    let third = catalog.upload("f", echo_variant("3"), true).await.unwrap();
+    assert_eq!(third.pruned, vec![second.function.version().to_owned()]);
+    assert!(
+        node.registry
+            .version("f", first.function.version())
+            .is_some()
+    );
+}
