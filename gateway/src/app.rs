@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminLimits, AdminState};
 use crate::auth::JwtVerifier;
+use crate::close::Close;
 use crate::cluster::Cluster;
 use crate::config::{self, FunctionSource, QueueMode, Settings, TlsSettings, WebSocketSettings};
 use crate::connection::ConnectionSettings;
@@ -76,6 +77,9 @@ pub struct App {
     cluster_task: Option<tokio::task::JoinHandle<()>>,
     /// Stops the cluster's link (with a goodbye) once connections drained.
     cluster_stop: CancellationToken,
+    /// Closes every connection still open (1001) at the end of the drain
+    /// window.
+    connections_stop: CancellationToken,
 }
 
 impl App {
@@ -176,6 +180,8 @@ impl App {
         };
 
         let shutdown = CancellationToken::new();
+        // Closes the connections still open once the drain window is over.
+        let connections_stop = CancellationToken::new();
         let websocket = &settings.websocket;
         let hub = Arc::new(Hub::new(
             &settings.server.node_id,
@@ -226,7 +232,7 @@ impl App {
             max_frame_size: websocket.max_frame_size,
             dispatch,
             metrics: metrics.clone(),
-            shutdown: shutdown.clone(),
+            shutdown: connections_stop.clone(),
         });
         let intake = Arc::new(Intake {
             admission: Admission::new(&settings.server),
@@ -290,6 +296,7 @@ impl App {
             shutdown,
             cluster_task: cluster.map(|(_, task)| task),
             cluster_stop,
+            connections_stop,
         })
     }
 
@@ -323,6 +330,7 @@ impl App {
             shutdown: stopping,
             cluster_task,
             cluster_stop,
+            connections_stop,
         } = self;
         let accepting = admin_state.accepting.clone();
         let hub = admin_state.hub.clone();
@@ -353,7 +361,7 @@ impl App {
                 settings.queue.clone(),
                 queue.clone(),
                 settings.websocket.max_message_size,
-                hub,
+                hub.clone(),
                 metrics.clone(),
                 stopping.clone(),
             ))),
@@ -412,6 +420,15 @@ impl App {
         for accept_loop in accept_loops {
             let _ = accept_loop.await;
         }
+        // Closed one by one over the drain window (each finishes the
+        // message in hand first), then whatever is left at once.
+        let window = settings.server.drain_window;
+        if !window.is_zero() {
+            let all = hub.sample(usize::MAX);
+            let closing = hub.close_spread(all, window, Close::Shutdown).await;
+            tracing::info!(closing, window = ?window, "connections closed over the drain window");
+        }
+        connections_stop.cancel();
         tracker.close();
         // Connections get most of the grace period; the copy path keeps the
         // rest to flush.

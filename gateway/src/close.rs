@@ -11,6 +11,8 @@ pub mod code {
     pub const NORMAL: u16 = 1000;
     /// The server is going away.
     pub const GOING_AWAY: u16 = 1001;
+    /// Service restart: reconnect (the node sheds connections to others).
+    pub const SERVICE_RESTART: u16 = 1012;
     /// No close frame was received (reported to `on-disconnect` only).
     pub const ABNORMAL: u16 = 1006;
 }
@@ -20,6 +22,9 @@ pub mod code {
 pub enum Close {
     /// The gateway is shutting down (1001).
     Shutdown,
+    /// The node holds more than its share of the cluster's connections and
+    /// sheds this one to a node with room (1012).
+    Rebalance,
     /// Nothing was received for `websocket.idle_timeout` (1001).
     Idle(Duration),
     /// Open for `websocket.max_duration` (1001).
@@ -66,6 +71,7 @@ impl Close {
             Close::Rate(_) | Close::TokenExpired => 1008,
             Close::TooBig(_) => 1009,
             Close::FunctionFailed(_) => 1011,
+            Close::Rebalance => code::SERVICE_RESTART,
             Close::Overloaded | Close::NotStored(_) | Close::InDoubt => 1013,
             Close::ByFunction { code, .. } => *code,
         }
@@ -81,6 +87,7 @@ impl Close {
             1008 => "1008",
             1009 => "1009",
             1011 => "1011",
+            1012 => "1012",
             1013 => "1013",
             1000 => "1000",
             _ => "function",
@@ -91,6 +98,9 @@ impl Close {
     pub fn reason(&self) -> String {
         let reason = match self {
             Close::Shutdown => "server shutting down".to_owned(),
+            Close::Rebalance => {
+                "rebalancing: reconnect, another node has room for this connection".to_owned()
+            }
             Close::Idle(limit) => format!(
                 "idle for {} (websocket.idle_timeout)",
                 humantime::format_duration(*limit)
@@ -150,6 +160,7 @@ mod tests {
         let rate = NonZeroU32::new(5).unwrap();
         let cases = [
             (Close::Shutdown, 1001, "1001"),
+            (Close::Rebalance, 1012, "1012"),
             (Close::Idle(Duration::from_secs(1)), 1001, "1001"),
             (Close::MaxDuration(Duration::from_secs(1)), 1001, "1001"),
             (Close::Protocol("x".into()), 1002, "1002"),

@@ -16,7 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_channel::mpsc;
 use prometheus::IntCounter;
@@ -312,6 +312,32 @@ impl Hub {
     /// Open connections on this node.
     pub fn connections(&self) -> usize {
         read(&self.connections).len()
+    }
+
+    /// Up to `n` of this node's connections, picked at random.
+    pub fn sample(&self, n: usize) -> Vec<String> {
+        let mut ids: Vec<String> = read(&self.connections)
+            .keys()
+            .map(|id| id.to_string())
+            .collect();
+        fastrand::shuffle(&mut ids);
+        ids.truncate(n);
+        ids
+    }
+
+    /// Close connections `ids` of this node with `close`, one by one in
+    /// their order, spread evenly over `window` with jitter (each at a
+    /// random time in its own slice of the window), so that their clients
+    /// do not all come back at once. Returns how many were asked to close.
+    pub async fn close_spread(&self, ids: Vec<String>, window: Duration, close: Close) -> usize {
+        let count = ids.len();
+        let started = tokio::time::Instant::now();
+        for (slice, id) in ids.into_iter().enumerate() {
+            let at = window.mul_f64((slice as f64 + fastrand::f64()) / count as f64);
+            tokio::time::sleep_until(started + at).await;
+            self.close_here(&id, close.clone());
+        }
+        count
     }
 
     /// The groups with members on this node.

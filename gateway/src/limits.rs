@@ -247,6 +247,7 @@ mod tests {
             tls_handshake_timeout: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(1),
             shutdown_grace_period: Duration::from_secs(1),
+            drain_window: Duration::ZERO,
             state_dir: "/tmp".into(),
         }
     }

@@ -271,12 +271,13 @@ async fn a_killed_node_leaves_the_view_and_its_connections_answer_410_at_once() 
     let (_on_a, id) = client(&three.nodes[0]).await;
     three.nodes[0].kill();
     let b = &three.nodes[1];
-    // Its queue went with its broker connection: no waiting for a timeout.
+    // Its queue goes with its broker connection, and it leaves the view
+    // within cluster.node_expiry: 410, before cluster.request_timeout (2s).
     let started = Instant::now();
     let (status, body) = api(b, "POST", &format!("/v1/connections/{id}"), b"x").await;
     assert_eq!(status, 410, "{body}");
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_millis(1800),
         "{:?}",
         started.elapsed()
     );
@@ -296,4 +297,138 @@ async fn a_killed_node_leaves_the_view_and_its_connections_answer_410_at_once() 
     })
     .await;
     assert!(left.elapsed() < Duration::from_secs(5));
+}
+
+/// When each of `clients` gets its close frame, and its code.
+async fn closes(clients: Vec<Client>) -> Vec<(Instant, Option<u16>)> {
+    let waiting = clients.into_iter().map(|mut client| {
+        tokio::spawn(async move {
+            let code = close_code(&mut client).await;
+            (Instant::now(), code)
+        })
+    });
+    let mut closes = Vec::new();
+    for close in waiting.collect::<Vec<_>>() {
+        closes.push(close.await.unwrap());
+    }
+    closes.sort_by_key(|(at, _)| *at);
+    closes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_says_not_ready_at_once_and_spreads_its_1001s_over_the_drain_window() {
+    let gateway = Gateway::start(
+        Options::default()
+            .config(&chat_config())
+            .env("TIDEGATE__SERVER__DRAIN_WINDOW", "2s")
+            .env("TIDEGATE__SERVER__SHUTDOWN_GRACE_PERIOD", "10s"),
+    );
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(gateway.connect("/chat").await);
+    }
+    let endpoint = gateway.endpoint();
+    let admin = gateway.admin;
+    let signalled = Instant::now();
+    gateway.signal("TERM");
+    // Not ready as soon as the drain starts (the signal takes a moment).
+    eventually("/readyz says 503", Duration::from_millis(500), || async {
+        crate::harness::http_get(admin, "/readyz", &[]).await.0 == 503
+    })
+    .await;
+    let closed = closes(clients).await;
+    assert!(
+        closed.iter().all(|(_, code)| *code == Some(1001)),
+        "{closed:?}"
+    );
+    let first = closed.first().unwrap().0.duration_since(signalled);
+    let last = closed.last().unwrap().0.duration_since(signalled);
+    // Spread over the window, not all at once.
+    assert!(
+        last - first >= Duration::from_millis(1200) && last < Duration::from_secs(5),
+        "first close after {first:?}, last after {last:?}"
+    );
+    assert!(
+        endpoint.connect("/chat").await.is_err(),
+        "no new connections"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_more_than_its_share_sheds_the_excess_with_1012_at_its_rate() {
+    let name = format!("cluster-test-{}", uuid::Uuid::now_v7().simple());
+    let node = |id: &str, rebalance: bool| {
+        Gateway::start(
+            Options::default()
+                .config(&chat_config())
+                .env("TIDEGATE__ADMIN__TOKEN", TOKEN)
+                .env("TIDEGATE__SERVER__NODE_ID", id)
+                .env("TIDEGATE__CLUSTER__ENABLED", "true")
+                .env("TIDEGATE__CLUSTER__NAME", &name)
+                .env("TIDEGATE__CLUSTER__HEARTBEAT_INTERVAL", "250ms")
+                .env("TIDEGATE__CLUSTER__REBALANCE", rebalance.to_string())
+                .env("TIDEGATE__CLUSTER__REBALANCE_RATE", "4"),
+        )
+    };
+    let crowded = node("a", true);
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(crowded.connect("/chat").await);
+    }
+    // Alone, it keeps them all.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(count(&crowded).await, 10);
+
+    // A node with room joins (a scale-out).
+    let three = Three {
+        nodes: vec![crowded, node("b", false)],
+        name,
+    };
+    let (crowded, roomy) = (&three.nodes[0], &three.nodes[1]);
+    let started = Instant::now();
+    // Each client shed reconnects, as through a load balancer, to the
+    // node with room, and stays.
+    let (shed_tx, mut shed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let watchers: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            let shed_tx = shed_tx.clone();
+            let roomy = roomy.endpoint();
+            tokio::spawn(async move {
+                let code = close_code(&mut client).await;
+                let _reconnected = roomy.connect("/chat").await.expect("reconnect");
+                shed_tx.send((started.elapsed(), code)).unwrap();
+                std::future::pending::<()>().await;
+            })
+        })
+        .collect();
+    eventually("the nodes even out", Duration::from_secs(15), || async {
+        count(crowded).await <= 6 && count(roomy).await >= 4
+    })
+    .await;
+    // And stay so: no shedding back and forth.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut shed = Vec::new();
+    while let Ok(event) = shed_rx.try_recv() {
+        shed.push(event);
+    }
+    assert_eq!(count(crowded).await + count(roomy).await, 10);
+    for watcher in watchers {
+        watcher.abort();
+    }
+    assert!(shed.iter().all(|(_, code)| *code == Some(1012)), "{shed:?}");
+    assert!((4..=5).contains(&shed.len()), "{shed:?}");
+    // At most 4 a second: the last one at least (n - 1) / 4 s after the
+    // first, less one heartbeat interval of jitter.
+    let spread = shed.last().unwrap().0 - shed.first().unwrap().0;
+    let least = Duration::from_millis(250 * (shed.len() as u64 - 1)) - Duration::from_millis(250);
+    assert!(spread >= least, "{shed:?}");
+}
+
+/// Connections open on `gateway`, as its management API lists them.
+async fn count(gateway: &Gateway) -> usize {
+    let (status, body) = api(gateway, "GET", "/v1/connections?route=/chat", b"").await;
+    assert_eq!(status, 200, "{body}");
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    listed["connections"].as_array().unwrap().len()
 }

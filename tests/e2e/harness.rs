@@ -130,6 +130,9 @@ impl Gateway {
             // test never reach another's gateway.
             .env("TIDEGATE__QUEUE__PUSH_QUEUE", format!("{queue}.push"))
             .env("TIDEGATE__QUEUE__URL", BROKER)
+            // Shutdowns close every connection at once, unless a test
+            // sets a window.
+            .env("TIDEGATE__SERVER__DRAIN_WINDOW", "0s")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if let Some(toml) = &options.config {

@@ -161,8 +161,9 @@ pub struct Cluster {
     linked: AtomicBool,
     /// The other nodes, by id, with when each was last heard from.
     view: Mutex<HashMap<String, (Announcement, Instant)>>,
-    /// Requests waiting for their answer, by correlation id.
-    pending: Mutex<HashMap<String, oneshot::Sender<Answer>>>,
+    /// Requests waiting for their answer, by correlation id, with the node
+    /// asked.
+    pending: Mutex<HashMap<String, (String, oneshot::Sender<Answer>)>>,
 }
 
 impl Cluster {
@@ -193,6 +194,9 @@ impl Cluster {
         });
         hub.set_remote(cluster.clone());
         cluster.metrics.cluster_nodes.set(1);
+        if cluster.settings.rebalance {
+            tokio::spawn(rebalance(cluster.clone(), shutdown.clone()));
+        }
         let task = tokio::spawn(link::run(cluster.clone(), queue, work, shutdown));
         (cluster, task)
     }
@@ -248,7 +252,7 @@ impl Cluster {
         }
         let correlation = uuid::Uuid::now_v7().simple().to_string();
         let (answer, answered) = oneshot::channel();
-        lock(&self.pending).insert(correlation.clone(), answer);
+        lock(&self.pending).insert(correlation.clone(), (node.to_owned(), answer));
         let _forget = Forget(self, &correlation);
         let asked = self.outgoing.try_send(Outgoing::Ask {
             node: node.to_owned(),
@@ -322,6 +326,7 @@ impl Cluster {
         if lock(&self.view).remove(node).is_some() {
             tracing::info!(node, "node left the cluster (said goodbye)");
         }
+        self.forget_node(node);
         self.count_nodes();
     }
 
@@ -337,6 +342,7 @@ impl Cluster {
             keep
         });
         for node in gone {
+            self.forget_node(&node);
             tracing::warn!(
                 node = %node,
                 "node dropped from the cluster view: not heard from for {expiry:?} \
@@ -362,8 +368,24 @@ impl Cluster {
 
     /// The answer to request `correlation` came.
     fn answered(&self, correlation: &str, answer: Answer) {
-        if let Some(waiting) = lock(&self.pending).remove(correlation) {
+        if let Some((_, waiting)) = lock(&self.pending).remove(correlation) {
             let _ = waiting.send(answer);
+        }
+    }
+
+    /// Node `node` left the view: what it was asked gets no answer, so its
+    /// connections are gone now rather than at the request's timeout.
+    fn forget_node(&self, node: &str) {
+        let mut pending = lock(&self.pending);
+        let asked: Vec<String> = pending
+            .iter()
+            .filter(|(_, (asked, _))| asked == node)
+            .map(|(correlation, _)| correlation.clone())
+            .collect();
+        for correlation in asked {
+            if let Some((_, waiting)) = pending.remove(&correlation) {
+                let _ = waiting.send(Answer::Gone);
+            }
         }
     }
 
@@ -436,6 +458,69 @@ impl Remote for Cluster {
     }
 }
 
+/// With `cluster.rebalance`: every heartbeat interval, shed what this node
+/// holds beyond its share of the cluster's connections (see [`excess`]),
+/// at most `cluster.rebalance_rate` a second, closing each with 1012 at a
+/// random time within the interval; their clients reconnect, through the
+/// load balancer, to nodes with room.
+async fn rebalance(cluster: Arc<Cluster>, shutdown: CancellationToken) {
+    let interval = cluster.settings.heartbeat_interval;
+    let rate = cluster.settings.rebalance_rate.get() as f64;
+    let budget = ((rate * interval.as_secs_f64()).round() as usize).max(1);
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if !cluster.linked.load(Ordering::Relaxed) {
+            continue;
+        }
+        let members = cluster.members();
+        let local = cluster.hub.connections();
+        let others: Vec<usize> = members
+            .iter()
+            .filter(|m| !m.this)
+            .map(|m| m.announced.connections)
+            .collect();
+        let shed = excess(local, &others).min(budget);
+        if shed == 0 {
+            continue;
+        }
+        tracing::info!(
+            shed,
+            local,
+            nodes = members.len(),
+            "rebalancing: this node holds more than its share of the cluster's connections"
+        );
+        let ids = cluster.hub.sample(shed);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = cluster.hub.close_spread(ids, interval, Close::Rebalance) => {}
+        }
+    }
+}
+
+/// How many of its `local` connections a node should shed, when the other
+/// nodes hold `others`: what it holds beyond an even share (rounded up),
+/// once that is more than a tenth of the share (at least one) above it,
+/// so that small differences do not make connections move back and forth.
+pub fn excess(local: usize, others: &[usize]) -> usize {
+    if others.is_empty() {
+        return 0;
+    }
+    let nodes = others.len() + 1;
+    let total = local + others.iter().sum::<usize>();
+    let share = total.div_ceil(nodes);
+    let slack = (share / 10).max(1);
+    if local > share + slack {
+        local - share
+    } else {
+        0
+    }
+}
+
 /// Forgets a pending request when its asker stops waiting.
 struct Forget<'a>(&'a Cluster, &'a str);
 
@@ -449,4 +534,25 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::excess;
+
+    #[test]
+    fn a_node_sheds_what_it_holds_beyond_its_share_and_not_small_differences() {
+        assert_eq!(excess(10, &[]), 0, "alone");
+        assert_eq!(excess(10, &[0]), 5);
+        assert_eq!(excess(100, &[0, 0]), 66);
+        assert_eq!(
+            excess(6, &[4]),
+            0,
+            "within a tenth (at least one) of the share"
+        );
+        assert_eq!(excess(7, &[3]), 2);
+        assert_eq!(excess(110, &[90]), 0);
+        assert_eq!(excess(120, &[80]), 20);
+        assert_eq!(excess(0, &[50]), 0);
+    }
 }

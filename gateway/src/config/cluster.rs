@@ -26,6 +26,10 @@ pub(super) struct RawCluster {
     request_timeout: Option<Duration>,
     /// `cluster.admin_url`.
     admin_url: Option<String>,
+    /// `cluster.rebalance`.
+    rebalance: Option<bool>,
+    /// `cluster.rebalance_rate`, connections per second.
+    rebalance_rate: Option<usize>,
 }
 
 /// The cluster this node is part of.
@@ -49,6 +53,13 @@ pub struct ClusterSettings {
     /// The address of this node's admin API as the others list it
     /// (`cluster.admin_url`).
     pub admin_url: String,
+    /// Whether a node holding more than its share of the cluster's
+    /// connections sheds the excess with 1012 so that they reconnect to a
+    /// node with room (`cluster.rebalance`, default false).
+    pub rebalance: bool,
+    /// Most connections a node sheds per second when rebalancing
+    /// (`cluster.rebalance_rate`).
+    pub rebalance_rate: std::num::NonZeroUsize,
 }
 
 impl ClusterSettings {
@@ -61,6 +72,8 @@ impl ClusterSettings {
     /// The default `cluster.node_expiry`: this many heartbeat intervals,
     /// and a half (so one late heartbeat is not a departure).
     pub const EXPIRY_INTERVALS: f64 = 3.5;
+    /// Default of `cluster.rebalance_rate`.
+    pub const REBALANCE_RATE: usize = 10;
 }
 
 impl RawCluster {
@@ -116,6 +129,12 @@ impl RawCluster {
             node_expiry,
             request_timeout,
             admin_url,
+            rebalance: self.rebalance.unwrap_or(false),
+            rebalance_rate: super::non_zero(
+                "cluster.rebalance_rate",
+                self.rebalance_rate,
+                ClusterSettings::REBALANCE_RATE,
+            )?,
         })
     }
 }
@@ -133,6 +152,8 @@ mod tests {
         assert_eq!(cluster.name, "tidegate");
         assert_eq!(cluster.node_expiry, std::time::Duration::from_secs(7));
         assert_eq!(cluster.admin_url, "http://127.0.0.1:9090");
+        assert!(!cluster.rebalance);
+        assert_eq!(cluster.rebalance_rate.get(), 10);
 
         let text = format!(
             "{MINIMAL}\n[cluster]\nenabled = true\nname = \"blue\"\nheartbeat_interval = \"1s\"\n"
@@ -152,6 +173,7 @@ mod tests {
             ),
             ("request_timeout = \"0s\"", "cluster.request_timeout"),
             ("admin_url = \"not a url\"", "cluster.admin_url"),
+            ("rebalance_rate = 0", "cluster.rebalance_rate"),
         ] {
             let text = format!("{MINIMAL}\n[cluster]\n{bad}\n");
             let error = Settings::from_toml(&text, vec![], false)

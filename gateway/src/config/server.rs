@@ -43,6 +43,9 @@ pub(super) struct RawServer {
     /// `server.shutdown_grace_period`, e.g. `30s`.
     #[serde(default, with = "humantime_serde")]
     shutdown_grace_period: Option<Duration>,
+    /// `server.drain_window`, e.g. `5s`.
+    #[serde(default, with = "humantime_serde")]
+    drain_window: Option<Duration>,
     /// `server.state_dir`.
     state_dir: Option<PathBuf>,
 }
@@ -89,6 +92,10 @@ pub struct ServerSettings {
     pub handshake_timeout: Duration,
     /// Longest a shutdown may take before remaining connections are cut.
     pub shutdown_grace_period: Duration,
+    /// At shutdown, connections are closed (1001) one by one, spread over
+    /// this window in random order, so their clients do not all reconnect
+    /// in the same second (`server.drain_window`; 0 closes all at once).
+    pub drain_window: Duration,
     /// Where state (spool, artifacts, dev certificate) lives by default.
     pub state_dir: PathBuf,
 }
@@ -124,6 +131,8 @@ impl ServerSettings {
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     /// Default of `server.shutdown_grace_period`.
     pub const SHUTDOWN_GRACE_PERIOD: Duration = Duration::from_secs(30);
+    /// Default of `server.drain_window`.
+    pub const DRAIN_WINDOW: Duration = Duration::from_secs(5);
 }
 
 impl RawServer {
@@ -170,6 +179,27 @@ impl RawServer {
             return Err(invalid(
                 "server.plain_listen",
                 "must differ from server.listen",
+            ));
+        }
+        let shutdown_grace_period = positive(
+            "server.shutdown_grace_period",
+            self.shutdown_grace_period,
+            ServerSettings::SHUTDOWN_GRACE_PERIOD,
+        )?;
+        // Connections get 80% of the grace period; the window must leave
+        // them time to finish after their close.
+        let drain_window = self
+            .drain_window
+            .unwrap_or(ServerSettings::DRAIN_WINDOW.min(shutdown_grace_period.mul_f64(0.5)));
+        if drain_window > shutdown_grace_period.mul_f64(0.5) {
+            return Err(invalid(
+                "server.drain_window",
+                format!(
+                    "{} is more than half of server.shutdown_grace_period ({}): connections \
+                     closed last would have no time to finish",
+                    humantime::format_duration(drain_window),
+                    humantime::format_duration(shutdown_grace_period)
+                ),
             ));
         }
         Ok(ServerSettings {
@@ -228,11 +258,8 @@ impl RawServer {
                 self.handshake_timeout,
                 ServerSettings::HANDSHAKE_TIMEOUT,
             )?,
-            shutdown_grace_period: positive(
-                "server.shutdown_grace_period",
-                self.shutdown_grace_period,
-                ServerSettings::SHUTDOWN_GRACE_PERIOD,
-            )?,
+            shutdown_grace_period,
+            drain_window,
             state_dir,
         })
     }
@@ -311,5 +338,24 @@ mod tests {
             .map(ToString::to_string)
             .collect();
         assert_eq!(nets, ["10.0.0.0/8", "192.0.2.7/32", "fd00::/8"]);
+    }
+
+    #[test]
+    fn the_drain_window_is_5s_and_at_most_half_the_grace_period() {
+        let settings = Settings::from_toml(MINIMAL, vec![], false).unwrap();
+        assert_eq!(settings.server.drain_window, Duration::from_secs(5));
+        let text = format!("{MINIMAL}\n[server]\nshutdown_grace_period = \"4s\"\n");
+        let settings = Settings::from_toml(&text, vec![], false).unwrap();
+        assert_eq!(settings.server.drain_window, Duration::from_secs(2));
+        let text = format!("{MINIMAL}\n[server]\ndrain_window = \"0s\"\n");
+        let settings = Settings::from_toml(&text, vec![], false).unwrap();
+        assert_eq!(settings.server.drain_window, Duration::ZERO);
+        let text = format!(
+            "{MINIMAL}\n[server]\nshutdown_grace_period = \"10s\"\ndrain_window = \"6s\"\n"
+        );
+        let error = Settings::from_toml(&text, vec![], false)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("server.drain_window"), "{error}");
     }
 }
