@@ -22,6 +22,7 @@ use crate::admin::{self, AdminLimits, AdminState};
 use crate::auth::JwtVerifier;
 use crate::close::Close;
 use crate::cluster::Cluster;
+use crate::cluster::registry::RegistryLog;
 use crate::config::{self, FunctionSource, QueueMode, Settings, TlsSettings, WebSocketSettings};
 use crate::connection::ConnectionSettings;
 use crate::dispatch::DispatchSettings;
@@ -35,6 +36,10 @@ use crate::push;
 use crate::router::{Entry, Origin, RouteTable, Router};
 use crate::store::{Catalog, Limits};
 use crate::{dev, tls};
+
+/// Longest a cluster node waits at start to have applied the changes the
+/// cluster's registry already holds.
+const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Where a built gateway listens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,6 +262,7 @@ impl App {
         // Stopped after the connections drained, so that what they send to
         // other nodes meanwhile still goes out; then it says goodbye.
         let cluster_stop = CancellationToken::new();
+        let catalog = Arc::new(catalog);
         let cluster = settings.cluster.enabled.then(|| {
             Cluster::start(
                 settings.cluster.clone(),
@@ -267,6 +273,24 @@ impl App {
                 cluster_stop.clone(),
             )
         });
+        if settings.cluster.enabled {
+            // Every change of the cluster's registry applied before this
+            // node serves: a node started later serves what the others do.
+            let (_log, mut caught_up) = RegistryLog::start(
+                &settings.cluster,
+                settings.queue.clone(),
+                &settings.server.node_id,
+                catalog.clone(),
+                cluster_stop.clone(),
+            );
+            let waited = tokio::time::timeout(CATCH_UP_WAIT, caught_up.wait_for(|done| *done));
+            if waited.await.is_err() {
+                tracing::warn!(
+                    "the cluster's registry is not read to its end after {CATCH_UP_WAIT:?}: \
+                     serving what this node has, and reading on"
+                );
+            }
+        }
         let admin_state = AdminState {
             metrics: metrics.clone(),
             publisher,
@@ -278,7 +302,7 @@ impl App {
             body_timeout: settings.admin.header_timeout,
             accepting: Arc::new(AtomicBool::new(false)),
             token: settings.admin.token.as_deref().map(Arc::from),
-            catalog: Arc::new(catalog),
+            catalog,
         };
         Ok(Self {
             settings,

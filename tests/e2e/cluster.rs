@@ -21,23 +21,26 @@ struct Three {
     name: String,
 }
 
+/// Node `node` of cluster `name`, serving chat on `/chat`.
+fn member(name: &str, node: &str) -> Gateway {
+    Gateway::start(
+        Options::default()
+            .config(&chat_config())
+            .env("TIDEGATE__ADMIN__TOKEN", TOKEN)
+            .env("TIDEGATE__SERVER__NODE_ID", node)
+            .env("TIDEGATE__CLUSTER__ENABLED", "true")
+            .env("TIDEGATE__CLUSTER__NAME", name)
+            .env("TIDEGATE__CLUSTER__HEARTBEAT_INTERVAL", "250ms")
+            .env("TIDEGATE__CLUSTER__REQUEST_TIMEOUT", "2s"),
+    )
+}
+
 impl Three {
     async fn start() -> Self {
         let name = format!("cluster-test-{}", uuid::Uuid::now_v7().simple());
         let nodes: Vec<Gateway> = ["a", "b", "c"]
             .into_iter()
-            .map(|node| {
-                Gateway::start(
-                    Options::default()
-                        .config(&chat_config())
-                        .env("TIDEGATE__ADMIN__TOKEN", TOKEN)
-                        .env("TIDEGATE__SERVER__NODE_ID", node)
-                        .env("TIDEGATE__CLUSTER__ENABLED", "true")
-                        .env("TIDEGATE__CLUSTER__NAME", &name)
-                        .env("TIDEGATE__CLUSTER__HEARTBEAT_INTERVAL", "250ms")
-                        .env("TIDEGATE__CLUSTER__REQUEST_TIMEOUT", "2s"),
-                )
-            })
+            .map(|node| member(&name, node))
             .collect();
         let three = Self { nodes, name };
         for node in &three.nodes {
@@ -61,13 +64,17 @@ impl Drop for Three {
             .iter()
             .map(|kind| format!("{}.{kind}", self.name))
             .collect();
+        let registry = format!("{}.registry", self.name);
         // Its own thread: Drop runs inside the test's runtime.
         let _ = std::thread::spawn(move || {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap()
-                .block_on(delete_exchanges(&exchanges));
+                .block_on(async {
+                    delete_exchanges(&exchanges).await;
+                    crate::harness::delete_queue(&registry).await;
+                });
         })
         .join();
     }
@@ -431,4 +438,102 @@ async fn count(gateway: &Gateway) -> usize {
     assert_eq!(status, 200, "{body}");
     let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
     listed["connections"].as_array().unwrap().len()
+}
+
+/// The live version of function `name` on `gateway`, if it has one.
+async fn live_version(gateway: &Gateway, name: &str) -> Option<String> {
+    let (status, body) = api(gateway, "GET", &format!("/v1/functions/{name}"), b"").await;
+    if status != 200 {
+        return None;
+    }
+    let shown: serde_json::Value = serde_json::from_str(&body).unwrap();
+    shown["live"].as_str().map(str::to_owned)
+}
+
+async fn upload(gateway: &Gateway, name: &str, wasm: &[u8]) -> String {
+    let (status, body) = gateway
+        .admin_request(
+            "PUT",
+            &format!("/v1/functions/{name}"),
+            TOKEN,
+            "application/wasm",
+            wasm,
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    answer["version"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_registry_for_the_cluster_reaches_every_node_and_a_later_one() {
+    let name = format!("cluster-test-{}", uuid::Uuid::now_v7().simple());
+    let mut three = Three {
+        nodes: vec![member(&name, "a"), member(&name, "b")],
+        name: name.clone(),
+    };
+    let echo = tidegate_functions::ECHO;
+    let router = std::fs::read(tidegate_functions::ROUTER_PATH).unwrap();
+
+    // An upload on A reaches B; its route too.
+    let uploaded = Instant::now();
+    let first = upload(&three.nodes[0], "shared", echo).await;
+    let answered = uploaded.elapsed();
+    eventually("b serves the upload", Duration::from_secs(10), || async {
+        live_version(&three.nodes[1], "shared").await.as_deref() == Some(first.as_str())
+    })
+    .await;
+    println!(
+        "registry propagation: upload answered in {answered:?}, served by every node {:?} after the 201",
+        uploaded.elapsed() - answered
+    );
+    let (status, body) = api(
+        &three.nodes[0],
+        "PUT",
+        "/v1/routes",
+        br#"{"path": "/shared", "function": "shared"}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+
+    // A node started afterwards, on an empty state directory, serves it.
+    three.nodes.push(member(&name, "c"));
+    let c = &three.nodes[2];
+    assert_eq!(
+        live_version(c, "shared").await.as_deref(),
+        Some(first.as_str())
+    );
+    let mut client = c.connect("/shared").await;
+    client.send_text("hello c").await;
+    assert_eq!(text_of(&mut client).await, "hello c");
+
+    // A new version on A, rolled back on B: every node ends on the first.
+    let second = upload(&three.nodes[0], "shared", &router).await;
+    assert_ne!(first, second);
+    let (status, body) = api(
+        &three.nodes[1],
+        "PUT",
+        "/v1/functions/shared/live",
+        format!(r#"{{"version": "{first}"}}"#).as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    for node in &three.nodes {
+        eventually(
+            "every node rolled back",
+            Duration::from_secs(10),
+            || async { live_version(node, "shared").await.as_deref() == Some(first.as_str()) },
+        )
+        .await;
+    }
+    // A change refused on the node it was made on is refused as the API
+    // says: the live version cannot be deleted.
+    let (status, _) = api(
+        &three.nodes[2],
+        "DELETE",
+        &format!("/v1/functions/shared/versions/{first}"),
+        b"",
+    )
+    .await;
+    assert_eq!(status, 409);
 }

@@ -78,6 +78,11 @@ impl From<CatalogError> for ApiError {
             | CatalogError::Route(TableError::FromConfig(_)) => ApiError::conflict(message),
             CatalogError::TooLarge { .. } => ApiError::too_large(message),
             CatalogError::Busy => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message),
+            CatalogError::Unshared(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cluster-unavailable",
+                message,
+            ),
             CatalogError::Unloadable { .. } => {
                 tracing::error!("management API: {message}");
                 ApiError::internal(message)

@@ -11,18 +11,15 @@ use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-    PublisherConfirm,
-};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, ExchangeKind, PublisherConfirm};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, Reply};
 use super::{Answer, Cluster, Outgoing, Request};
 use crate::close::Close;
-use crate::config::{QueueSettings, redact_url};
+use crate::config::QueueSettings;
 use crate::hub::Delivery;
 
 /// The longest pause between attempts to reach the broker.
@@ -131,16 +128,7 @@ async fn serve(
     linked: &mut bool,
 ) -> Result<(), String> {
     let names = Names::of(cluster);
-    let properties = ConnectionProperties::default().with_connection_name(LongString::from(
-        format!("tidegate {} cluster", cluster.node),
-    ));
-    let connection = tokio::time::timeout(
-        queue.connect_timeout,
-        Connection::connect(&queue.url, properties),
-    )
-    .await
-    .map_err(|_| format!("no answer from {}", redact_url(&queue.url)))?
-    .map_err(|e| format!("connecting to {}: {e}", redact_url(&queue.url)))?;
+    let connection = super::connect(queue, format!("tidegate {} cluster", cluster.node)).await?;
     let setup = async {
         let channel = connection
             .create_channel()

@@ -25,6 +25,7 @@
 //! order sent.
 
 mod link;
+pub mod registry;
 mod wire;
 
 use std::collections::HashMap;
@@ -519,6 +520,25 @@ pub fn excess(local: usize, others: &[usize]) -> usize {
     } else {
         0
     }
+}
+
+/// A connection to the broker of `queue`, named `name` (as the broker's
+/// management lists it).
+async fn connect(queue: &QueueSettings, name: String) -> Result<lapin::Connection, String> {
+    let properties = lapin::ConnectionProperties::default()
+        .with_connection_name(lapin::types::LongString::from(name));
+    tokio::time::timeout(
+        queue.connect_timeout,
+        lapin::Connection::connect(&queue.url, properties),
+    )
+    .await
+    .map_err(|_| format!("no answer from {}", crate::config::redact_url(&queue.url)))?
+    .map_err(|e| {
+        format!(
+            "connecting to {}: {e}",
+            crate::config::redact_url(&queue.url)
+        )
+    })
 }
 
 /// Forgets a pending request when its asker stops waiting.

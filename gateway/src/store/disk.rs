@@ -40,6 +40,10 @@ pub struct Index {
     pub functions: BTreeMap<String, FunctionRecord>,
     /// The routes added through the API (not the config file's).
     pub routes: Vec<RouteSpec>,
+    /// In a cluster: the position in the cluster's log of the last change
+    /// applied here (the next start reads on from there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_offset: Option<u64>,
 }
 
 /// One uploaded function.

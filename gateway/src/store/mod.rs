@@ -24,7 +24,10 @@ use tokio::sync::{Mutex, Semaphore, SemaphorePermit};
 
 use crate::router::{Origin, Route, RouteError, RouteSpec, RouteTable, TableError};
 
+mod change;
 pub mod disk;
+
+pub use change::{Applied, Change, ChangeLog};
 
 use disk::{Disk, DiskError, FunctionRecord, Index, VersionRecord};
 
@@ -51,6 +54,8 @@ pub struct Catalog {
     /// seconds of all cores and hundreds of megabytes to compile, so
     /// parallel uploads would only compete, and could exhaust memory.
     uploads: Semaphore,
+    /// The cluster's log of changes, when this node is part of one.
+    log: std::sync::OnceLock<Arc<dyn ChangeLog>>,
     /// One compilation at a time, an upload's or a switch's to a version
     /// whose code must be loaded again; held only while compiling, so a
     /// rollback does not wait for an upload's body to arrive.
@@ -154,6 +159,10 @@ pub enum CatalogError {
     /// The function could not be loaded (its artifact cannot be written).
     #[error("{0}")]
     Load(LoadError),
+    /// The change could not be shared with the cluster (or not applied
+    /// here in time).
+    #[error("the cluster's registry: {0}")]
+    Unshared(String),
 }
 
 /// A version after an upload.
@@ -312,6 +321,7 @@ impl Catalog {
             limits,
             uploads: Semaphore::new(1),
             compiles: Semaphore::new(1),
+            log: std::sync::OnceLock::new(),
         };
         Ok((catalog, restored))
     }
@@ -370,6 +380,130 @@ impl Catalog {
         wasm: Bytes,
         live: bool,
     ) -> Result<Uploaded, CatalogError> {
+        let Some(log) = self.log.get() else {
+            return self.upload_here(name, wasm, live).await;
+        };
+        self.check_upload(name)?;
+        if wasm.len() > self.limits.max_upload_size {
+            return Err(CatalogError::TooLarge {
+                limit: self.limits.max_upload_size,
+            });
+        }
+        // Checked (and compiled) here before it goes in the log, where
+        // every node would refuse it: its artifact is then reused.
+        let digest = registry::digest_hex(&wasm);
+        let checked = if self
+            .registry
+            .versions(name)
+            .is_none_or(|versions| versions.iter().all(|v| v.function.digest() != digest))
+        {
+            Some(self.compile(name, &wasm, &digest).await?)
+        } else {
+            None
+        };
+        let change = Change::Upload {
+            name: name.to_owned(),
+            live,
+            wasm,
+        };
+        match log.submit(change).await {
+            Ok(Applied::Uploaded(uploaded)) => Ok(uploaded),
+            Ok(_) => unreachable!("an upload is applied as one"),
+            Err(error) => {
+                // Its artifact and series go, unless it is a version now.
+                if let Some(checked) = checked {
+                    self.registry.discard(&checked);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Compile `wasm` (of SHA-256 `digest`) as a version of `name`, in the
+    /// compile slot, without adding it; its component is to be kept in the
+    /// catalog's file for that digest.
+    async fn compile(
+        &self,
+        name: &str,
+        wasm: &Bytes,
+        digest: &str,
+    ) -> Result<Arc<Function>, CatalogError> {
+        let _compiling = self.compile_slot().await?;
+        let keep = Keep::File(self.disk.component_path(digest));
+        self.registry
+            .prepare(name, wasm.clone(), keep)
+            .await
+            .map_err(|e| match e {
+                LoadError::Invalid { .. } => CatalogError::Invalid(e),
+                other => CatalogError::Load(other),
+            })
+    }
+
+    /// Carry out `change` on this node (for the cluster's log, which calls
+    /// it on every node in the same order).
+    ///
+    /// # Errors
+    /// Those of the change's own method.
+    pub async fn apply(&self, change: Change) -> Result<Applied, CatalogError> {
+        Ok(match change {
+            Change::Upload { name, live, wasm } => {
+                Applied::Uploaded(self.upload_here(&name, wasm, live).await?)
+            }
+            Change::SetLive { name, version } => Applied::Live(self.switch(&name, &version).await?),
+            Change::RemoveVersion { name, version } => {
+                self.remove_version_here(&name, &version).await?;
+                Applied::Done
+            }
+            Change::RemoveFunction { name } => {
+                self.remove_function_here(&name).await?;
+                Applied::Done
+            }
+            Change::PutRoute { spec } => Applied::Route(self.put_route_here(spec).await?),
+            Change::RemoveRoute { path } => {
+                self.remove_route_here(&path).await?;
+                Applied::Done
+            }
+        })
+    }
+
+    /// Make `change`: through the cluster's log when there is one (every
+    /// node applies it), else here.
+    async fn change(&self, change: Change) -> Result<Applied, CatalogError> {
+        match self.log.get() {
+            Some(log) => log.submit(change).await,
+            None => self.apply(change).await,
+        }
+    }
+
+    /// Share every later change through `log` (the cluster's).
+    pub fn share_through(&self, log: Arc<dyn ChangeLog>) {
+        let _ = self.log.set(log);
+    }
+
+    /// The position in the cluster's log of the last change applied here.
+    pub async fn log_offset(&self) -> Option<u64> {
+        self.index.lock().await.log_offset
+    }
+
+    /// Note that the change at `offset` of the cluster's log is applied.
+    ///
+    /// # Errors
+    /// [`CatalogError::Disk`].
+    pub async fn set_log_offset(&self, offset: u64) -> Result<(), CatalogError> {
+        let mut index = self.index.lock().await;
+        let mut next = index.clone();
+        next.log_offset = Some(offset);
+        self.disk.write_index(&next)?;
+        *index = next;
+        Ok(())
+    }
+
+    async fn upload_here(
+        &self,
+        name: &str,
+        wasm: Bytes,
+        live: bool,
+    ) -> Result<Uploaded, CatalogError> {
         self.check_upload(name)?;
         if wasm.len() > self.limits.max_upload_size {
             return Err(CatalogError::TooLarge {
@@ -392,17 +526,7 @@ impl Catalog {
         // Compiled (and checked) before anything changes, outside the lock:
         // other changes go on meanwhile. The component is kept on disk,
         // not in memory: it is read back only to compile it again.
-        let keep = Keep::File(self.disk.component_path(&digest));
-        let compiling = self.compile_slot().await?;
-        let function = self
-            .registry
-            .prepare(name, wasm.clone(), keep)
-            .await
-            .map_err(|e| match e {
-                LoadError::Invalid { .. } => CatalogError::Invalid(e),
-                other => CatalogError::Load(other),
-            })?;
-        drop(compiling);
+        let function = self.compile(name, &wasm, &digest).await?;
         // Written under the index lock: a removal (which sweeps files the
         // index does not name) cannot run between the write and the index
         // naming the file.
@@ -519,7 +643,14 @@ impl Catalog {
     /// [`CatalogError::Busy`], [`CatalogError::Unloadable`],
     /// [`CatalogError::Disk`].
     pub async fn set_live(&self, name: &str, version: &str) -> Result<Arc<Function>, CatalogError> {
-        self.switch(name, version).await
+        let change = Change::SetLive {
+            name: name.to_owned(),
+            version: version.to_owned(),
+        };
+        match self.change(change).await? {
+            Applied::Live(function) => Ok(function),
+            _ => unreachable!("a switch is applied as one"),
+        }
     }
 
     /// [`Catalog::set_live`]: the version's code is loaded (compiled if it
@@ -571,6 +702,15 @@ impl Catalog {
     /// [`CatalogError::ConfigFunction`], an unknown function or version,
     /// [`VersionError::Live`], [`CatalogError::Disk`].
     pub async fn remove_version(&self, name: &str, version: &str) -> Result<(), CatalogError> {
+        self.change(Change::RemoveVersion {
+            name: name.to_owned(),
+            version: version.to_owned(),
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn remove_version_here(&self, name: &str, version: &str) -> Result<(), CatalogError> {
         let mut index = self.index.lock().await;
         self.check_api_function(name, &index)?;
         let mut next = index.clone();
@@ -611,6 +751,14 @@ impl Catalog {
     /// [`CatalogError::ConfigFunction`], an unknown function,
     /// [`CatalogError::InUse`], [`CatalogError::Disk`].
     pub async fn remove_function(&self, name: &str) -> Result<(), CatalogError> {
+        self.change(Change::RemoveFunction {
+            name: name.to_owned(),
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn remove_function_here(&self, name: &str) -> Result<(), CatalogError> {
         let mut index = self.index.lock().await;
         self.check_api_function(name, &index)?;
         let paths = self.routes.using(name);
@@ -635,6 +783,15 @@ impl Catalog {
     /// [`CatalogError::BadRoute`], [`CatalogError::MissingFunction`], a
     /// config file's route ([`CatalogError::Route`]), [`CatalogError::Disk`].
     pub async fn put_route(&self, spec: RouteSpec) -> Result<bool, CatalogError> {
+        // Checked here first: a spec no node can take stays out of the log.
+        Route::new(spec.clone()).map_err(CatalogError::BadRoute)?;
+        match self.change(Change::PutRoute { spec }).await? {
+            Applied::Route(new) => Ok(new),
+            _ => unreachable!("a route is applied as one"),
+        }
+    }
+
+    async fn put_route_here(&self, spec: RouteSpec) -> Result<bool, CatalogError> {
         let route = Route::new(spec.clone()).map_err(CatalogError::BadRoute)?;
         let mut index = self.index.lock().await;
         if let Some(missing) = route
@@ -667,6 +824,14 @@ impl Catalog {
     /// No route there or a config file's ([`CatalogError::Route`]),
     /// [`CatalogError::Disk`].
     pub async fn remove_route(&self, path: &str) -> Result<(), CatalogError> {
+        self.change(Change::RemoveRoute {
+            path: path.to_owned(),
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn remove_route_here(&self, path: &str) -> Result<(), CatalogError> {
         let mut index = self.index.lock().await;
         let exists = self
             .routes
