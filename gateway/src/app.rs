@@ -274,8 +274,11 @@ impl App {
             )
         });
         if settings.cluster.enabled {
-            // Every change of the cluster's registry applied before this
-            // node serves: a node started later serves what the others do.
+            // A node that never read the cluster's registry (a new one)
+            // applies every change it holds before it serves, so that it
+            // serves what the others do. One that did serves what it kept
+            // at once, and reads on.
+            let first_start = catalog.log_offset().await.is_none();
             let (_log, mut caught_up) = RegistryLog::start(
                 &settings.cluster,
                 settings.queue.clone(),
@@ -284,7 +287,7 @@ impl App {
                 cluster_stop.clone(),
             );
             let waited = tokio::time::timeout(CATCH_UP_WAIT, caught_up.wait_for(|done| *done));
-            if waited.await.is_err() {
+            if first_start && waited.await.is_err() {
                 tracing::warn!(
                     "the cluster's registry is not read to its end after {CATCH_UP_WAIT:?}: \
                      serving what this node has, and reading on"
@@ -467,8 +470,12 @@ impl App {
             );
         }
         cluster_stop.cancel();
-        if let Some(task) = cluster_task {
-            let _ = task.await;
+        if let Some(task) = cluster_task
+            && tokio::time::timeout_at((started + grace).into(), task)
+                .await
+                .is_err()
+        {
+            tracing::warn!("grace period: the cluster link did not say goodbye in time");
         }
         if let Some(task) = publisher_task {
             task.flush(started + grace).await;

@@ -23,24 +23,35 @@ struct Three {
 
 /// Node `node` of cluster `name`, serving chat on `/chat`.
 fn member(name: &str, node: &str) -> Gateway {
-    Gateway::start(
-        Options::default()
-            .config(&chat_config())
-            .env("TIDEGATE__ADMIN__TOKEN", TOKEN)
-            .env("TIDEGATE__SERVER__NODE_ID", node)
-            .env("TIDEGATE__CLUSTER__ENABLED", "true")
-            .env("TIDEGATE__CLUSTER__NAME", name)
-            .env("TIDEGATE__CLUSTER__HEARTBEAT_INTERVAL", "250ms")
-            .env("TIDEGATE__CLUSTER__REQUEST_TIMEOUT", "2s"),
-    )
+    member_with(name, node, &[])
+}
+
+/// [`member`] with more `TIDEGATE__*` settings.
+fn member_with(name: &str, node: &str, settings: &[(&str, &str)]) -> Gateway {
+    let mut options = Options::default()
+        .config(&chat_config())
+        .env("TIDEGATE__ADMIN__TOKEN", TOKEN)
+        .env("TIDEGATE__SERVER__NODE_ID", node)
+        .env("TIDEGATE__CLUSTER__ENABLED", "true")
+        .env("TIDEGATE__CLUSTER__NAME", name)
+        .env("TIDEGATE__CLUSTER__HEARTBEAT_INTERVAL", "250ms")
+        .env("TIDEGATE__CLUSTER__REQUEST_TIMEOUT", "2s");
+    for (key, value) in settings {
+        options = options.env(key, *value);
+    }
+    Gateway::start(options)
 }
 
 impl Three {
     async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    async fn start_with(settings: &[(&str, &str)]) -> Self {
         let name = format!("cluster-test-{}", uuid::Uuid::now_v7().simple());
         let nodes: Vec<Gateway> = ["a", "b", "c"]
             .into_iter()
-            .map(|node| member(&name, node))
+            .map(|node| member_with(&name, node, settings))
             .collect();
         let three = Self { nodes, name };
         for node in &three.nodes {
@@ -198,6 +209,22 @@ async fn a_connection_on_one_node_is_reached_from_every_other() {
         serde_json::json!({"from": "cleo", "text": "psst"})
     );
 
+    // A message that did not come from a node (no user_id of the
+    // cluster's broker user) is dropped, however well it is formed.
+    forge_send(&three.name, "a", &id, b"forged").await;
+    eventually(
+        "node a drops the forged message",
+        Duration::from_secs(5),
+        || async {
+            a.metrics()
+                .await
+                .iter()
+                .any(|(series, value)| series.contains("kind=\"foreign\"") && *value >= 1.0)
+        },
+    )
+    .await;
+    quiet(&mut on_a).await;
+
     // A close from node B.
     let (status, body) = api(
         b,
@@ -265,16 +292,72 @@ async fn a_broadcast_reaches_the_members_on_every_node_once() {
     )
     .await;
     assert_eq!(json(&mut members[2]).await["ok"], "leave");
+    let before = broadcasts_in(&three.nodes[2]).await;
     let (status, _) = api(b, "POST", "/v1/groups/r/messages", b"after").await;
     assert_eq!(status, 200);
     assert_eq!(text_of(&mut members[0]).await, "after");
     assert_eq!(text_of(&mut members[1]).await, "after");
     quiet(&mut members[2]).await;
+    // Node C has no member left: it unbound the group, so the broadcast
+    // did not even reach it.
+    assert_eq!(broadcasts_in(&three.nodes[2]).await, before);
+}
+
+/// Publish to node `node` of cluster `name` a well-formed `send` for
+/// connection `id`, as a client of the broker that is not a node would.
+async fn forge_send(name: &str, node: &str, id: &str, body: &[u8]) {
+    use lapin::options::BasicPublishOptions;
+    use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+    let connection = lapin::Connection::connect(
+        crate::harness::BROKER,
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .expect("broker");
+    let channel = connection.create_channel().await.unwrap();
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from("connection-id"),
+        AMQPValue::LongString(LongString::from(id)),
+    );
+    channel
+        .basic_publish(
+            ShortString::from(format!("{name}.nodes")),
+            ShortString::from(node),
+            BasicPublishOptions::default(),
+            body,
+            lapin::BasicProperties::default()
+                .with_type(ShortString::from("send"))
+                .with_content_type(ShortString::from("text/plain; charset=utf-8"))
+                .with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let _ = connection.close(200, "bye".into()).await;
+}
+
+/// Broadcasts `gateway` took from the broker so far.
+async fn broadcasts_in(gateway: &Gateway) -> f64 {
+    gateway
+        .metrics()
+        .await
+        .iter()
+        .filter(|(series, _)| {
+            series.starts_with("tidegate_cluster_messages_total")
+                && series.contains("kind=\"broadcast\"")
+                && series.contains("direction=\"in\"")
+        })
+        .map(|(_, value)| *value)
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_leaves_the_view_and_its_connections_answer_410_at_once() {
-    let mut three = Three::start().await;
+    // Nodes leave the view by expiry only after 8 s: what happens sooner
+    // is the queue going with the node, and the goodbye.
+    let mut three = Three::start_with(&[("TIDEGATE__CLUSTER__NODE_EXPIRY", "8s")]).await;
     let (_on_a, id) = client(&three.nodes[0]).await;
     three.nodes[0].kill();
     let b = &three.nodes[1];
@@ -290,7 +373,7 @@ async fn a_killed_node_leaves_the_view_and_its_connections_answer_410_at_once() 
     );
     eventually(
         "node a leaves b's view",
-        Duration::from_secs(10),
+        Duration::from_secs(12),
         || async { !nodes_seen(b).await.contains(&"a".to_owned()) },
     )
     .await;
@@ -299,11 +382,15 @@ async fn a_killed_node_leaves_the_view_and_its_connections_answer_410_at_once() 
     let left = Instant::now();
     three.nodes[2].terminate();
     let b = &three.nodes[1];
-    eventually("node c leaves b's view", Duration::from_secs(5), || async {
+    eventually("node c leaves b's view", Duration::from_secs(2), || async {
         nodes_seen(b).await == vec!["b".to_owned()]
     })
     .await;
-    assert!(left.elapsed() < Duration::from_secs(5));
+    assert!(
+        left.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        left.elapsed()
+    );
 }
 
 /// When each of `clients` gets its close frame, and its code.
@@ -388,7 +475,7 @@ async fn a_node_with_more_than_its_share_sheds_the_excess_with_1012_at_its_rate(
 
     // A node with room joins (a scale-out).
     let three = Three {
-        nodes: vec![crowded, node("b", false)],
+        nodes: vec![crowded, node("b", true)],
         name,
     };
     let (crowded, roomy) = (&three.nodes[0], &three.nodes[1]);
@@ -424,7 +511,8 @@ async fn a_node_with_more_than_its_share_sheds_the_excess_with_1012_at_its_rate(
         watcher.abort();
     }
     assert!(shed.iter().all(|(_, code)| *code == Some(1012)), "{shed:?}");
-    assert!((4..=5).contains(&shed.len()), "{shed:?}");
+    // Heartbeat counts lag an interval: one more may go.
+    assert!((4..=6).contains(&shed.len()), "{shed:?}");
     // At most 4 a second: the last one at least (n - 1) / 4 s after the
     // first, less one heartbeat interval of jitter.
     let spread = shed.last().unwrap().0 - shed.first().unwrap().0;

@@ -48,11 +48,30 @@ impl Names {
     }
 }
 
+/// What the link task is handed: messages, and (apart, never dropped) the
+/// binds and unbinds of groups.
+pub(super) struct Work {
+    pub(super) work: mpsc::Receiver<Outgoing>,
+    pub(super) binds: mpsc::UnboundedReceiver<Outgoing>,
+}
+
+impl Work {
+    /// The next piece of work, binds first; `None` once the cluster is
+    /// gone.
+    async fn next(&mut self) -> Option<Outgoing> {
+        tokio::select! {
+            biased;
+            Some(bind) = self.binds.recv() => Some(bind),
+            next = self.work.recv() => next,
+        }
+    }
+}
+
 /// Keep the link up until `shutdown`.
 pub(super) async fn run(
     cluster: Arc<Cluster>,
     queue: QueueSettings,
-    mut work: mpsc::Receiver<Outgoing>,
+    mut work: Work,
     shutdown: CancellationToken,
 ) {
     let mut pause = queue.reconnect_interval;
@@ -82,7 +101,7 @@ pub(super) async fn run(
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = &mut sleep => break,
-                next = work.recv() => match next {
+                next = work.next() => match next {
                     Some(outgoing) => settle_unlinked(&cluster, outgoing),
                     None => return,
                 },
@@ -123,7 +142,7 @@ impl Cluster {
 async fn serve(
     cluster: &Arc<Cluster>,
     queue: &QueueSettings,
-    work: &mut mpsc::Receiver<Outgoing>,
+    work: &mut Work,
     shutdown: &CancellationToken,
     linked: &mut bool,
 ) -> Result<(), String> {
@@ -223,7 +242,7 @@ async fn serve(
                 link.heartbeat().await?;
                 cluster.expire();
             }
-            next = work.recv() => match next {
+            next = work.next() => match next {
                 Some(outgoing) => link.carry_out(outgoing).await?,
                 None => return Ok(()),
             },
@@ -274,7 +293,7 @@ impl Link<'_> {
                     ..BasicPublishOptions::default()
                 },
                 body,
-                properties,
+                properties.with_user_id(ShortString::from(self.cluster.user.as_str())),
             )
             .await
             .map_err(|e| format!("publishing to {exchange}: {e}"))
@@ -407,12 +426,25 @@ impl Link<'_> {
     /// A message from another node.
     async fn take(&self, delivery: AmqpDelivery) -> Result<(), String> {
         let properties = &delivery.properties;
-        let kind = properties
-            .kind()
-            .as_ref()
-            .map(|k| k.as_str().to_owned())
-            .unwrap_or_default();
         let cluster = self.cluster;
+        let from_a_node = properties
+            .user_id()
+            .as_ref()
+            .is_some_and(|user| user.as_str() == cluster.user);
+        if !from_a_node {
+            cluster.count("foreign", "in");
+            tracing::debug!(
+                "a message not from a node of the cluster (its user_id is not {:?}): dropped",
+                cluster.user
+            );
+            return Ok(());
+        }
+        let kind = match properties.kind().as_ref().map(|k| k.as_str()) {
+            Some(
+                kind @ ("heartbeat" | "bye" | "broadcast" | "answer" | "send" | "close" | "info"),
+            ) => kind.to_owned(),
+            _ => "unknown".to_owned(),
+        };
         match kind.as_str() {
             "heartbeat" => match serde_json::from_slice(&delivery.data) {
                 Ok(announced) => cluster.heard(announced),
@@ -465,7 +497,7 @@ impl Link<'_> {
             }
             other => tracing::debug!(kind = other, "a cluster message of an unknown type"),
         }
-        cluster.count(if kind.is_empty() { "unknown" } else { &kind }, "in");
+        cluster.count(&kind, "in");
         Ok(())
     }
 

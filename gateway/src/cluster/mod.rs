@@ -151,6 +151,11 @@ enum Outgoing {
 pub struct Cluster {
     settings: ClusterSettings,
     node: String,
+    /// The broker user of `queue.url`: every message a node publishes
+    /// carries it as its AMQP `user_id`, which the broker checks against
+    /// the user that logged in, and only messages that carry it are taken
+    /// (see [`broker_user`]).
+    user: String,
     /// Tells this run of the node from an earlier or a clashing one.
     instance: String,
     started_at: SystemTime,
@@ -158,6 +163,10 @@ pub struct Cluster {
     registry: Arc<Registry>,
     metrics: Metrics,
     outgoing: mpsc::Sender<Outgoing>,
+    /// Binds and unbinds of groups: never dropped (a group's broadcasts
+    /// would miss this node until the next reconnect), and as many as
+    /// groups gain or lose their members here.
+    bindings: mpsc::UnboundedSender<Outgoing>,
     /// Whether the link to the broker is up.
     linked: AtomicBool,
     /// The other nodes, by id, with when each was last heard from.
@@ -180,15 +189,18 @@ impl Cluster {
         shutdown: CancellationToken,
     ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
         let (outgoing, work) = mpsc::channel(OUTGOING);
+        let (bindings, binds) = mpsc::unbounded_channel();
         let cluster = Arc::new(Self {
             settings,
             node: hub.node_id().to_owned(),
+            user: broker_user(&queue.url),
             instance: uuid::Uuid::now_v7().simple().to_string(),
             started_at: SystemTime::now(),
             hub: hub.clone(),
             registry,
             metrics,
             outgoing,
+            bindings,
             linked: AtomicBool::new(false),
             view: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
@@ -198,6 +210,7 @@ impl Cluster {
         if cluster.settings.rebalance {
             tokio::spawn(rebalance(cluster.clone(), shutdown.clone()));
         }
+        let work = link::Work { work, binds };
         let task = tokio::spawn(link::run(cluster.clone(), queue, work, shutdown));
         (cluster, task)
     }
@@ -445,7 +458,7 @@ impl Remote for Cluster {
         let (done, bound) = oneshot::channel();
         // Always queued, even with the link down: the link task then
         // settles it, and binds every group with members when it is back.
-        let _ = self.outgoing.try_send(Outgoing::Bind {
+        let _ = self.bindings.send(Outgoing::Bind {
             group: group.to_owned(),
             done,
         });
@@ -453,7 +466,7 @@ impl Remote for Cluster {
     }
 
     fn unbind(&self, group: &str) {
-        let _ = self.outgoing.try_send(Outgoing::Unbind {
+        let _ = self.bindings.send(Outgoing::Unbind {
             group: group.to_owned(),
         });
     }
@@ -522,6 +535,18 @@ pub fn excess(local: usize, others: &[usize]) -> usize {
     }
 }
 
+/// The user `url` logs in as (the broker's default, `guest`, when it
+/// names none). The nodes of a cluster log in as one user that nothing
+/// else uses: the broker refuses a message whose `user_id` is not the
+/// sender's own, so a message carrying this user came from a node, not
+/// from another client of the broker (a backend publishing to the push
+/// queue, say).
+pub fn broker_user(url: &str) -> String {
+    url.parse::<lapin::uri::AMQPUri>()
+        .map(|uri| uri.authority.userinfo.username)
+        .unwrap_or_else(|_| "guest".into())
+}
+
 /// A connection to the broker of `queue`, named `name` (as the broker's
 /// management lists it).
 async fn connect(queue: &QueueSettings, name: String) -> Result<lapin::Connection, String> {
@@ -559,6 +584,14 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::excess;
+
+    #[test]
+    fn the_broker_user_is_the_urls_or_the_brokers_default() {
+        use super::broker_user;
+        assert_eq!(broker_user("amqp://tide:secret@10.0.0.1:5672/%2f"), "tide");
+        assert_eq!(broker_user("amqps://gate@broker/vhost"), "gate");
+        assert_eq!(broker_user("amqp://127.0.0.1:5672"), "guest");
+    }
 
     #[test]
     fn a_node_sheds_what_it_holds_beyond_its_share_and_not_small_differences() {

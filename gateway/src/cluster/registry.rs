@@ -47,11 +47,17 @@ pub struct RegistryLog {
     /// `N.registry`.
     stream: String,
     node: String,
+    /// What every change carries as its `user_id` (see
+    /// [`super::broker_user`]).
+    user: String,
     catalog: Arc<Catalog>,
     /// Where changes are published, while the link is up.
     channel: Mutex<Option<Channel>>,
     /// Changes made here, waiting to be applied here, by change id.
     pending: Mutex<HashMap<String, oneshot::Sender<Result<Applied, CatalogError>>>>,
+    /// Woken when publishing failed: the link is made again (a channel
+    /// the broker closed, e.g. over its largest message, is not reused).
+    broken: tokio::sync::Notify,
 }
 
 impl RegistryLog {
@@ -69,9 +75,11 @@ impl RegistryLog {
         let log = Arc::new(Self {
             stream: format!("{}.registry", settings.name),
             node: node.to_owned(),
+            user: super::broker_user(&queue.url),
             catalog: catalog.clone(),
             channel: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
+            broken: tokio::sync::Notify::new(),
         });
         catalog.share_through(log.clone());
         let (caught_up, caught) = watch::channel(false);
@@ -117,13 +125,17 @@ impl RegistryLog {
                 &body,
                 BasicProperties::default()
                     .with_headers(headers)
-                    .with_delivery_mode(2),
+                    .with_delivery_mode(2)
+                    .with_user_id(ShortString::from(self.user.as_str())),
             )
             .await;
         let confirmed = match published {
             Ok(confirm) => confirm.await,
             Err(e) => Err(e),
         };
+        if confirmed.is_err() {
+            self.broken.notify_one();
+        }
         match confirmed {
             Ok(Confirmation::Ack(None)) => {}
             Ok(other) => {
@@ -176,11 +188,25 @@ async fn run(
 ) {
     let mut pause = queue.reconnect_interval;
     loop {
+        let mut linked = false;
         let read = tokio::select! {
             _ = shutdown.cancelled() => return,
-            read = follow(&log, &queue, &caught_up) => read,
+            _ = log.broken.notified() => Err("publishing a change failed: linking again".to_owned()),
+            read = follow(&log, &queue, &caught_up, &mut linked) => read,
         };
         *lock(&log.channel) = None;
+        // Changes made here and not yet read back are answered now; they
+        // are applied when the stream is read again.
+        for (_, waiting) in lock(&log.pending).drain() {
+            let _ = waiting.send(Err(CatalogError::Unshared(
+                "the link to the cluster's registry broke before the change was read back: it \
+                 is applied once the link is back, if the broker took it"
+                    .into(),
+            )));
+        }
+        if linked {
+            pause = queue.reconnect_interval;
+        }
         if let Err(error) = read {
             tracing::warn!(stream = %log.stream, "cluster registry: {error}; trying again in {pause:?}");
         }
@@ -198,6 +224,7 @@ async fn follow(
     log: &RegistryLog,
     queue: &QueueSettings,
     caught_up: &watch::Sender<bool>,
+    linked: &mut bool,
 ) -> Result<(), String> {
     let connection = super::connect(queue, format!("tidegate {} registry", log.node)).await?;
     let applied = log.catalog.log_offset().await;
@@ -258,7 +285,9 @@ async fn follow(
                 ShortString::from(log.stream.as_str()),
                 BasicPublishOptions::default(),
                 &[],
-                BasicProperties::default().with_headers(headers),
+                BasicProperties::default()
+                    .with_headers(headers)
+                    .with_user_id(ShortString::from(log.user.as_str())),
             )
             .await?
             .await?;
@@ -269,6 +298,7 @@ async fn follow(
         .map_err(|_| "the broker did not finish the registry set-up in time".to_owned())?
         .map_err(|e| format!("declaring and reading stream {}: {e}", log.stream))?;
     *lock(&log.channel) = Some(publish);
+    *linked = true;
     tracing::info!(stream = %log.stream, from = ?applied, "reading the cluster registry");
     let mut applied = applied;
     while let Some(delivery) = consumer.next().await {
@@ -297,7 +327,20 @@ async fn follow(
             let id = text(header("change-id")).unwrap_or_default();
             let from = text(header("node")).unwrap_or_default();
             let marked = text(header("mark"));
-            if marked.is_some() {
+            let from_a_node = delivery
+                .properties
+                .user_id()
+                .as_ref()
+                .is_some_and(|user| user.as_str() == log.user);
+            if !from_a_node {
+                tracing::warn!(
+                    offset,
+                    "an entry of the cluster registry not published by a node (its user_id is \
+                     not {:?}): skipped",
+                    log.user
+                );
+            }
+            if marked.is_some() || !from_a_node {
                 if marked.as_deref() == Some(mark.as_str()) {
                     caught_up.send_replace(true);
                 }
@@ -317,6 +360,15 @@ async fn follow(
                     }
                     let kind = change.kind();
                     let result = log.catalog.apply(change).await;
+                    if let Err(error) = &result
+                        && passing(error)
+                    {
+                        // Not the change's fault: not skipped, read again
+                        // (and applied) once the link is made again.
+                        return Err(format!(
+                            "applying change {offset} ({kind}) failed here for now: {error}"
+                        ));
+                    }
                     if let Err(error) = &result {
                         tracing::warn!(offset, from = %from, kind, "a change of the cluster registry was refused here: {error}");
                     } else {
@@ -346,8 +398,40 @@ async fn follow(
     Err("the broker ended the registry consumer".into())
 }
 
+/// Whether applying a change failed for a reason of this node's and of
+/// the moment (every node would otherwise refuse it alike, and it is
+/// skipped): it is tried again rather than skipped, so that the node does
+/// not drift from the others.
+fn passing(error: &CatalogError) -> bool {
+    matches!(
+        error,
+        CatalogError::Busy
+            | CatalogError::Disk(_)
+            | CatalogError::Load(_)
+            | CatalogError::Unloadable { .. }
+            | CatalogError::Unshared(_)
+    )
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runtime::registry::VersionError;
+
+    #[test]
+    fn changes_refused_for_the_moment_are_read_again_and_the_rest_skipped() {
+        assert!(passing(&CatalogError::Busy));
+        assert!(passing(&CatalogError::Unshared("link".into())));
+        assert!(!passing(&CatalogError::ConfigFunction("echo".into())));
+        assert!(!passing(&CatalogError::Version(
+            VersionError::UnknownFunction("f".into())
+        )));
+        assert!(!passing(&CatalogError::TooLarge { limit: 1 }));
+    }
 }

@@ -38,9 +38,10 @@ pub struct ClusterSettings {
     /// Whether this node joins a cluster (`cluster.enabled`, default
     /// false): off, it serves its own connections only.
     pub enabled: bool,
-    /// The cluster's name (`cluster.name`): the prefix of the exchanges
-    /// and queues its nodes share on the broker. Nodes of one cluster give
-    /// the same name; two clusters on one broker give different ones.
+    /// The cluster's name (`cluster.name`, required when enabled): the
+    /// prefix of the exchanges and queues its nodes share on the broker.
+    /// Nodes of one cluster give the same name; two clusters on one broker
+    /// give different ones.
     pub name: String,
     /// How often the node announces itself (`cluster.heartbeat_interval`).
     pub heartbeat_interval: Duration,
@@ -80,7 +81,20 @@ impl RawCluster {
     /// The cluster's settings; the admin listener gives the default
     /// `cluster.admin_url`.
     pub(super) fn validate(self, admin: &AdminSettings) -> Result<ClusterSettings, ConfigError> {
-        let name = self.name.unwrap_or_else(|| ClusterSettings::NAME.into());
+        let enabled = self.enabled.unwrap_or(false);
+        // No default for a cluster that is on: two clusters on one broker
+        // with the same name would merge, registry and all.
+        let name = match self.name {
+            Some(name) => name,
+            None if enabled => {
+                return Err(invalid(
+                    "cluster.name",
+                    "cluster.enabled needs cluster.name: the name every node of this cluster \
+                     gives, and no other cluster on the same broker (e.g. \"prod-eu\")",
+                ));
+            }
+            None => ClusterSettings::NAME.into(),
+        };
         if !is_plain_name(&name) || name.len() > 64 {
             return Err(invalid(
                 "cluster.name",
@@ -123,7 +137,7 @@ impl RawCluster {
             ));
         }
         Ok(ClusterSettings {
-            enabled: self.enabled.unwrap_or(false),
+            enabled,
             name,
             heartbeat_interval,
             node_expiry,
@@ -155,6 +169,11 @@ mod tests {
         assert!(!cluster.rebalance);
         assert_eq!(cluster.rebalance_rate.get(), 10);
 
+        let text = format!("{MINIMAL}\n[cluster]\nenabled = true\n");
+        let error = Settings::from_toml(&text, vec![], false)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("cluster.name"), "{error}");
         let text = format!(
             "{MINIMAL}\n[cluster]\nenabled = true\nname = \"blue\"\nheartbeat_interval = \"1s\"\n"
         );
