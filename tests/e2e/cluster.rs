@@ -361,6 +361,18 @@ async fn a_killed_node_leaves_the_view_and_its_connections_answer_410_at_once() 
     let (_on_a, id) = client(&three.nodes[0]).await;
     three.nodes[0].kill();
     let b = &three.nodes[1];
+    // At once: the request may race with the broker dropping the queue;
+    // then it is answered once the timeout (2 s) passed and the broker
+    // says the queue is gone.
+    let started = Instant::now();
+    let (status, body) = api(b, "POST", &format!("/v1/connections/{id}"), b"x").await;
+    assert_eq!(status, 410, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_millis(3500),
+        "{:?}",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
     // Its queue goes with its broker connection, and it leaves the view
     // within cluster.node_expiry: 410, before cluster.request_timeout (2s).
     let started = Instant::now();

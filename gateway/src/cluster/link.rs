@@ -119,6 +119,9 @@ fn settle_unlinked(cluster: &Cluster, outgoing: Outgoing) {
             let _ = done.send(());
         }
         Outgoing::Unbind { .. } => {}
+        // Not known without the broker: the asker says the cluster is
+        // unreachable.
+        Outgoing::Probe { .. } => {}
         Outgoing::Ask { correlation, .. } => {
             cluster.answered(&correlation, Answer::Gone);
         }
@@ -225,6 +228,7 @@ async fn serve(
     );
     let link = Link {
         cluster,
+        connection: &connection,
         channel: &channel,
         names: &names,
     };
@@ -271,6 +275,7 @@ async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> Resu
 /// The link while it is up.
 struct Link<'a> {
     cluster: &'a Arc<Cluster>,
+    connection: &'a lapin::Connection,
     channel: &'a Channel,
     names: &'a Names,
 }
@@ -373,6 +378,32 @@ impl Link<'_> {
                 self.publish(&self.names.groups, &group, false, &body, properties)
                     .await?;
                 self.cluster.count("broadcast", "out");
+                Ok(())
+            }
+            Outgoing::Probe { node, exists } => {
+                // A passive declare fails, and closes its channel, when the
+                // queue is gone: a channel of its own.
+                let queue = format!("{}.node.{node}", self.cluster.settings.name);
+                let found = match self.connection.create_channel().await {
+                    Ok(probe) => {
+                        let declared = probe
+                            .queue_declare(
+                                queue.as_str().into(),
+                                QueueDeclareOptions {
+                                    passive: true,
+                                    ..QueueDeclareOptions::default()
+                                },
+                                FieldTable::default(),
+                            )
+                            .await;
+                        let _ = probe.close(200, "probed".into()).await;
+                        Some(declared.is_ok())
+                    }
+                    Err(_) => None,
+                };
+                if let Some(found) = found {
+                    let _ = exists.send(found);
+                }
                 Ok(())
             }
             Outgoing::Bind { group, done } => {

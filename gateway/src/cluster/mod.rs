@@ -140,6 +140,11 @@ enum Outgoing {
     Unbind {
         group: String,
     },
+    /// Whether node `node`'s queue is still on the broker.
+    Probe {
+        node: String,
+        exists: oneshot::Sender<bool>,
+    },
     Ask {
         node: String,
         correlation: String,
@@ -282,11 +287,30 @@ impl Cluster {
             // The link went down with the request unanswered.
             Ok(Err(_)) => Err(ClusterError::Unavailable),
             Err(_) if !self.knows(node) => Ok(Answer::Gone),
+            // Asked while it died: its queue took the request and went.
+            Err(_) if self.probe(node).await == Some(false) => Ok(Answer::Gone),
             Err(_) => Err(ClusterError::Timeout {
                 node: node.to_owned(),
                 timeout,
             }),
         }
+    }
+
+    /// Whether node `node`'s queue is on the broker; `None` when that
+    /// cannot be known now.
+    async fn probe(&self, node: &str) -> Option<bool> {
+        let (exists, found) = oneshot::channel();
+        let asked = self.bindings.send(Outgoing::Probe {
+            node: node.to_owned(),
+            exists,
+        });
+        if asked.is_err() {
+            return None;
+        }
+        tokio::time::timeout(self.settings.request_timeout, found)
+            .await
+            .ok()?
+            .ok()
     }
 
     /// What this node announces now.
