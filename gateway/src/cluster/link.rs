@@ -558,8 +558,8 @@ impl Link<'_> {
                     .and_then(|code| code.parse().ok())
                     .unwrap_or(crate::close::code::NORMAL);
                 let reason = wire::header(properties, "reason").unwrap_or_default();
-                let close = Close::by_function(code, reason)
-                    .unwrap_or_else(|_| Close::by_function(1000, String::new()).expect("1000"));
+                // A code a function could not send becomes 1000.
+                let close = Close::by_function(code, reason).unwrap_or_else(|fallback| fallback);
                 if hub.close_here(&id, close) {
                     Reply::Done
                 } else {

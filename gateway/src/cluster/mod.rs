@@ -599,6 +599,8 @@ impl Drop for Forget<'_> {
     }
 }
 
+/// A mutex's guard; a poisoned one is used as is (what the cluster keeps
+/// behind its locks is whole after every statement).
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()

@@ -28,6 +28,7 @@ use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::lock;
 use crate::config::{ClusterSettings, QueueSettings};
 use crate::store::{Applied, Catalog, CatalogError, Change, ChangeLog};
 
@@ -411,12 +412,6 @@ fn passing(error: &CatalogError) -> bool {
             | CatalogError::Unloadable { .. }
             | CatalogError::Unshared(_)
     )
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
