@@ -273,6 +273,7 @@ impl App {
                 cluster_stop.clone(),
             )
         });
+        let mut catching_up = None;
         if settings.cluster.enabled {
             // A node that never read the cluster's registry (a new one)
             // applies every change it holds before it serves, so that it
@@ -286,11 +287,14 @@ impl App {
                 catalog.clone(),
                 cluster_stop.clone(),
             );
+            if first_start {
+                catching_up = Some(caught_up.clone());
+            }
             let waited = tokio::time::timeout(CATCH_UP_WAIT, caught_up.wait_for(|done| *done));
             if first_start && waited.await.is_err() {
                 tracing::warn!(
                     "the cluster's registry is not read to its end after {CATCH_UP_WAIT:?}: \
-                     serving what this node has, and reading on"
+                     not ready until it is, reading on"
                 );
             }
         }
@@ -306,6 +310,7 @@ impl App {
             accepting: Arc::new(AtomicBool::new(false)),
             token: settings.admin.token.as_deref().map(Arc::from),
             catalog,
+            caught_up: catching_up,
         };
         Ok(Self {
             settings,
@@ -361,6 +366,7 @@ impl App {
         } = self;
         let accepting = admin_state.accepting.clone();
         let hub = admin_state.hub.clone();
+        let cluster = admin_state.cluster.clone();
         // Ready before the admin endpoints answer: the listeners are bound
         // (clients wait in the backlog until the accept loops below start),
         // and whoever saw the CLI's "listening" line may ask /readyz at once.
@@ -443,6 +449,9 @@ impl App {
         let grace = settings.server.shutdown_grace_period;
         tracing::info!(grace = ?grace, "shutting down: no new connections, finishing in-flight messages");
         accepting.store(false, Ordering::Relaxed);
+        if let Some(cluster) = &cluster {
+            cluster.drain();
+        }
         stopping.cancel();
         for accept_loop in accept_loops {
             let _ = accept_loop.await;

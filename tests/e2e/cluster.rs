@@ -599,6 +599,7 @@ async fn one_registry_for_the_cluster_reaches_every_node_and_a_later_one() {
     // A node started afterwards, on an empty state directory, serves it.
     three.nodes.push(member(&name, "c"));
     let c = &three.nodes[2];
+    assert_eq!(c.admin_get("/readyz").await.0, 200, "caught up, ready");
     assert_eq!(
         live_version(c, "shared").await.as_deref(),
         Some(first.as_str())

@@ -64,6 +64,9 @@ pub struct AdminState {
     pub token: Option<Arc<str>>,
     /// What `/v1/functions` and `/v1/routes` change, kept on disk.
     pub catalog: Arc<Catalog>,
+    /// A new cluster node: true once it applied the changes the cluster's
+    /// registry held when it started (not ready before).
+    pub caught_up: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// How many admin connections, and how patient with each.
@@ -203,6 +206,16 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not accepting connections\n",
+        )
+            .into_response();
+    }
+    if let Some(caught_up) = &state.caught_up
+        && !*caught_up.borrow()
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "catching up with the cluster's registry (the functions and routes the other nodes \
+             serve)\n",
         )
             .into_response();
     }

@@ -174,6 +174,8 @@ pub struct Cluster {
     bindings: mpsc::UnboundedSender<Outgoing>,
     /// Whether the link to the broker is up.
     linked: AtomicBool,
+    /// Whether this node is shutting down.
+    draining: AtomicBool,
     /// The other nodes, by id, with when each was last heard from.
     view: Mutex<HashMap<String, (Announcement, Instant)>>,
     /// Requests waiting for their answer, by correlation id, with the node
@@ -207,6 +209,7 @@ impl Cluster {
             outgoing,
             bindings,
             linked: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             view: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
         });
@@ -245,6 +248,12 @@ impl Cluster {
         }];
         members.extend(others);
         members
+    }
+
+    /// This node is shutting down: its next heartbeats say so, and it
+    /// sheds nothing more.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
     }
 
     /// Whether node `node` (another one) is in the view.
@@ -334,6 +343,7 @@ impl Cluster {
             connections: self.hub.connections(),
             functions,
             started_at: humantime::format_rfc3339_seconds(self.started_at).to_string(),
+            draining: self.draining.load(Ordering::Relaxed),
         }
     }
 
@@ -512,14 +522,16 @@ async fn rebalance(cluster: Arc<Cluster>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        if !cluster.linked.load(Ordering::Relaxed) {
+        if !cluster.linked.load(Ordering::Relaxed) || cluster.draining.load(Ordering::Relaxed) {
             continue;
         }
         let members = cluster.members();
         let local = cluster.hub.connections();
+        // A node shutting down takes no share: its clients are coming
+        // over.
         let others: Vec<usize> = members
             .iter()
-            .filter(|m| !m.this)
+            .filter(|m| !m.this && !m.announced.draining)
             .map(|m| m.announced.connections)
             .collect();
         let shed = excess(local, &others).min(budget);

@@ -37,6 +37,10 @@ pub struct Announcement {
     pub functions: Vec<Served>,
     /// When it started (RFC 3339).
     pub started_at: String,
+    /// Whether it is shutting down (closing its connections): it takes no
+    /// share of the connections when others rebalance.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// A function a node serves, and the version live there.
@@ -162,6 +166,11 @@ mod tests {
             let json = serde_json::to_vec(&reply).unwrap();
             assert_eq!(serde_json::from_slice::<Reply>(&json).unwrap(), reply);
         }
+        // An announcement of a node that does not say whether it drains
+        // (an earlier build) reads as not draining.
+        let older = r#"{"node":"a","instance":"i","admin_url":"http://a","connections":3,"functions":[],"started_at":"2026-01-01T00:00:00Z"}"#;
+        let announced: Announcement = serde_json::from_str(older).unwrap();
+        assert!(!announced.draining);
         let properties = properties("send", &[("connection-id", text("a.1"))]);
         assert_eq!(header(&properties, "connection-id").as_deref(), Some("a.1"));
         assert_eq!(properties.kind().as_ref().map(|k| k.as_str()), Some("send"));
