@@ -152,6 +152,23 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         rounds: usize,
     },
+    /// Three nodes of one cluster (started here, on the local broker):
+    /// same-node against cross-node sends, a broadcast over the three,
+    /// registry propagation.
+    Cluster {
+        /// The tidegate binary (default: next to this one).
+        #[arg(long)]
+        tidegate: Option<PathBuf>,
+        /// Members of the broadcast group, over the three nodes.
+        #[arg(long, default_value_t = 1000)]
+        members: usize,
+        /// Sends per latency figure.
+        #[arg(long, default_value_t = 500)]
+        rounds: usize,
+        /// Broadcasts to the group.
+        #[arg(long, default_value_t = 50)]
+        broadcasts: usize,
+    },
     /// Serve a plain tokio-tungstenite echo (the baseline).
     Baseline {
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -294,6 +311,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
             quick,
         } => {
             return matrix::run(&out, tidegate, quick).await;
+        }
+        Command::Cluster {
+            tidegate,
+            members,
+            rounds,
+            broadcasts,
+        } => {
+            matrix::cluster(tidegate, members, rounds, broadcasts)
+                .await?
+                .print();
+            return Ok(());
         }
         Command::Baseline { .. } => unreachable!("handled before the runtime starts"),
     };

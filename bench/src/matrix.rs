@@ -94,6 +94,121 @@ fn delete_queue(queue: &str) {
 ///
 /// # Errors
 /// When a server cannot be started or a scenario fails.
+/// Three nodes of one cluster on the local broker, measured by
+/// [`scenario::cluster`].
+///
+/// # Errors
+/// When a node does not start or the scenario fails.
+pub async fn cluster(
+    tidegate: Option<PathBuf>,
+    members: usize,
+    rounds: usize,
+    broadcasts: usize,
+) -> anyhow::Result<Figures> {
+    let tidegate = binary(tidegate)?;
+    let name = format!("bench-{}", uuid::Uuid::now_v7().simple());
+    let token = format!("bench-token-{}", uuid::Uuid::now_v7().simple());
+    let config = format!(
+        "[functions.chat]\nwasm = \"{}\"\n[routes]\n\"/chat\" = \"chat\"\n",
+        tidegate_functions::CHAT_PATH
+    );
+    let mut servers = Vec::new();
+    for node in ["n1", "n2", "n3"] {
+        let env = [
+            ("TIDEGATE__SERVER__NODE_ID", node),
+            ("TIDEGATE__CLUSTER__ENABLED", "true"),
+            ("TIDEGATE__CLUSTER__NAME", name.as_str()),
+            ("TIDEGATE__CLUSTER__HEARTBEAT_INTERVAL", "500ms"),
+            ("TIDEGATE__ADMIN__TOKEN", token.as_str()),
+            ("TIDEGATE__QUEUE__PUSH_QUEUE", ""),
+        ];
+        servers.push(start_tidegate_with(
+            &tidegate,
+            "off",
+            &env,
+            Some(&config),
+            false,
+        )?);
+    }
+    let nodes: Vec<scenario::cluster::Node> = servers
+        .iter()
+        .map(|server| scenario::cluster::Node {
+            url: format!("{}chat", server.url),
+            admin: server.admin.expect("tidegate has an admin listener"),
+        })
+        .collect();
+    // Until each node sees the three.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for node in &nodes {
+        while scenario::cold::value(
+            &scenario::cold::metrics(node.admin).await?,
+            "tidegate_cluster_nodes",
+        ) != Some(3.0)
+        {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the nodes did not see each other within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let options = scenario::cluster::Options {
+        members,
+        rounds,
+        broadcasts,
+        token,
+    };
+    let figures = scenario::cluster::run(&nodes, &options).await;
+    drop(servers);
+    delete_cluster(&name);
+    figures
+}
+
+/// Delete what a benchmark cluster left on the broker.
+fn delete_cluster(name: &str) {
+    let name = name.to_owned();
+    let _ = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let connection = lapin::Connection::connect(
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+                lapin::ConnectionProperties::default(),
+            )
+            .await?;
+            let channel = connection.create_channel().await?;
+            for kind in ["heartbeats", "nodes", "groups"] {
+                let _ = channel
+                    .exchange_delete(
+                        format!("{name}.{kind}").as_str().into(),
+                        lapin::options::ExchangeDeleteOptions::default(),
+                    )
+                    .await;
+            }
+            let _ = channel
+                .queue_delete(
+                    format!("{name}.registry").as_str().into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
+            Ok::<_, anyhow::Error>(())
+        })
+    })
+    .join();
+}
+
+/// The tidegate binary: `path`, or the one next to this benchmark.
+fn binary(path: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    Ok(match path {
+        Some(path) => path,
+        None => std::env::current_exe()?
+            .parent()
+            .context("the benchmark binary has no directory")?
+            .join("tidegate"),
+    })
+}
+
 pub async fn run(out: &Path, tidegate: Option<PathBuf>, quick: bool) -> anyhow::Result<()> {
     let plan = if quick {
         Plan {
@@ -110,13 +225,7 @@ pub async fn run(out: &Path, tidegate: Option<PathBuf>, quick: bool) -> anyhow::
             rounds: 20,
         }
     };
-    let tidegate = match tidegate {
-        Some(path) => path,
-        None => std::env::current_exe()?
-            .parent()
-            .context("the benchmark binary has no directory")?
-            .join("tidegate"),
-    };
+    let tidegate = binary(tidegate)?;
     anyhow::ensure!(
         tidegate.exists(),
         "{} not found: build it first (cargo build --release --bin tidegate) or pass --tidegate",

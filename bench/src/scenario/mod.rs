@@ -10,7 +10,10 @@
 //! - [`publish`]: the broker's own confirmed publish ceiling.
 //! - [`instantiate`]: the runtime alone: reload, instantiate and call.
 //! - [`isolation`]: latency of well-behaved clients while a function misbehaves.
+//! - [`cluster`]: three nodes: cross-node sends, broadcasts, registry
+//!   propagation.
 
+pub mod cluster;
 pub mod cold;
 pub mod connect;
 pub mod echo;
