@@ -8,8 +8,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, ExchangeKind, PublisherConfirm};
@@ -24,6 +24,9 @@ use crate::hub::Delivery;
 
 /// The longest pause between attempts to reach the broker.
 const MAX_RECONNECT_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Messages from other nodes taken before the first is acknowledged.
+const PREFETCH: u16 = 256;
 
 /// Longest a goodbye waits for the broker at shutdown.
 const BYE_WAIT: Duration = Duration::from_secs(2);
@@ -201,12 +204,17 @@ async fn serve(
         for group in cluster.hub.local_groups() {
             bind(&channel, &names.queue, &names.groups, &group).await?;
         }
+        // Acknowledged one by one, at most PREFETCH ahead: the broker keeps
+        // what this node has not taken yet, not this node's memory.
+        channel
+            .basic_qos(PREFETCH, BasicQosOptions::default())
+            .await
+            .map_err(|e| format!("setting the prefetch of {}: {e}", names.queue))?;
         let consumer = channel
             .basic_consume(
                 names.queue.as_str().into(),
                 format!("tidegate-{}", cluster.node).as_str().into(),
                 BasicConsumeOptions {
-                    no_ack: true,
                     exclusive: true,
                     ..BasicConsumeOptions::default()
                 },
@@ -251,7 +259,15 @@ async fn serve(
                 None => return Ok(()),
             },
             delivery = consumer.next() => match delivery {
-                Some(Ok(delivery)) => link.take(delivery).await?,
+                Some(Ok(delivery)) => {
+                    // Taken now: the queue is this node's alone, and goes
+                    // with it.
+                    delivery
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .map_err(|e| format!("acknowledging: {e}"))?;
+                    link.take(delivery).await?;
+                }
                 Some(Err(e)) => return Err(format!("consuming: {e}")),
                 None => return Err("the broker ended the consumer".into()),
             },
