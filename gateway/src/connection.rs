@@ -1238,6 +1238,7 @@ mod tests {
             connect_timeout: Duration::from_secs(5),
             reconnect_interval: Duration::from_secs(1),
             confirm_timeout: Duration::from_secs(60),
+            heartbeat: Duration::from_secs(10),
         };
         let (publisher, _task, mut broker) =
             crate::publisher::Publisher::scripted(queue, metrics.clone());

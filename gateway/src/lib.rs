@@ -37,6 +37,7 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod close;

@@ -14,14 +14,12 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Connection, ConnectionProperties};
+use lapin::types::{AMQPValue, FieldTable};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::close::Close;
 use crate::config::QueueSettings;
-use crate::config::redact_url;
 use crate::hub::{Hub, check_group};
 use crate::metrics::Metrics;
 
@@ -233,15 +231,8 @@ async fn consume(
     shutdown: &CancellationToken,
     consuming: &mut bool,
 ) -> Result<(), String> {
-    let properties = ConnectionProperties::default()
-        .with_connection_name(LongString::from(format!("tidegate {} push", hub.node_id())));
-    let connection = tokio::time::timeout(
-        settings.connect_timeout,
-        Connection::connect(&settings.url, properties),
-    )
-    .await
-    .map_err(|_| format!("no answer from {}", redact_url(&settings.url)))?
-    .map_err(|e| format!("connecting to {}: {e}", redact_url(&settings.url)))?;
+    let connection =
+        crate::broker::connect(settings, format!("tidegate {} push", hub.node_id())).await?;
     let setup = async {
         let channel = connection.create_channel().await?;
         channel

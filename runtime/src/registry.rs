@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use crate::artifact;
 use crate::config::RuntimeConfig;
 use crate::engine::Engine;
-use crate::error::LoadError;
+use crate::error::{InvokeError, LoadError};
 use crate::function::{Function, Keep, Readiness};
 use crate::metrics::RuntimeMetrics;
 
@@ -236,6 +236,23 @@ impl Registry {
         self.build(name, wasm, keep, Readiness::Now).await
     }
 
+    /// [`Registry::prepare`] without loading the code: the version is
+    /// compiled (or loaded from its artifact) at its first call, or when
+    /// [`Registry::load_live`] finds it live. For a node catching up with
+    /// a log of changes every one of which another node already checked:
+    /// only the versions that end up live are compiled.
+    ///
+    /// # Errors
+    /// [`LoadError::Artifact`] when its artifact directory cannot be read.
+    pub async fn prepare_unloaded(
+        &self,
+        name: &str,
+        wasm: Bytes,
+        keep: Keep,
+    ) -> Result<Arc<Function>, LoadError> {
+        self.build(name, wasm, keep, Readiness::OnFirstUse).await
+    }
+
     /// Restore a version recorded by an earlier run: like
     /// [`Registry::load_version`], but a version that is not live is not
     /// loaded (nor compiled) before its first use. The component is kept
@@ -392,6 +409,42 @@ impl Registry {
         // Found above; a concurrent delete makes this a no-op.
         let _ = self.make_live(name, &function);
         Ok(function)
+    }
+
+    /// Make version `version` of `name` live now, without loading its code
+    /// first (see [`Registry::prepare_unloaded`]).
+    ///
+    /// # Errors
+    /// [`VersionError::UnknownFunction`] or
+    /// [`VersionError::UnknownVersion`].
+    pub fn set_live_unloaded(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Arc<Function>, VersionError> {
+        let function = self.existing(name, version)?;
+        function.revive();
+        self.make_live(name, &function)?;
+        Ok(function)
+    }
+
+    /// Load the code of every live version that does not have it loaded
+    /// (from its artifact, or compiled), one after another; the versions
+    /// that could not be loaded, with why.
+    pub async fn load_live(&self) -> Vec<(Arc<Function>, InvokeError)> {
+        let live: Vec<Arc<Function>> = self
+            .read()
+            .values()
+            .filter_map(|named| named.live.clone())
+            .filter(|function| !function.is_loaded())
+            .collect();
+        let mut failed = Vec::new();
+        for function in live {
+            if let Err(e) = function.preload().await {
+                failed.push((function, e));
+            }
+        }
+        failed
     }
 
     /// Make version `version` of `name` ready to go live: its code loaded

@@ -5,144 +5,14 @@
 
 use std::time::{Duration, Instant};
 
-use tokio_tungstenite::tungstenite::Message;
-
-use crate::harness::{
-    Client, Gateway, Options, SendText, chat_config, close_code, delete_exchanges, eventually,
-    json, next_data, push, quiet, text,
+use crate::cluster_harness::{
+    Three, api, chat, client, count, live_version, member, member_options, nodes_seen, text_of,
+    upload,
 };
-
-const TOKEN: &str = "0123456789abcdef-cluster-token";
-
-/// Three nodes `a`, `b`, `c` of one cluster (a name of their own), each
-/// serving the chat function on `/chat`; waits until each sees all three.
-struct Three {
-    nodes: Vec<Gateway>,
-    name: String,
-}
-
-/// Node `node` of cluster `name`, serving chat on `/chat`.
-fn member(name: &str, node: &str) -> Gateway {
-    member_with(name, node, &[])
-}
-
-/// [`member`] with more `TIDEGATE__*` settings.
-fn member_with(name: &str, node: &str, settings: &[(&str, &str)]) -> Gateway {
-    let mut options = Options::default()
-        .config(&chat_config())
-        .env("TIDEGATE__ADMIN__TOKEN", TOKEN)
-        .env("TIDEGATE__SERVER__NODE_ID", node)
-        .env("TIDEGATE__CLUSTER__ENABLED", "true")
-        .env("TIDEGATE__CLUSTER__NAME", name)
-        .env("TIDEGATE__CLUSTER__HEARTBEAT_INTERVAL", "250ms")
-        .env("TIDEGATE__CLUSTER__REQUEST_TIMEOUT", "2s");
-    for (key, value) in settings {
-        options = options.env(key, *value);
-    }
-    Gateway::start(options)
-}
-
-impl Three {
-    async fn start() -> Self {
-        Self::start_with(&[]).await
-    }
-
-    async fn start_with(settings: &[(&str, &str)]) -> Self {
-        let name = format!("cluster-test-{}", uuid::Uuid::now_v7().simple());
-        let nodes: Vec<Gateway> = ["a", "b", "c"]
-            .into_iter()
-            .map(|node| member_with(&name, node, settings))
-            .collect();
-        let three = Self { nodes, name };
-        for node in &three.nodes {
-            eventually(
-                "every node sees the three",
-                Duration::from_secs(20),
-                || async move { nodes_seen(node).await.len() == 3 },
-            )
-            .await;
-        }
-        three
-    }
-}
-
-impl Drop for Three {
-    /// The nodes stop first (their queues go with them), then the
-    /// cluster's exchanges are deleted, also when the test failed.
-    fn drop(&mut self) {
-        self.nodes.clear();
-        let exchanges: Vec<String> = ["heartbeats", "nodes", "groups"]
-            .iter()
-            .map(|kind| format!("{}.{kind}", self.name))
-            .collect();
-        let registry = format!("{}.registry", self.name);
-        // Its own thread: Drop runs inside the test's runtime.
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async {
-                    delete_exchanges(&exchanges).await;
-                    crate::harness::delete_queue(&registry).await;
-                });
-        })
-        .join();
-    }
-}
-
-/// The ids of the nodes `gateway` has in its view.
-async fn nodes_seen(gateway: &Gateway) -> Vec<String> {
-    let (status, body) = api(gateway, "GET", "/v1/nodes", b"").await;
-    assert_eq!(status, 200, "{body}");
-    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
-    listed["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["node"].as_str().unwrap().to_owned())
-        .collect()
-}
-
-async fn api(gateway: &Gateway, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-    gateway
-        .admin_request(method, path, TOKEN, "text/plain", body)
-        .await
-}
-
-/// A client on `/chat` of `gateway`, and its connection id.
-async fn client(gateway: &Gateway) -> (Client, String) {
-    let (status, before) = api(gateway, "GET", "/v1/connections?route=/chat", b"").await;
-    assert_eq!(status, 200);
-    let client = gateway.connect("/chat").await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let (_, body) = api(gateway, "GET", "/v1/connections?route=/chat", b"").await;
-        let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let new = listed["connections"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["id"].as_str().unwrap().to_owned())
-            .find(|id| !before.contains(id.as_str()));
-        if let Some(id) = new {
-            return (client, id);
-        }
-        assert!(Instant::now() < deadline, "the connection is never listed");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-async fn chat(client: &mut Client, message: serde_json::Value) {
-    client.send_text(&message.to_string()).await;
-}
-
-async fn text_of(client: &mut Client) -> String {
-    match next_data(client).await {
-        Message::Text(text) => text.to_string(),
-        other => panic!("expected text, got {other:?}"),
-    }
-}
+use crate::harness::{
+    Client, Gateway, Options, SendText, chat_config, close_code, eventually, json, push, quiet,
+    text,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_on_one_node_is_reached_from_every_other() {
@@ -465,13 +335,7 @@ async fn a_node_with_more_than_its_share_sheds_the_excess_with_1012_at_its_rate(
     let name = format!("cluster-test-{}", uuid::Uuid::now_v7().simple());
     let node = |id: &str, rebalance: bool| {
         Gateway::start(
-            Options::default()
-                .config(&chat_config())
-                .env("TIDEGATE__ADMIN__TOKEN", TOKEN)
-                .env("TIDEGATE__SERVER__NODE_ID", id)
-                .env("TIDEGATE__CLUSTER__ENABLED", "true")
-                .env("TIDEGATE__CLUSTER__NAME", &name)
-                .env("TIDEGATE__CLUSTER__HEARTBEAT_INTERVAL", "250ms")
+            member_options(&name, id)
                 .env("TIDEGATE__CLUSTER__REBALANCE", rebalance.to_string())
                 .env("TIDEGATE__CLUSTER__REBALANCE_RATE", "4"),
         )
@@ -533,38 +397,6 @@ async fn a_node_with_more_than_its_share_sheds_the_excess_with_1012_at_its_rate(
 }
 
 /// Connections open on `gateway`, as its management API lists them.
-async fn count(gateway: &Gateway) -> usize {
-    let (status, body) = api(gateway, "GET", "/v1/connections?route=/chat", b"").await;
-    assert_eq!(status, 200, "{body}");
-    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
-    listed["connections"].as_array().unwrap().len()
-}
-
-/// The live version of function `name` on `gateway`, if it has one.
-async fn live_version(gateway: &Gateway, name: &str) -> Option<String> {
-    let (status, body) = api(gateway, "GET", &format!("/v1/functions/{name}"), b"").await;
-    if status != 200 {
-        return None;
-    }
-    let shown: serde_json::Value = serde_json::from_str(&body).unwrap();
-    shown["live"].as_str().map(str::to_owned)
-}
-
-async fn upload(gateway: &Gateway, name: &str, wasm: &[u8]) -> String {
-    let (status, body) = gateway
-        .admin_request(
-            "PUT",
-            &format!("/v1/functions/{name}"),
-            TOKEN,
-            "application/wasm",
-            wasm,
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
-    answer["version"].as_str().unwrap().to_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_registry_for_the_cluster_reaches_every_node_and_a_later_one() {
     let name = format!("cluster-test-{}", uuid::Uuid::now_v7().simple());
@@ -637,4 +469,91 @@ async fn one_registry_for_the_cluster_reaches_every_node_and_a_later_one() {
     )
     .await;
     assert_eq!(status, 409);
+}
+
+/// Compilations of function `name`'s versions on `gateway` so far.
+async fn compiles(gateway: &Gateway, name: &str) -> f64 {
+    gateway
+        .metric(&format!(
+            "tidegate_function_compiles_total{{function=\"{name}\"}}"
+        ))
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_catching_up_compiles_only_the_versions_live_at_the_end() {
+    let name = format!("cluster-test-{}", uuid::Uuid::now_v7().simple());
+    let mut three = Three {
+        nodes: vec![member(&name, "a")],
+        name: name.clone(),
+    };
+    // A history: four versions, each live in turn, a rollback, a deletion.
+    let mut versions = Vec::new();
+    for path in [
+        tidegate_functions::ECHO_PATH,
+        tidegate_functions::ROUTER_PATH,
+        tidegate_functions::CHAT_PATH,
+        tidegate_functions::FAULTY_PATH,
+    ] {
+        let wasm = std::fs::read(path).unwrap();
+        versions.push(upload(&three.nodes[0], "history", &wasm).await);
+    }
+    let a = &three.nodes[0];
+    let (status, body) = api(
+        a,
+        "PUT",
+        "/v1/functions/history/live",
+        format!(r#"{{"version": "{}"}}"#, versions[0]).as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = api(
+        a,
+        "DELETE",
+        &format!("/v1/functions/history/versions/{}", versions[3]),
+        b"",
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = api(
+        a,
+        "PUT",
+        "/v1/routes",
+        br#"{"path": "/history", "function": "history"}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+
+    // A node started afterwards records every version that is left, and
+    // compiles only the live one.
+    let started = Instant::now();
+    three.nodes.push(member(&name, "b"));
+    let b = &three.nodes[1];
+    eventually("b is ready", Duration::from_secs(30), || async {
+        b.admin_get("/readyz").await.0 == 200
+    })
+    .await;
+    println!(
+        "catch-up: a new node read 7 changes (4 uploads) and was ready {:?} after its start",
+        started.elapsed()
+    );
+    assert_eq!(live_version(b, "history").await, Some(versions[0].clone()));
+    let (status, body) = api(b, "GET", "/v1/functions/history", b"").await;
+    assert_eq!(status, 200, "{body}");
+    let shown: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(shown["versions"].as_array().unwrap().len(), 3, "{shown}");
+    assert_eq!(compiles(b, "history").await, 1.0, "only the live version");
+    let mut client = b.connect("/history").await;
+    client.send_text("from the history").await;
+    assert_eq!(text_of(&mut client).await, "from the history");
+    // Another version goes live on the new node: compiled then.
+    let (status, body) = api(
+        b,
+        "PUT",
+        "/v1/functions/history/live",
+        format!(r#"{{"version": "{}"}}"#, versions[1]).as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(compiles(b, "history").await, 2.0);
 }

@@ -62,6 +62,8 @@ pub struct Options {
     pub queue: Option<String>,
     /// A configuration file's contents, passed with `--config`.
     pub config: Option<String>,
+    /// Run in this network namespace (`ip netns exec`, as root).
+    pub netns: Option<String>,
 }
 
 impl Options {
@@ -80,6 +82,14 @@ impl Options {
     /// Use this queue; the test deletes it.
     pub fn queue(mut self, queue: &str) -> Self {
         self.queue = Some(queue.to_owned());
+        self
+    }
+
+    /// Run the gateway in network namespace `name`; its addresses
+    /// (`TIDEGATE__SERVER__LISTEN`, `TIDEGATE__ADMIN__LISTEN`,
+    /// `TIDEGATE__QUEUE__URL`) are then the test's to set.
+    pub fn netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_owned());
         self
     }
 
@@ -118,7 +128,18 @@ impl Gateway {
             .clone()
             .unwrap_or_else(|| state.path().to_path_buf());
         let queue = options.queue.clone().unwrap_or_else(unique_queue);
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tidegate"));
+        let mut command = match &options.netns {
+            // `ip netns exec` enters the namespace and execs the gateway:
+            // the child's pid is the gateway's, for signals.
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command
+                    .args(["netns", "exec", netns])
+                    .arg(env!("CARGO_BIN_EXE_tidegate"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_tidegate")),
+        };
         command
             .args(["serve", "--dev"])
             .env("RUST_LOG", "info,gateway=debug")

@@ -15,6 +15,7 @@ mod auth;
 mod cli;
 mod client_address;
 mod cluster;
+mod cluster_harness;
 mod echo;
 mod faults;
 mod foreign;

@@ -1,9 +1,9 @@
 //! A TCP forwarder in front of the broker that a test can hold closed
-//! (every connection is cut at once) and then open.
+//! (every connection is cut at once), open, and close again.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -15,6 +15,8 @@ pub struct BrokerProxy {
     pub addr: SocketAddr,
     open: Arc<AtomicBool>,
     task: JoinHandle<()>,
+    /// The connections being forwarded.
+    forwarding: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
 impl BrokerProxy {
@@ -23,23 +25,33 @@ impl BrokerProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let open = Arc::new(AtomicBool::new(false));
-        let forwarding = open.clone();
+        let forwarding: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let is_open = open.clone();
+        let connections = forwarding.clone();
         let task = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
-                if !forwarding.load(Ordering::Relaxed) {
+                if !is_open.load(Ordering::Relaxed) {
                     // Closed: the AMQP handshake ends at once, like a
                     // broker that is down.
                     drop(client);
                     continue;
                 }
-                tokio::spawn(async move {
+                let connection = tokio::spawn(async move {
                     if let Ok(mut broker) = TcpStream::connect("127.0.0.1:5672").await {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
                     }
                 });
+                let mut connections = connections.lock().unwrap();
+                connections.retain(|c| !c.is_finished());
+                connections.push(connection);
             }
         });
-        Self { addr, open, task }
+        Self {
+            addr,
+            open,
+            task,
+            forwarding,
+        }
     }
 
     /// The AMQP URL pointing at this proxy.
@@ -51,10 +63,20 @@ impl BrokerProxy {
     pub fn open(&self) {
         self.open.store(true, Ordering::Relaxed);
     }
+
+    /// Cut every connection now (both ends see it closed at once, as when
+    /// the broker goes down) and every new one until opened again.
+    pub fn close(&self) {
+        self.open.store(false, Ordering::Relaxed);
+        for connection in self.forwarding.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
 }
 
 impl Drop for BrokerProxy {
     fn drop(&mut self) {
         self.task.abort();
+        self.close();
     }
 }

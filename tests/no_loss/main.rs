@@ -11,14 +11,19 @@
     dead_code,
     reason = "shared by the e2e and no_loss binaries; each uses part"
 )]
-#[path = "../e2e/harness.rs"]
-mod harness;
+#[path = "../e2e/cluster_harness.rs"]
+mod cluster_harness;
 #[expect(
     dead_code,
     reason = "shared by the e2e and no_loss binaries; each uses part"
 )]
+#[path = "../e2e/harness.rs"]
+mod harness;
 #[path = "../e2e/proxy.rs"]
 mod proxy;
+
+mod cluster;
+mod netns;
 
 use std::collections::{HashMap, HashSet};
 use std::process::Command;
@@ -58,9 +63,11 @@ impl Seen {
 
 /// One client: batches of `BATCH` messages, then their replies (counted in
 /// `replies` as they come), until `stop` or until the connection ends; with
-/// `reconnect`, it connects again (until `stop`) when the gateway closes it.
+/// `reconnect`, it connects again (until `stop`) when the gateway closes it,
+/// and to the next of `endpoints` (the nodes of a cluster, say) when one
+/// cannot be reached.
 async fn client(
-    endpoint: Endpoint,
+    endpoints: Vec<Endpoint>,
     tag: String,
     stop: Arc<AtomicBool>,
     replies: Arc<AtomicUsize>,
@@ -68,8 +75,12 @@ async fn client(
 ) -> Seen {
     let mut seen = Seen::default();
     let mut seq = 0u64;
+    let mut current = 0;
     'connections: while !stop.load(Ordering::Relaxed) {
+        let endpoint = &endpoints[current % endpoints.len()];
         let Ok(mut ws) = endpoint.connect("/").await else {
+            // That one is gone: the next.
+            current += 1;
             if reconnect {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
@@ -118,13 +129,14 @@ struct Load {
     replies: Arc<AtomicUsize>,
 }
 
-/// Run `CLIENTS` clients against `endpoint` until `stop`.
-fn start_load(endpoint: &Endpoint, tag: &str, stop: &Arc<AtomicBool>, reconnect: bool) -> Load {
+/// Run `CLIENTS` clients against `endpoints` (the first, then the next
+/// when reconnecting) until `stop`.
+fn start_load(endpoints: &[Endpoint], tag: &str, stop: &Arc<AtomicBool>, reconnect: bool) -> Load {
     let replies = Arc::new(AtomicUsize::new(0));
     let clients = (0..CLIENTS)
         .map(|i| {
             tokio::spawn(client(
-                endpoint.clone(),
+                endpoints.to_vec(),
                 format!("{tag}{i}"),
                 stop.clone(),
                 replies.clone(),
@@ -136,6 +148,11 @@ fn start_load(endpoint: &Endpoint, tag: &str, stop: &Arc<AtomicBool>, reconnect:
 }
 
 impl Load {
+    /// Replies received so far.
+    fn replies(&self) -> usize {
+        self.replies.load(Ordering::Relaxed)
+    }
+
     /// Wait until the clients have had `replies` replies, then a while more
     /// (a slow start must not leave a phase without load).
     async fn running(&self, replies: usize, more: Duration) {
@@ -166,6 +183,17 @@ async fn settled(gateway: &Gateway) {
         },
     )
     .await;
+}
+
+/// Check that `gateway` spooled copies (while the broker was down).
+async fn spooled_some(gateway: &Gateway) {
+    assert!(
+        gateway
+            .metric("tidegate_queue_publishes_total{outcome=\"spooled\"}")
+            .await
+            > 0.0,
+        "copies were spooled while the broker was down"
+    );
 }
 
 /// Check the queue against what the clients saw, and print the figures.
@@ -242,7 +270,7 @@ async fn sigkill_under_load_loses_no_replied_message() {
     let mut spooling =
         Gateway::start(options(state.path(), &queue).env("TIDEGATE__QUEUE__URL", proxy.url()));
     let stop = Arc::new(AtomicBool::new(false));
-    let load = start_load(&spooling.endpoint(), "spooled", &stop, false);
+    let load = start_load(&[spooling.endpoint()], "spooled", &stop, false);
     load.running(CLIENTS * BATCH, Duration::from_millis(1500))
         .await;
     assert!(spooling.metric("tidegate_spool_messages").await > 0.0);
@@ -255,7 +283,7 @@ async fn sigkill_under_load_loses_no_replied_message() {
     // is replayed, then copies go to the broker directly. Killed under load.
     let mut direct = Gateway::start(options(state.path(), &queue));
     settled(&direct).await;
-    let load = start_load(&direct.endpoint(), "direct", &stop, false);
+    let load = start_load(&[direct.endpoint()], "direct", &stop, false);
     load.running(CLIENTS * BATCH, Duration::from_millis(1500))
         .await;
     tokio::task::block_in_place(|| direct.kill());
@@ -309,7 +337,7 @@ async fn a_broker_restart_under_load_loses_no_replied_message() {
     let gateway = Gateway::start(options(state.path(), &queue));
     settled(&gateway).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let load = start_load(&gateway.endpoint(), "restart", &stop, true);
+    let load = start_load(&[gateway.endpoint()], "restart", &stop, true);
     load.running(CLIENTS * BATCH, Duration::from_secs(1)).await;
 
     let stopped = tokio::task::block_in_place(BrokerStopped::stop);
@@ -330,14 +358,7 @@ async fn a_broker_restart_under_load_loses_no_replied_message() {
     stop.store(true, Ordering::Relaxed);
     let seen = finish_load(load).await;
     settled(&gateway).await;
-
-    assert!(
-        gateway
-            .metric("tidegate_queue_publishes_total{outcome=\"spooled\"}")
-            .await
-            > 0.0,
-        "copies were spooled while the broker was down"
-    );
+    spooled_some(&gateway).await;
     let copies = drain_queue(&queue, seen.replied.len(), Duration::from_secs(30)).await;
     delete_queue(&queue).await;
     check("broker restart", &seen, &copies);

@@ -56,6 +56,8 @@ impl Names {
 pub(super) struct Work {
     pub(super) work: mpsc::Receiver<Outgoing>,
     pub(super) binds: mpsc::UnboundedReceiver<Outgoing>,
+    /// Bytes of the messages in `work`, counted down as they are taken.
+    pub(super) queued: Arc<super::Budget>,
 }
 
 impl Work {
@@ -65,7 +67,12 @@ impl Work {
         tokio::select! {
             biased;
             Some(bind) = self.binds.recv() => Some(bind),
-            next = self.work.recv() => next,
+            next = self.work.recv() => {
+                if let Some(work) = &next {
+                    self.queued.give(work.size());
+                }
+                next
+            }
         }
     }
 }
@@ -153,7 +160,8 @@ async fn serve(
     linked: &mut bool,
 ) -> Result<(), String> {
     let names = Names::of(cluster);
-    let connection = super::connect(queue, format!("tidegate {} cluster", cluster.node)).await?;
+    let connection =
+        crate::broker::connect(queue, format!("tidegate {} cluster", cluster.node)).await?;
     let setup = async {
         let channel = connection
             .create_channel()

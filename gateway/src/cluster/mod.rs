@@ -29,7 +29,7 @@ pub mod registry;
 mod wire;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -49,6 +49,10 @@ pub use wire::Announcement;
 /// Most messages waiting to go out to other nodes; beyond, a send is
 /// counted `unreachable` rather than buffered without bound.
 const OUTGOING: usize = 16_384;
+
+/// Most bytes of messages waiting to go out to other nodes (a slow broker
+/// with large messages reaches this before [`OUTGOING`]).
+const OUTGOING_BYTES: usize = 64 << 20;
 
 /// What the management API asks of another node about one of its
 /// connections.
@@ -152,6 +156,49 @@ enum Outgoing {
     },
 }
 
+/// Bytes held, up to a limit.
+struct Budget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl Budget {
+    fn new(limit: usize) -> Self {
+        Self {
+            used: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// Hold `bytes` more, unless that would pass the limit.
+    fn take(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(bytes).filter(|&total| total <= self.limit)
+            })
+            .is_ok()
+    }
+
+    /// Let `bytes` held go.
+    fn give(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+impl Outgoing {
+    /// The bytes it holds, for [`OUTGOING_BYTES`].
+    fn size(&self) -> usize {
+        match self {
+            Outgoing::Send { message, .. } | Outgoing::Broadcast { message, .. } => message.len(),
+            Outgoing::Ask {
+                request: Request::Send { message, .. },
+                ..
+            } => message.len(),
+            _ => 0,
+        }
+    }
+}
+
 /// This node's part in the cluster.
 pub struct Cluster {
     settings: ClusterSettings,
@@ -168,12 +215,21 @@ pub struct Cluster {
     registry: Arc<Registry>,
     metrics: Metrics,
     outgoing: mpsc::Sender<Outgoing>,
+    /// Bytes of the messages in `outgoing` (see [`OUTGOING_BYTES`]).
+    queued: Arc<Budget>,
     /// Binds and unbinds of groups: never dropped (a group's broadcasts
     /// would miss this node until the next reconnect), and as many as
     /// groups gain or lose their members here.
     bindings: mpsc::UnboundedSender<Outgoing>,
     /// Whether the link to the broker is up.
     linked: AtomicBool,
+    /// When this node last heard its own heartbeat come back through the
+    /// broker: a link that is up but silent (cut without a word, until the
+    /// AMQP heartbeats give it up) is told apart from other nodes being
+    /// gone by this.
+    heard_self: Mutex<Instant>,
+    /// Whether this node is linked but not hearing itself (logged once).
+    stalled: AtomicBool,
     /// Whether this node is shutting down.
     draining: AtomicBool,
     /// The other nodes, by id, with when each was last heard from.
@@ -197,6 +253,7 @@ impl Cluster {
     ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
         let (outgoing, work) = mpsc::channel(OUTGOING);
         let (bindings, binds) = mpsc::unbounded_channel();
+        let queued = Arc::new(Budget::new(OUTGOING_BYTES));
         let cluster = Arc::new(Self {
             settings,
             node: hub.node_id().to_owned(),
@@ -207,8 +264,11 @@ impl Cluster {
             registry,
             metrics,
             outgoing,
+            queued: queued.clone(),
             bindings,
             linked: AtomicBool::new(false),
+            heard_self: Mutex::new(Instant::now()),
+            stalled: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             view: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
@@ -218,7 +278,11 @@ impl Cluster {
         if cluster.settings.rebalance {
             tokio::spawn(rebalance(cluster.clone(), shutdown.clone()));
         }
-        let work = link::Work { work, binds };
+        let work = link::Work {
+            work,
+            binds,
+            queued,
+        };
         let task = tokio::spawn(link::run(cluster.clone(), queue, work, shutdown));
         (cluster, task)
     }
@@ -272,7 +336,7 @@ impl Cluster {
     /// [`ClusterError::Unavailable`] without a link to the broker;
     /// [`ClusterError::Timeout`] when the node is in the view and silent.
     pub async fn ask(&self, node: &str, request: Request) -> Result<Answer, ClusterError> {
-        if !self.linked.load(Ordering::Relaxed) {
+        if !self.reachable() {
             return Err(ClusterError::Unavailable);
         }
         if !self.knows(node) {
@@ -282,12 +346,12 @@ impl Cluster {
         let (answer, answered) = oneshot::channel();
         lock(&self.pending).insert(correlation.clone(), (node.to_owned(), answer));
         let _forget = Forget(self, &correlation);
-        let asked = self.outgoing.try_send(Outgoing::Ask {
+        let asked = self.push(Outgoing::Ask {
             node: node.to_owned(),
             correlation: correlation.clone(),
             request,
         });
-        if asked.is_err() {
+        if !asked {
             return Err(ClusterError::Unavailable);
         }
         let timeout = self.settings.request_timeout;
@@ -295,6 +359,8 @@ impl Cluster {
             Ok(Ok(answer)) => Ok(answer),
             // The link went down with the request unanswered.
             Ok(Err(_)) => Err(ClusterError::Unavailable),
+            // Cut off meanwhile: the node may well be there.
+            Err(_) if !self.reachable() => Err(ClusterError::Unavailable),
             Err(_) if !self.knows(node) => Ok(Answer::Gone),
             // Asked while it died: its queue took the request and went.
             Err(_) if self.probe(node).await == Some(false) => Ok(Answer::Gone),
@@ -347,10 +413,21 @@ impl Cluster {
         }
     }
 
+    /// Whether this node can reach the others now: its link is up and its
+    /// own heartbeats come back (within `cluster.node_expiry`). Without
+    /// that, what it cannot reach is unavailable (503), not gone (410):
+    /// the others may be there, this node just cannot tell.
+    pub fn reachable(&self) -> bool {
+        self.linked.load(Ordering::Relaxed)
+            && lock(&self.heard_self).elapsed() < self.settings.node_expiry
+    }
+
     /// A node announced itself.
     fn heard(&self, announced: Announcement) {
         if announced.node == self.node {
-            if announced.instance != self.instance {
+            if announced.instance == self.instance {
+                *lock(&self.heard_self) = Instant::now();
+            } else {
                 tracing::error!(
                     node = %self.node,
                     "another gateway announces itself with this node's id: give every node its \
@@ -381,6 +458,22 @@ impl Cluster {
     /// Drop the nodes not heard from for `cluster.node_expiry`.
     fn expire(&self) {
         let expiry = self.settings.node_expiry;
+        let stalled = lock(&self.heard_self).elapsed() >= expiry;
+        if stalled != self.stalled.swap(stalled, Ordering::Relaxed) {
+            if stalled {
+                tracing::warn!(
+                    "this node has not heard its own heartbeat for {expiry:?} \
+                     (cluster.node_expiry): its link to the broker is stalled; what is for other \
+                     nodes fails with cluster-unavailable until the link is back or given up \
+                     (two queue.heartbeat periods of silence)"
+                );
+            } else {
+                tracing::info!("this node hears its own heartbeat again");
+            }
+        }
+        self.metrics
+            .cluster_connected
+            .set(i64::from(self.reachable()));
         let mut gone = Vec::new();
         lock(&self.view).retain(|node, (_, seen)| {
             let keep = seen.elapsed() < expiry;
@@ -406,6 +499,9 @@ impl Cluster {
     }
 
     fn set_linked(&self, linked: bool) {
+        if linked {
+            *lock(&self.heard_self) = Instant::now();
+        }
         self.linked.store(linked, Ordering::Relaxed);
         self.metrics.cluster_connected.set(i64::from(linked));
         if !linked {
@@ -446,13 +542,27 @@ impl Cluster {
 
     /// Queue work for the link task; false when it cannot take it now.
     fn queue(&self, work: Outgoing) -> bool {
-        self.linked.load(Ordering::Relaxed) && self.outgoing.try_send(work).is_ok()
+        self.reachable() && self.push(work)
+    }
+
+    /// Put `work` in the outgoing queue unless it is full, in messages or
+    /// in bytes.
+    fn push(&self, work: Outgoing) -> bool {
+        let size = work.size();
+        if !self.queued.take(size) {
+            return false;
+        }
+        if self.outgoing.try_send(work).is_err() {
+            self.queued.give(size);
+            return false;
+        }
+        true
     }
 }
 
 impl Remote for Cluster {
     fn send(&self, node: &str, id: &str, message: Message) -> Delivery {
-        if !self.linked.load(Ordering::Relaxed) {
+        if !self.reachable() {
             return Delivery::Unreachable;
         }
         if !self.knows(node) {
@@ -522,7 +632,7 @@ async fn rebalance(cluster: Arc<Cluster>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        if !cluster.linked.load(Ordering::Relaxed) || cluster.draining.load(Ordering::Relaxed) {
+        if !cluster.reachable() || cluster.draining.load(Ordering::Relaxed) {
             continue;
         }
         let members = cluster.members();
@@ -583,25 +693,6 @@ pub fn broker_user(url: &str) -> String {
         .unwrap_or_else(|_| "guest".into())
 }
 
-/// A connection to the broker of `queue`, named `name` (as the broker's
-/// management lists it).
-async fn connect(queue: &QueueSettings, name: String) -> Result<lapin::Connection, String> {
-    let properties = lapin::ConnectionProperties::default()
-        .with_connection_name(lapin::types::LongString::from(name));
-    tokio::time::timeout(
-        queue.connect_timeout,
-        lapin::Connection::connect(&queue.url, properties),
-    )
-    .await
-    .map_err(|_| format!("no answer from {}", crate::config::redact_url(&queue.url)))?
-    .map_err(|e| {
-        format!(
-            "connecting to {}: {e}",
-            crate::config::redact_url(&queue.url)
-        )
-    })
-}
-
 /// Forgets a pending request when its asker stops waiting.
 struct Forget<'a>(&'a Cluster, &'a str);
 
@@ -622,6 +713,18 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::excess;
+
+    #[test]
+    fn the_outgoing_budget_holds_up_to_its_limit_and_gets_back_what_is_given() {
+        let budget = super::Budget::new(100);
+        assert!(budget.take(60));
+        assert!(!budget.take(41), "over the limit");
+        assert!(budget.take(40), "up to it");
+        assert!(!budget.take(1));
+        budget.give(60);
+        assert!(budget.take(60));
+        assert!(!budget.take(usize::MAX), "no overflow");
+    }
 
     #[test]
     fn the_broker_user_is_the_urls_or_the_brokers_default() {

@@ -227,8 +227,13 @@ async fn follow(
     caught_up: &watch::Sender<bool>,
     linked: &mut bool,
 ) -> Result<(), String> {
-    let connection = super::connect(queue, format!("tidegate {} registry", log.node)).await?;
+    let connection =
+        crate::broker::connect(queue, format!("tidegate {} registry", log.node)).await?;
     let applied = log.catalog.log_offset().await;
+    if applied.is_none() {
+        // A new node: only what is live at the end is compiled.
+        log.catalog.catch_up();
+    }
     let mark = uuid::Uuid::now_v7().simple().to_string();
     let setup = async {
         let publish = connection.create_channel().await?;
@@ -343,6 +348,7 @@ async fn follow(
             }
             if marked.is_some() || !from_a_node {
                 if marked.as_deref() == Some(mark.as_str()) {
+                    log.catalog.caught_up().await;
                     caught_up.send_replace(true);
                 }
                 applied = Some(offset);

@@ -41,6 +41,9 @@ pub(super) struct RawQueue {
     /// `queue.confirm_timeout`, e.g. `10s`.
     #[serde(default, with = "humantime_serde")]
     confirm_timeout: Option<Duration>,
+    /// `queue.heartbeat`, e.g. `10s`.
+    #[serde(default, with = "humantime_serde")]
+    heartbeat: Option<Duration>,
 }
 
 /// When a client gets the reply to a message (`queue.mode`).
@@ -88,6 +91,9 @@ pub struct QueueSettings {
     /// Longest to wait for the broker to confirm a copy before the link is
     /// considered broken and unconfirmed copies are spooled.
     pub confirm_timeout: Duration,
+    /// The AMQP heartbeat asked of the broker (whole seconds): a link
+    /// silent for two of them is given up by either end.
+    pub heartbeat: Duration,
 }
 
 impl std::fmt::Debug for QueueSettings {
@@ -105,6 +111,7 @@ impl std::fmt::Debug for QueueSettings {
             connect_timeout,
             reconnect_interval,
             confirm_timeout,
+            heartbeat,
         } = self;
         f.debug_struct("QueueSettings")
             .field("url", &redact_url(url))
@@ -118,6 +125,7 @@ impl std::fmt::Debug for QueueSettings {
             .field("connect_timeout", connect_timeout)
             .field("reconnect_interval", reconnect_interval)
             .field("confirm_timeout", confirm_timeout)
+            .field("heartbeat", heartbeat)
             .finish()
     }
 }
@@ -168,6 +176,15 @@ impl QueueSettings {
     pub const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
     /// Default of `queue.confirm_timeout`.
     pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Default of `queue.heartbeat`: a silent link is given up after 20 s.
+    pub const HEARTBEAT: Duration = Duration::from_secs(10);
+    /// Longest `queue.heartbeat` (AMQP carries it as 16-bit seconds).
+    pub const MAX_HEARTBEAT: Duration = Duration::from_secs(u16::MAX as u64);
+
+    /// `queue.heartbeat` in the whole seconds AMQP carries.
+    pub fn heartbeat_seconds(&self) -> u16 {
+        u16::try_from(self.heartbeat.as_secs()).unwrap_or(u16::MAX)
+    }
 }
 
 impl RawQueue {
@@ -256,6 +273,19 @@ impl RawQueue {
                 self.confirm_timeout,
                 QueueSettings::CONFIRM_TIMEOUT,
             )?,
+            heartbeat: {
+                let heartbeat = self.heartbeat.unwrap_or(QueueSettings::HEARTBEAT);
+                if heartbeat.subsec_nanos() != 0
+                    || heartbeat.is_zero()
+                    || heartbeat > QueueSettings::MAX_HEARTBEAT
+                {
+                    return Err(invalid(
+                        "queue.heartbeat",
+                        "whole seconds from 1s to 65535s (AMQP heartbeats count seconds)",
+                    ));
+                }
+                heartbeat
+            },
         })
     }
 }
@@ -321,5 +351,26 @@ mod tests {
         assert!(error.contains("queue.push_queue"), "{error}");
         let error = queue("exchange = \"\"").unwrap_err().to_string();
         assert!(error.contains("queue.exchange"), "{error}");
+    }
+
+    #[test]
+    fn the_heartbeat_is_whole_seconds_with_a_default() {
+        let heartbeat = |extra: &str| {
+            Settings::from_toml(&format!("{MINIMAL}\n[queue]\n{extra}\n"), vec![], false)
+                .map(|settings| settings.queue)
+        };
+        let defaults = heartbeat("").unwrap();
+        assert_eq!(defaults.heartbeat, QueueSettings::HEARTBEAT);
+        assert_eq!(defaults.heartbeat_seconds(), 10);
+        assert_eq!(
+            heartbeat("heartbeat = \"2s\"").unwrap().heartbeat_seconds(),
+            2
+        );
+        for bad in ["0s", "1500ms", "70000s"] {
+            let error = heartbeat(&format!("heartbeat = \"{bad}\""))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("queue.heartbeat"), "{bad}: {error}");
+        }
     }
 }

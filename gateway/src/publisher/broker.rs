@@ -11,8 +11,8 @@ use std::sync::Arc;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Confirmation, Connection};
 
 use super::message::QueueMessage;
 use crate::config::QueueSettings;
@@ -134,19 +134,7 @@ impl AmqpLink {
     /// # Errors
     /// A readable reason when the broker cannot be reached or refuses.
     async fn open(settings: &QueueSettings, node: &str) -> Result<Self, String> {
-        let properties = ConnectionProperties::default()
-            .with_connection_name(LongString::from(format!("tidegate {node}")));
-        let connect = Connection::connect(&settings.url, properties);
-        let connection = tokio::time::timeout(settings.connect_timeout, connect)
-            .await
-            .map_err(|_| {
-                format!(
-                    "no answer from {} within {:?}",
-                    redact(&settings.url),
-                    settings.connect_timeout
-                )
-            })?
-            .map_err(|e| format!("connecting to {}: {e}", redact(&settings.url)))?;
+        let connection = crate::broker::connect(settings, format!("tidegate {node}")).await?;
         let setup = async {
             let channel = connection.create_channel().await?;
             channel

@@ -27,6 +27,7 @@ fn settings(dir: &Path) -> QueueSettings {
         connect_timeout: Duration::from_secs(5),
         reconnect_interval: Duration::from_secs(1),
         confirm_timeout: Duration::from_secs(10),
+        heartbeat: Duration::from_secs(10),
     }
 }
 

@@ -60,6 +60,10 @@ pub struct Catalog {
     /// whose code must be loaded again; held only while compiling, so a
     /// rollback does not wait for an upload's body to arrive.
     compiles: Semaphore,
+    /// Catching up with the cluster's log from its start: versions are
+    /// recorded without compiling them, and only the live ones are
+    /// compiled at the end ([`Catalog::catch_up`], [`Catalog::caught_up`]).
+    deferring: std::sync::atomic::AtomicBool,
 }
 
 /// The catalog's bounds.
@@ -322,6 +326,7 @@ impl Catalog {
             uploads: Semaphore::new(1),
             compiles: Semaphore::new(1),
             log: std::sync::OnceLock::new(),
+            deferring: std::sync::atomic::AtomicBool::new(false),
         };
         Ok((catalog, restored))
     }
@@ -429,14 +434,18 @@ impl Catalog {
         digest: &str,
     ) -> Result<Arc<Function>, CatalogError> {
         let _compiling = self.compile_slot().await?;
-        let keep = Keep::File(self.disk.component_path(digest));
         self.registry
-            .prepare(name, wasm.clone(), keep)
+            .prepare(name, wasm.clone(), self.keep(digest))
             .await
             .map_err(|e| match e {
                 LoadError::Invalid { .. } => CatalogError::Invalid(e),
                 other => CatalogError::Load(other),
             })
+    }
+
+    /// Where the component of SHA-256 `digest` is kept.
+    fn keep(&self, digest: &str) -> Keep {
+        Keep::File(self.disk.component_path(digest))
     }
 
     /// Carry out `change` on this node (for the cluster's log, which calls
@@ -478,6 +487,45 @@ impl Catalog {
     /// Share every later change through `log` (the cluster's).
     pub fn share_through(&self, log: Arc<dyn ChangeLog>) {
         let _ = self.log.set(log);
+    }
+
+    /// This node reads the cluster's log from its start: until
+    /// [`Catalog::caught_up`], an uploaded version is recorded without its
+    /// code being compiled (every node that took it from an API checked
+    /// it), and a switch makes a version live without loading it, so that
+    /// a node catching up with a long history compiles only what is live
+    /// at its end, not every version ever uploaded.
+    pub fn catch_up(&self) {
+        self.deferring
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The node read the cluster's log to its end: compile the live
+    /// versions (in the compile slot) and go back to compiling each change
+    /// as it comes. A version that cannot be loaded is logged; its calls
+    /// fail and say so.
+    pub async fn caught_up(&self) {
+        if !self
+            .deferring
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        let Ok(_compiling) = self.compile_slot().await else {
+            // Busy for long: the live versions load at their first call.
+            return;
+        };
+        for (function, error) in self.registry.load_live().await {
+            tracing::error!(
+                function = function.name(),
+                version = function.version(),
+                "the live version's code cannot be loaded: {error}"
+            );
+        }
+    }
+
+    fn deferring(&self) -> bool {
+        self.deferring.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The position in the cluster's log of the last change applied here.
@@ -526,7 +574,14 @@ impl Catalog {
         // Compiled (and checked) before anything changes, outside the lock:
         // other changes go on meanwhile. The component is kept on disk,
         // not in memory: it is read back only to compile it again.
-        let function = self.compile(name, &wasm, &digest).await?;
+        let function = if self.deferring() {
+            self.registry
+                .prepare_unloaded(name, wasm.clone(), self.keep(&digest))
+                .await
+                .map_err(CatalogError::Load)?
+        } else {
+            self.compile(name, &wasm, &digest).await?
+        };
         // Written under the index lock: a removal (which sweeps files the
         // index does not name) cannot run between the write and the index
         // naming the file.
@@ -660,6 +715,10 @@ impl Catalog {
         if self.is_config_function(name) {
             return Err(CatalogError::ConfigFunction(name.to_owned()));
         }
+        if self.deferring() {
+            let _index = self.write_live(name, version).await?;
+            return Ok(self.registry.set_live_unloaded(name, version)?);
+        }
         let loaded = self
             .registry
             .version(name, version)
@@ -681,6 +740,18 @@ impl Catalog {
                     reason: e.to_string(),
                 },
             })?;
+        let _index = self.write_live(name, version).await?;
+        // Still a version: deletions take the index lock (held here) too.
+        Ok(ready.go_live()?)
+    }
+
+    /// Write `version` of `name` as live into the index; the index's lock,
+    /// still held.
+    async fn write_live(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<tokio::sync::MutexGuard<'_, Index>, CatalogError> {
         let mut index = self.index.lock().await;
         self.check_api_function(name, &index)?;
         let mut next = index.clone();
@@ -692,8 +763,7 @@ impl Catalog {
         record.live = Some(version.to_owned());
         self.disk.write_index(&next)?;
         *index = next;
-        // Still a version: deletions take the index lock too.
-        Ok(ready.go_live()?)
+        Ok(index)
     }
 
     /// Delete version `version` of `name`, which must not be live.
