@@ -90,10 +90,6 @@ fn delete_queue(queue: &str) {
     });
 }
 
-/// Run the matrix and write the report into `out`.
-///
-/// # Errors
-/// When a server cannot be started or a scenario fails.
 /// Three nodes of one cluster on the local broker, measured by
 /// [`scenario::cluster`].
 ///
@@ -209,6 +205,10 @@ fn binary(path: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     })
 }
 
+/// Run the matrix and write the report into `out`.
+///
+/// # Errors
+/// When a server cannot be started or a scenario fails.
 pub async fn run(out: &Path, tidegate: Option<PathBuf>, quick: bool) -> anyhow::Result<()> {
     let plan = if quick {
         Plan {
@@ -394,6 +394,14 @@ pub async fn run(out: &Path, tidegate: Option<PathBuf>, quick: bool) -> anyhow::
         };
         keep(scenario::isolation::run(&target, "tidegate (copies off)", &options).await?);
     }
+
+    // Three nodes of one cluster on the local broker.
+    let (members, rounds, broadcasts) = if quick {
+        (300, 200, 20)
+    } else {
+        (1000, 500, 50)
+    };
+    keep(cluster(Some(tidegate.clone()), members, rounds, broadcasts).await?);
 
     report::write(out, &results, quick)?;
     println!("report written to {}", out.join("report.md").display());

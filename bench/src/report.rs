@@ -108,6 +108,11 @@ fn checks(results: &[Figures]) -> Vec<Check> {
         "bytes_per_connection",
     );
     let base_idle = value(results, "idle", "baseline wss", "bytes_per_connection");
+    let cluster = |name| value(results, "cluster", "tidegate (3 nodes)", name);
+    let same_node_p99 = cluster("same_node_send_p99_us");
+    let cross_node_p99 = cluster("cross_node_send_p99_us");
+    let per_broadcast = cluster("broker_deliveries_per_broadcast");
+    let propagation = cluster("registry_propagation_ms");
     let connects = value(results, "connect", "tidegate (receipt)", "connects_per_s");
     let base_connects = value(results, "connect", "baseline wss", "connects_per_s");
     let calm_p99 = value(results, "isolation", "tidegate (copies off)", "calm_p99_us");
@@ -214,6 +219,33 @@ fn checks(results: &[Figures]) -> Vec<Check> {
             ratio: ratio(connects, base_connects),
             target: ">= 0.8x",
             met: ratio(connects, base_connects).map(|r| r >= 0.8),
+        },
+        Check {
+            what: "cluster: send to a connection on another node, p99",
+            measured: cross_node_p99,
+            unit: "us",
+            reference: format!("same node {}", show(same_node_p99, "us")),
+            ratio: ratio(cross_node_p99, same_node_p99),
+            target: "< 5000 us",
+            met: cross_node_p99.map(|v| v < 5000.0),
+        },
+        Check {
+            what: "cluster: broker deliveries per broadcast (members on 3 nodes)",
+            measured: per_broadcast,
+            unit: "",
+            reference: "one per node with members: 3".into(),
+            ratio: None,
+            target: "<= 3",
+            met: per_broadcast.map(|v| v <= 3.0),
+        },
+        Check {
+            what: "cluster: registry propagation (upload's 201 to every node serving it)",
+            measured: propagation,
+            unit: "ms",
+            reference: String::new(),
+            ratio: None,
+            target: "< 1000 ms",
+            met: propagation.map(|v| v < 1000.0),
         },
     ]
 }
