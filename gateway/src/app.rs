@@ -275,11 +275,12 @@ impl App {
         });
         let mut catching_up = None;
         if settings.cluster.enabled {
-            // A node that never read the cluster's registry (a new one)
-            // applies every change it holds before it serves, so that it
-            // serves what the others do. One that did serves what it kept
-            // at once, and reads on.
-            let first_start = catalog.log_offset().await.is_none();
+            // A node that never read the cluster's registry to its end (a
+            // new one, or one stopped before it got there) applies every
+            // change it holds before it serves, so that it serves what the
+            // others do. One that did serves what it kept at once, and
+            // reads on.
+            let first_start = catalog.catching_up().await;
             let (_log, mut caught_up) = RegistryLog::start(
                 &settings.cluster,
                 settings.queue.clone(),

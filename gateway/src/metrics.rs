@@ -157,11 +157,11 @@ impl Metrics {
             )?,
             cluster_connected: gauge(
                 "tidegate_cluster_connected",
-                "1 while the cluster's link to the broker is up.",
+                "1 while the cluster's link to the broker is up and this node hears its own heartbeats through it.",
             )?,
             cluster_messages: counter(
                 "tidegate_cluster_messages_total",
-                "Messages between nodes, by kind (heartbeat, bye, send, close, info, broadcast, reply) and direction (out, in, unroutable: no node to take it).",
+                "Messages between nodes, by kind (heartbeat, bye, send, close, info, broadcast, answer; foreign: not from a node, dropped; unknown) and direction (out, in, unroutable: no node to take it, unreachable: not sent, no link or too much waiting).",
                 &["kind", "direction"],
             )?,
             tls_reloads: counter(

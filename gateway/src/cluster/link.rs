@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -37,6 +38,10 @@ struct Names {
     nodes: String,
     groups: String,
     queue: String,
+    /// This node's queue of heartbeats, apart from its other messages: a
+    /// backlog of those does not hold the heartbeats back until they
+    /// expire (and this node with them, in its own eyes).
+    beats: String,
 }
 
 impl Names {
@@ -47,6 +52,7 @@ impl Names {
             nodes: format!("{name}.nodes"),
             groups: format!("{name}.groups"),
             queue: format!("{name}.node.{}", cluster.node),
+            beats: format!("{name}.node.{}.heartbeats", cluster.node),
         }
     }
 }
@@ -99,8 +105,8 @@ pub(super) async fn run(
             pause = queue.reconnect_interval;
         }
         failures += 1;
-        if failures == 1 {
-            tracing::warn!("cluster link: {error}; trying again in {pause:?}");
+        if failures == 1 || failures.is_multiple_of(10) {
+            tracing::warn!(failures, "cluster link: {error}; trying again in {pause:?}");
         } else {
             tracing::debug!(failures, "cluster link: {error}; trying again in {pause:?}");
         }
@@ -135,9 +141,10 @@ fn settle_unlinked(cluster: &Cluster, outgoing: Outgoing) {
         Outgoing::Ask { correlation, .. } => {
             cluster.answered(&correlation, Answer::Gone);
         }
-        Outgoing::Send { .. } | Outgoing::Close { .. } | Outgoing::Broadcast { .. } => {
-            cluster.hub_count(Delivery::Unreachable);
-        }
+        // Counted once already as they were handed over (`forwarded`).
+        Outgoing::Send { .. } => cluster.count("send", "unreachable"),
+        Outgoing::Close { .. } => cluster.count("close", "unreachable"),
+        Outgoing::Broadcast { .. } => cluster.count("broadcast", "unreachable"),
     }
 }
 
@@ -189,52 +196,64 @@ async fn serve(
                 .await
                 .map_err(|e| format!("declaring exchange {exchange}: {e}"))?;
         }
-        channel
-            .queue_declare(
-                names.queue.as_str().into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| {
-                format!(
-                    "declaring this node's queue {}: {e} (if another gateway holds it, it has \
-                     the same server.node_id: give every node its own)",
-                    names.queue
+        for queue in [&names.queue, &names.beats] {
+            channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        exclusive: true,
+                        auto_delete: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
                 )
-            })?;
-        bind(&channel, &names.queue, &names.nodes, &cluster.node).await?;
-        bind(&channel, &names.queue, &names.heartbeats, "").await?;
-        for group in cluster.hub.local_groups() {
-            bind(&channel, &names.queue, &names.groups, &group).await?;
+                .await
+                .map_err(|e| {
+                    format!(
+                        "declaring this node's queue {queue}: {e} (another connection holds it: \
+                         another gateway with the same server.node_id (give every node its own), \
+                         or this node's previous run, until the broker gives its connection up \
+                         (two queue.heartbeat periods))"
+                    )
+                })?;
         }
+        bind(&channel, &names.queue, &names.nodes, &cluster.node).await?;
+        bind(&channel, &names.beats, &names.heartbeats, "").await?;
         // Acknowledged one by one, at most PREFETCH ahead: the broker keeps
         // what this node has not taken yet, not this node's memory.
         channel
             .basic_qos(PREFETCH, BasicQosOptions::default())
             .await
             .map_err(|e| format!("setting the prefetch of {}: {e}", names.queue))?;
-        let consumer = channel
-            .basic_consume(
-                names.queue.as_str().into(),
-                format!("tidegate-{}", cluster.node).as_str().into(),
-                BasicConsumeOptions {
-                    exclusive: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| format!("consuming {}: {e}", names.queue))?;
-        Ok::<_, String>((channel, consumer))
+        let mut consumers = Vec::new();
+        for (queue, tag) in [(&names.queue, ""), (&names.beats, "-heartbeats")] {
+            let consumer = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    format!("tidegate-{}{tag}", cluster.node).as_str().into(),
+                    BasicConsumeOptions {
+                        exclusive: true,
+                        ..BasicConsumeOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| format!("consuming {queue}: {e}"))?;
+            consumers.push(consumer);
+        }
+        Ok::<_, String>((channel, consumers))
     };
-    let (channel, mut consumer) = tokio::time::timeout(queue.connect_timeout, setup)
+    let (channel, consumers) = tokio::time::timeout(queue.connect_timeout, setup)
         .await
         .map_err(|_| "the broker did not finish the cluster set-up in time".to_owned())??;
+    let [mut consumer, mut beats]: [lapin::Consumer; 2] = consumers
+        .try_into()
+        .map_err(|_| "two consumers".to_owned())?;
+    // Every group with members here, bound again: as many as there are
+    // (per-user groups can be tens of thousands), so not within the set-up
+    // time, and sent without waiting for each answer; one bind that waits
+    // then stands for all.
+    rebind(&channel, &names, &cluster.hub.local_groups()).await?;
     cluster.set_linked(true);
     *linked = true;
     tracing::info!(
@@ -248,7 +267,11 @@ async fn serve(
         channel: &channel,
         names: &names,
     };
-    link.heartbeat().await?;
+    // Publisher confirms of what is sent without waiting: taken as they
+    // come (a confirm dropped unresolved is kept by the channel until the
+    // link ends).
+    let mut confirms = FuturesUnordered::new();
+    confirms.push(link.heartbeat().await?);
     let mut ticks = tokio::time::interval(cluster.settings.heartbeat_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -259,28 +282,44 @@ async fn serve(
                 return Ok(());
             }
             _ = ticks.tick() => {
-                link.heartbeat().await?;
+                confirms.push(link.heartbeat().await?);
                 cluster.expire();
             }
+            Some(_) = confirms.next(), if !confirms.is_empty() => {}
             next = work.next() => match next {
-                Some(outgoing) => link.carry_out(outgoing).await?,
+                Some(outgoing) => confirms.extend(link.carry_out(outgoing).await?),
                 None => return Ok(()),
             },
-            delivery = consumer.next() => match delivery {
-                Some(Ok(delivery)) => {
-                    // Taken now: the queue is this node's alone, and goes
-                    // with it.
-                    delivery
-                        .ack(BasicAckOptions::default())
-                        .await
-                        .map_err(|e| format!("acknowledging: {e}"))?;
-                    link.take(delivery).await?;
-                }
-                Some(Err(e)) => return Err(format!("consuming: {e}")),
-                None => return Err("the broker ended the consumer".into()),
-            },
+            delivery = consumer.next() => {
+                confirms.extend(link.took(delivery).await?);
+            }
+            delivery = beats.next() => {
+                confirms.extend(link.took(delivery).await?);
+            }
         }
     }
+}
+
+/// Bind this node's queue to every one of `groups`.
+async fn rebind(channel: &Channel, names: &Names, groups: &[String]) -> Result<(), String> {
+    let Some((last, rest)) = groups.split_last() else {
+        return Ok(());
+    };
+    for group in rest {
+        channel
+            .queue_bind(
+                names.queue.as_str().into(),
+                names.groups.as_str().into(),
+                group.as_str().into(),
+                QueueBindOptions { nowait: true },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("binding group {group:?}: {e}"))?;
+    }
+    // Answered after all the others (one channel, in order), or the
+    // channel is closed with the first bind that failed.
+    bind(channel, &names.queue, &names.groups, last).await
 }
 
 async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), String> {
@@ -328,7 +367,7 @@ impl Link<'_> {
             .map_err(|e| format!("publishing to {exchange}: {e}"))
     }
 
-    async fn heartbeat(&self) -> Result<(), String> {
+    async fn heartbeat(&self) -> Result<PublisherConfirm, String> {
         let body = serde_json::to_vec(&self.cluster.announcement())
             .map_err(|e| format!("encoding the announcement: {e}"))?;
         let expiry = self.cluster.settings.node_expiry.as_millis().to_string();
@@ -336,10 +375,11 @@ impl Link<'_> {
             .with_content_type("application/json".into())
             // Not kept past the time it says anything.
             .with_expiration(ShortString::from(expiry));
-        self.publish(&self.names.heartbeats, "", false, &body, properties)
+        let confirm = self
+            .publish(&self.names.heartbeats, "", false, &body, properties)
             .await?;
         self.cluster.count("heartbeat", "out");
-        Ok(())
+        Ok(confirm)
     }
 
     async fn bye(&self) -> Result<(), String> {
@@ -377,17 +417,22 @@ impl Link<'_> {
         Ok(())
     }
 
-    async fn carry_out(&self, outgoing: Outgoing) -> Result<(), String> {
+    /// Do `outgoing`; the confirm of what was published without waiting.
+    async fn carry_out(&self, outgoing: Outgoing) -> Result<Option<PublisherConfirm>, String> {
         match outgoing {
             Outgoing::Send { node, id, message } => {
                 let (body, content_type) = wire::encode(&message);
                 let properties = wire::properties("send", &[("connection-id", wire::text(&id))])
                     .with_content_type(content_type.into());
-                self.to_node(&node, "send", &body, properties, |_| {}).await
+                self.to_node(&node, "send", &body, properties, |_| {})
+                    .await
+                    .map(|()| None)
             }
             Outgoing::Close { node, id, close } => {
                 let properties = close_properties(&id, &close);
-                self.to_node(&node, "close", &[], properties, |_| {}).await
+                self.to_node(&node, "close", &[], properties, |_| {})
+                    .await
+                    .map(|()| None)
             }
             Outgoing::Broadcast { group, message } => {
                 let (body, content_type) = wire::encode(&message);
@@ -399,10 +444,11 @@ impl Link<'_> {
                     ],
                 )
                 .with_content_type(content_type.into());
-                self.publish(&self.names.groups, &group, false, &body, properties)
+                let confirm = self
+                    .publish(&self.names.groups, &group, false, &body, properties)
                     .await?;
                 self.cluster.count("broadcast", "out");
-                Ok(())
+                Ok(Some(confirm))
             }
             Outgoing::Probe { node, exists } => {
                 // A passive declare fails, and closes its channel, when the
@@ -428,12 +474,12 @@ impl Link<'_> {
                 if let Some(found) = found {
                     let _ = exists.send(found);
                 }
-                Ok(())
+                Ok(None)
             }
             Outgoing::Bind { group, done } => {
                 bind(self.channel, &self.names.queue, &self.names.groups, &group).await?;
                 let _ = done.send(());
-                Ok(())
+                Ok(None)
             }
             Outgoing::Unbind { group } => self
                 .channel
@@ -444,6 +490,7 @@ impl Link<'_> {
                     FieldTable::default(),
                 )
                 .await
+                .map(|()| None)
                 .map_err(|e| format!("unbinding group {group:?}: {e}")),
             Outgoing::Ask {
                 node,
@@ -474,12 +521,33 @@ impl Link<'_> {
                     cluster.answered(&correlation, Answer::Gone);
                 })
                 .await
+                .map(|()| None)
             }
         }
     }
 
-    /// A message from another node.
-    async fn take(&self, delivery: AmqpDelivery) -> Result<(), String> {
+    /// What one of this node's consumers gave: taken (acknowledged at once:
+    /// the queue is this node's alone, and goes with it); the confirm of an
+    /// answer published.
+    async fn took(
+        &self,
+        delivery: Option<Result<AmqpDelivery, lapin::Error>>,
+    ) -> Result<Option<PublisherConfirm>, String> {
+        match delivery {
+            Some(Ok(delivery)) => {
+                delivery
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map_err(|e| format!("acknowledging: {e}"))?;
+                self.take(delivery).await
+            }
+            Some(Err(e)) => Err(format!("consuming: {e}")),
+            None => Err("the broker ended a consumer".into()),
+        }
+    }
+
+    /// A message from another node; the confirm of the answer published.
+    async fn take(&self, delivery: AmqpDelivery) -> Result<Option<PublisherConfirm>, String> {
         let properties = &delivery.properties;
         let cluster = self.cluster;
         let from_a_node = properties
@@ -492,7 +560,7 @@ impl Link<'_> {
                 "a message not from a node of the cluster (its user_id is not {:?}): dropped",
                 cluster.user
             );
-            return Ok(());
+            return Ok(None);
         }
         let kind = match properties.kind().as_ref().map(|k| k.as_str()) {
             Some(
@@ -500,6 +568,7 @@ impl Link<'_> {
             ) => kind.to_owned(),
             _ => "unknown".to_owned(),
         };
+        let mut confirm = None;
         match kind.as_str() {
             "heartbeat" => match serde_json::from_slice(&delivery.data) {
                 Ok(announced) => cluster.heard(announced),
@@ -539,21 +608,23 @@ impl Link<'_> {
                     let properties = wire::properties("answer", &[])
                         .with_content_type("application/json".into())
                         .with_correlation_id(correlation.clone());
-                    self.publish(
-                        &self.names.nodes,
-                        reply_to.as_str(),
-                        false,
-                        &body,
-                        properties,
-                    )
-                    .await?;
+                    confirm = Some(
+                        self.publish(
+                            &self.names.nodes,
+                            reply_to.as_str(),
+                            false,
+                            &body,
+                            properties,
+                        )
+                        .await?,
+                    );
                     cluster.count("answer", "out");
                 }
             }
             other => tracing::debug!(kind = other, "a cluster message of an unknown type"),
         }
         cluster.count(&kind, "in");
-        Ok(())
+        Ok(confirm)
     }
 
     /// Carry out another node's request about a connection of this node.

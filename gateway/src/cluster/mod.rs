@@ -16,7 +16,9 @@
 //! - queue `N.node.<node id>` per node, exclusive to its connection: when a
 //!   node dies or loses the broker, its queue goes, and what is sent to it
 //!   comes back unroutable at once (a 410 for the management API) rather
-//!   than waiting for a node that is not coming.
+//!   than waiting for a node that is not coming; and queue
+//!   `N.node.<node id>.heartbeats` for the heartbeats it takes, apart, so
+//!   that a backlog of other messages does not hold them back.
 //!
 //! The [`Hub`] sends through [`Cluster`] (its [`Remote`]) what is for a
 //! connection of another node (a connection id names its node) or for a
@@ -96,7 +98,10 @@ pub enum Answer {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClusterError {
     /// No link to the broker now.
-    #[error("the cluster is unreachable: this node has no link to the broker now")]
+    #[error(
+        "the cluster is unreachable: this node's link to the broker is down, or silent (it does \
+         not hear its own heartbeats)"
+    )]
     Unavailable,
     /// The node is in the view but did not answer in time.
     #[error("node {node} did not answer within {timeout:?} (cluster.request_timeout)")]

@@ -230,9 +230,12 @@ async fn follow(
     let connection =
         crate::broker::connect(queue, format!("tidegate {} registry", log.node)).await?;
     let applied = log.catalog.log_offset().await;
-    if applied.is_none() {
+    if log.catalog.catching_up().await {
         // A new node: only what is live at the end is compiled.
-        log.catalog.catch_up();
+        log.catalog
+            .catch_up()
+            .await
+            .map_err(|e| format!("noting that this node catches up: {e}"))?;
     }
     let mark = uuid::Uuid::now_v7().simple().to_string();
     let setup = async {

@@ -44,6 +44,11 @@ pub struct Index {
     /// applied here (the next start reads on from there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_offset: Option<u64>,
+    /// In a cluster: this node is reading the cluster's log for the first
+    /// time and has not reached its end yet (what it holds is part of the
+    /// history, not the cluster's present).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub catching_up: bool,
 }
 
 /// One uploaded function.

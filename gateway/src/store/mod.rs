@@ -495,9 +495,35 @@ impl Catalog {
     /// it), and a switch makes a version live without loading it, so that
     /// a node catching up with a long history compiles only what is live
     /// at its end, not every version ever uploaded.
-    pub fn catch_up(&self) {
+    /// The index says so until [`Catalog::caught_up`], so that a node
+    /// restarted in the middle catches up again before it is ready.
+    ///
+    /// # Errors
+    /// [`CatalogError::Disk`] when the index cannot be written.
+    pub async fn catch_up(&self) -> Result<(), CatalogError> {
         self.deferring
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.mark_catching_up(true).await
+    }
+
+    /// Whether this node has not yet read the cluster's log to its end
+    /// once (it started on an empty state directory, or was stopped before
+    /// it got there).
+    pub async fn catching_up(&self) -> bool {
+        let index = self.index.lock().await;
+        index.log_offset.is_none() || index.catching_up
+    }
+
+    async fn mark_catching_up(&self, catching_up: bool) -> Result<(), CatalogError> {
+        let mut index = self.index.lock().await;
+        if index.catching_up == catching_up {
+            return Ok(());
+        }
+        let mut next = index.clone();
+        next.catching_up = catching_up;
+        self.disk.write_index(&next)?;
+        *index = next;
+        Ok(())
     }
 
     /// The node read the cluster's log to its end: compile the live
@@ -510,6 +536,10 @@ impl Catalog {
             .swap(false, std::sync::atomic::Ordering::Relaxed)
         {
             return;
+        }
+        if let Err(e) = self.mark_catching_up(false).await {
+            // The next start reads to the end again before it is ready.
+            tracing::warn!("noting that the cluster's registry is read to its end: {e}");
         }
         let Ok(_compiling) = self.compile_slot().await else {
             // Busy for long: the live versions load at their first call.

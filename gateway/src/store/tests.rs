@@ -460,3 +460,65 @@ async fn the_version_rolled_back_to_is_not_pruned_by_the_next_deploy() {
             .is_some()
     );
 }
+
+#[tokio::test]
+async fn catching_up_compiles_only_what_ends_live_and_survives_a_restart_in_the_middle() {
+    let state = tempfile::tempdir().unwrap();
+    let node = start(state.path()).await.unwrap();
+    assert!(
+        node.catalog.catching_up().await,
+        "a new node has read nothing"
+    );
+    let before = compiles(&node.prometheus);
+    node.catalog.catch_up().await.unwrap();
+    let first = node
+        .catalog
+        .apply(Change::Upload {
+            name: "f".into(),
+            live: true,
+            wasm: echo_variant("first"),
+        })
+        .await
+        .unwrap();
+    node.catalog.set_log_offset(0).await.unwrap();
+    let Applied::Uploaded(second) = node
+        .catalog
+        .apply(Change::Upload {
+            name: "f".into(),
+            live: true,
+            wasm: echo_variant("second"),
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("an upload");
+    };
+    node.catalog.set_log_offset(1).await.unwrap();
+    assert_eq!(compiles(&node.prometheus), before, "nothing compiled yet");
+    let Applied::Uploaded(first) = first else {
+        panic!("an upload");
+    };
+    assert!(!second.function.is_loaded());
+    drop(node);
+
+    // Stopped in the middle: still catching up after a restart, although
+    // it has a position in the log.
+    let node = start(state.path()).await.unwrap();
+    assert!(node.catalog.catching_up().await);
+    node.catalog.catch_up().await.unwrap();
+    node.catalog
+        .apply(Change::SetLive {
+            name: "f".into(),
+            version: first.function.version().into(),
+        })
+        .await
+        .unwrap();
+    node.catalog.caught_up().await;
+    assert!(!node.catalog.catching_up().await);
+    let live = node.registry.get("f").unwrap();
+    assert_eq!(live.version(), first.function.version());
+    assert!(live.is_loaded(), "the live version is compiled at the end");
+    drop(node);
+    let node = start(state.path()).await.unwrap();
+    assert!(!node.catalog.catching_up().await, "caught up, and noted");
+}
