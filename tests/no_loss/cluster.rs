@@ -133,13 +133,17 @@ async fn a_broker_restart_under_load_keeps_every_node_serving_and_the_cluster_he
     let mut chat_sent = Vec::new();
     let (mut on_a, on_a_id) = client(a).await;
     let (mut on_c, _) = client(c).await;
-    // Told apart by a field the function ignores: two copies of one text
-    // would read as a duplicate.
+    // As many rooms as a chat connection may join: node A binds them all
+    // again after the restart. Joins told apart by a field the function
+    // ignores: two copies of one text would read as a duplicate.
+    let rooms: Vec<String> = (0..16).map(|n| format!("r{n}")).collect();
     for (who, member) in [("a", &mut on_a), ("c", &mut on_c)] {
-        let join = serde_json::json!({"action": "join", "room": "r", "who": who});
-        chat_sent.push(join.to_string());
-        chat(member, join).await;
-        assert_eq!(json(member).await["ok"], "join");
+        for room in &rooms {
+            let join = serde_json::json!({"action": "join", "room": room, "who": who});
+            chat_sent.push(join.to_string());
+            chat(member, join).await;
+            assert_eq!(json(member).await["ok"], "join");
+        }
     }
     let endpoints: Vec<_> = three.nodes.iter().map(Gateway::endpoint).collect();
     let stop = Arc::new(AtomicBool::new(false));
@@ -185,11 +189,15 @@ async fn a_broker_restart_under_load_keeps_every_node_serving_and_the_cluster_he
         healing.elapsed()
     );
     sends_reach_again(b, &on_a_id, &mut on_a).await;
-    // Node A's group is bound again: a broadcast from C reaches it.
-    let line = serde_json::json!({"action": "send", "room": "r", "text": "after"});
-    chat_sent.push(line.to_string());
-    chat(&mut on_c, line).await;
-    assert_eq!(broadcast_heard(&mut on_a, "after").await["room"], "r");
+    // Node A's groups are bound again: a broadcast from C to each reaches
+    // it.
+    for room in &rooms {
+        let text = format!("after, in {room}");
+        let line = serde_json::json!({"action": "send", "room": room, "text": text});
+        chat_sent.push(line.to_string());
+        chat(&mut on_c, line).await;
+        assert_eq!(broadcast_heard(&mut on_a, &text).await["room"], *room);
+    }
 
     stop.store(true, Ordering::Relaxed);
     let mut seen = Seen::default();
