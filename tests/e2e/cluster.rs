@@ -557,3 +557,40 @@ async fn a_node_catching_up_compiles_only_the_versions_live_at_the_end() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(compiles(b, "history").await, 2.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_caught_up_once_serves_at_once_after_a_restart_even_without_the_broker() {
+    let name = format!("cluster-test-{}", uuid::Uuid::now_v7().simple());
+    let state = tempfile::tempdir().unwrap();
+    // A cluster whose registry holds no change yet: the node caught up
+    // when it read its own mark back.
+    let mut three = Three {
+        nodes: vec![Gateway::start(
+            member_options(&name, "a").state(state.path()),
+        )],
+        name: name.clone(),
+    };
+    eventually("ready", Duration::from_secs(30), || async {
+        three.nodes[0].admin_get("/readyz").await.0 == 200
+    })
+    .await;
+    three.nodes[0].terminate();
+
+    // Restarted with the broker unreachable: it does not wait to catch up.
+    let proxy = crate::proxy::BrokerProxy::closed().await;
+    let started = Instant::now();
+    three.nodes[0] = Gateway::start(
+        member_options(&name, "a")
+            .state(state.path())
+            .env("TIDEGATE__QUEUE__URL", proxy.url()),
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "listening without waiting for the registry: {:?}",
+        started.elapsed()
+    );
+    eventually("ready", Duration::from_secs(10), || async {
+        three.nodes[0].admin_get("/readyz").await.0 == 200
+    })
+    .await;
+}

@@ -285,7 +285,9 @@ async fn serve(
                 confirms.push(link.heartbeat().await?);
                 cluster.expire();
             }
-            Some(_) = confirms.next(), if !confirms.is_empty() => {}
+            Some(confirmation) = confirms.next(), if !confirms.is_empty() => {
+                confirmed(cluster, confirmation);
+            }
             next = work.next() => match next {
                 Some(outgoing) => confirms.extend(link.carry_out(outgoing).await?),
                 None => return Ok(()),
@@ -300,12 +302,41 @@ async fn serve(
     }
 }
 
+/// A publish's confirm came. A mandatory message no queue took (one for a
+/// node whose queue is gone) comes back with it: counted, and the request
+/// it carried answered as gone. What it was is read from the message
+/// itself: the broker's return names no publish, and the client library
+/// may hand it to another publish's confirm.
+fn confirmed(cluster: &Cluster, confirmation: lapin::Result<Confirmation>) {
+    let (Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned)))) =
+        confirmation
+    else {
+        return;
+    };
+    let properties = &returned.delivery.properties;
+    let kind = properties
+        .kind()
+        .as_ref()
+        .map(|k| k.as_str())
+        .filter(|kind| matches!(*kind, "send" | "close" | "info"))
+        .unwrap_or("unknown");
+    cluster.count(kind, "unroutable");
+    if let Some(correlation) = properties.correlation_id() {
+        cluster.answered(correlation.as_str(), Answer::Gone);
+    }
+}
+
 /// Bind this node's queue to every one of `groups`.
 async fn rebind(channel: &Channel, names: &Names, groups: &[String]) -> Result<(), String> {
     let Some((last, rest)) = groups.split_last() else {
         return Ok(());
     };
-    for group in rest {
+    let started = std::time::Instant::now();
+    for (n, group) in rest.iter().enumerate() {
+        if n % 1024 == 1023 {
+            // Each is only queued here: let the connection send them.
+            tokio::task::yield_now().await;
+        }
         channel
             .queue_bind(
                 names.queue.as_str().into(),
@@ -319,7 +350,13 @@ async fn rebind(channel: &Channel, names: &Names, groups: &[String]) -> Result<(
     }
     // Answered after all the others (one channel, in order), or the
     // channel is closed with the first bind that failed.
-    bind(channel, &names.queue, &names.groups, last).await
+    bind(channel, &names.queue, &names.groups, last).await?;
+    tracing::info!(
+        groups = groups.len(),
+        "cluster link: the groups with members here are bound again in {:?}",
+        started.elapsed()
+    );
+    Ok(())
 }
 
 async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), String> {
@@ -393,28 +430,20 @@ impl Link<'_> {
         Ok(())
     }
 
-    /// Publish a request for node `node`; mandatory, so that a node whose
-    /// queue is gone is known at once: `on_return` runs then.
+    /// Publish a message for node `node`; mandatory, so that a node whose
+    /// queue is gone is known at once (see [`confirmed`]).
     async fn to_node(
         &self,
         node: &str,
         kind: &'static str,
         body: &[u8],
         properties: BasicProperties,
-        on_return: impl FnOnce(&Cluster) + Send + 'static,
-    ) -> Result<(), String> {
+    ) -> Result<Option<PublisherConfirm>, String> {
         let confirm = self
             .publish(&self.names.nodes, node, true, body, properties)
             .await?;
         self.cluster.count(kind, "out");
-        let cluster = self.cluster.clone();
-        tokio::spawn(async move {
-            if let Ok(Confirmation::Ack(Some(_returned))) = confirm.await {
-                cluster.count(kind, "unroutable");
-                on_return(&cluster);
-            }
-        });
-        Ok(())
+        Ok(Some(confirm))
     }
 
     /// Do `outgoing`; the confirm of what was published without waiting.
@@ -424,15 +453,11 @@ impl Link<'_> {
                 let (body, content_type) = wire::encode(&message);
                 let properties = wire::properties("send", &[("connection-id", wire::text(&id))])
                     .with_content_type(content_type.into());
-                self.to_node(&node, "send", &body, properties, |_| {})
-                    .await
-                    .map(|()| None)
+                self.to_node(&node, "send", &body, properties).await
             }
             Outgoing::Close { node, id, close } => {
                 let properties = close_properties(&id, &close);
-                self.to_node(&node, "close", &[], properties, |_| {})
-                    .await
-                    .map(|()| None)
+                self.to_node(&node, "close", &[], properties).await
             }
             Outgoing::Broadcast { group, message } => {
                 let (body, content_type) = wire::encode(&message);
@@ -517,11 +542,7 @@ impl Link<'_> {
                 let properties = properties
                     .with_reply_to(ShortString::from(self.cluster.node.as_str()))
                     .with_correlation_id(ShortString::from(correlation.as_str()));
-                self.to_node(&node, kind, &body, properties, move |cluster| {
-                    cluster.answered(&correlation, Answer::Gone);
-                })
-                .await
-                .map(|()| None)
+                self.to_node(&node, kind, &body, properties).await
             }
         }
     }

@@ -451,12 +451,14 @@ impl Cluster {
         self.count_nodes();
     }
 
-    /// A node said goodbye.
+    /// A node said goodbye. What it was asked is not given up at once: its
+    /// last answers may still be on their way (the goodbye comes through
+    /// another queue); they are waited for as any request, and one still
+    /// unanswered then finds the node gone.
     fn left(&self, node: &str) {
         if lock(&self.view).remove(node).is_some() {
             tracing::info!(node, "node left the cluster (said goodbye)");
         }
-        self.forget_node(node);
         self.count_nodes();
     }
 

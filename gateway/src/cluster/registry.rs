@@ -351,6 +351,12 @@ async fn follow(
             }
             if marked.is_some() || !from_a_node {
                 if marked.as_deref() == Some(mark.as_str()) {
+                    // Kept, so that even a stream of no changes yet is
+                    // read on from here (not from its start) next time.
+                    log.catalog
+                        .set_log_offset(offset)
+                        .await
+                        .map_err(|e| format!("keeping the registry position: {e}"))?;
                     log.catalog.caught_up().await;
                     caught_up.send_replace(true);
                 }

@@ -281,13 +281,25 @@ impl Catalog {
                     })?;
                 let live = function.live.as_deref() == Some(version.version());
                 let keep = Keep::File(disk.component_path(&version.digest));
+                // Stopped while catching up with the cluster: what was live
+                // then is part of the history, compiled only if it is still
+                // live at its end.
+                let load_now = live && !index.catching_up;
                 registry
-                    .restore_version(name, wasm, keep, live, created)
+                    .restore_version(name, wasm, keep, load_now, created)
                     .await
                     .map_err(|source| RestoreError::Load {
                         index: index_path.clone(),
                         source,
                     })?;
+                if live && !load_now {
+                    registry
+                        .set_live_unloaded(name, version.version())
+                        .map_err(|e| DiskError::Corrupt {
+                            path: index_path.clone(),
+                            reason: e.to_string(),
+                        })?;
+                }
                 restored.versions += 1;
             }
             restored.functions += 1;

@@ -505,6 +505,10 @@ async fn catching_up_compiles_only_what_ends_live_and_survives_a_restart_in_the_
     // it has a position in the log.
     let node = start(state.path()).await.unwrap();
     assert!(node.catalog.catching_up().await);
+    assert!(
+        !node.registry.get("f").unwrap().is_loaded(),
+        "what was live mid-history is not compiled at the restart"
+    );
     node.catalog.catch_up().await.unwrap();
     node.catalog
         .apply(Change::SetLive {
