@@ -364,7 +364,6 @@ fn read_file(path: &Path) -> Result<Vec<u8>, ClientError> {
 /// Parse the arguments, load the configuration and run.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    crate::logging::init();
     crate::tls::install_crypto_provider();
     match cli.command {
         Command::Serve { config, dev } => {
@@ -375,6 +374,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            crate::logging::init(settings.log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("tidegate")
@@ -395,6 +395,7 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Manage(command) => {
+            crate::logging::init(crate::config::LogFormat::Text);
             // One request and its answer: async on a current-thread runtime,
             // since tokio is linked anyway and reqwest's blocking client
             // would start a runtime of its own on a second thread.

@@ -266,6 +266,61 @@ async fn a_handler_error_is_sent_as_an_error_message_and_the_connection_stays() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_log_format_json_every_line_is_a_json_object_with_its_fields() {
+    let gateway = faulty_gateway_with(Options::default().env("TIDEGATE__LOG__FORMAT", "json"));
+    let mut client = gateway.connect("/").await;
+    for command in ["log", "forge"] {
+        assert_eq!(
+            round_trip(&mut client, Message::Text(command.into())).await,
+            Message::Text(command.into())
+        );
+    }
+    crate::harness::eventually(
+        "the function's lines are logged",
+        std::time::Duration::from_secs(5),
+        || {
+            let log = gateway.log();
+            async move { log.contains("a line through the logging import") && log.contains("forged") }
+        },
+    )
+    .await;
+    let log = gateway.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))
+        })
+        .collect();
+    assert!(!log.contains('\u{1b}'), "no terminal escapes: {log}");
+    for line in &lines {
+        for field in ["timestamp", "level", "target", "message"] {
+            assert!(line.get(field).is_some(), "{field} in {line}");
+        }
+    }
+    // A function's line: its function, version and connection as fields.
+    let guest = lines
+        .iter()
+        .find(|line| line["message"] == "a line through the logging import")
+        .expect("the function's line");
+    assert_eq!(guest["function"], "faulty", "{guest}");
+    assert_eq!(guest["version"].as_str().map(str::len), Some(16), "{guest}");
+    assert!(
+        guest["connection"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty()),
+        "{guest}"
+    );
+    assert_eq!(guest["level"], "WARN", "{guest}");
+    // A line a function forges stays inside its message.
+    assert!(
+        lines
+            .iter()
+            .all(|line| line["target"] != "tidegate" || line["message"] != "forged by log"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_followed_by_a_message_without_reply_is_not_held_back() {
     use futures_util::{SinkExt, StreamExt};
     let gateway = faulty_gateway();

@@ -117,12 +117,36 @@ struct RawConfig {
     /// `[auth]`.
     #[serde(default)]
     auth: auth::RawAuth,
+    /// `[log]`.
+    #[serde(default)]
+    log: RawLog,
     /// `[functions.<name>]`.
     #[serde(default)]
     functions: BTreeMap<String, functions::RawFunction>,
     /// `[routes]`: path to function name, or to the long form.
     #[serde(default)]
     routes: BTreeMap<String, functions::RawRoute>,
+}
+
+/// `[log]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    /// `log.format`: `text` or `json`.
+    #[serde(default, deserialize_with = "word")]
+    format: Option<LogFormat>,
+}
+
+/// How log lines are written (`log.format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One readable line per event, coloured on a terminal only.
+    #[default]
+    Text,
+    /// One JSON object per line, its fields at the top level (for a log
+    /// collector).
+    Json,
 }
 
 /// Everything the gateway needs, validated.
@@ -143,6 +167,8 @@ pub struct Settings {
     pub cluster: ClusterSettings,
     /// Function limits.
     pub runtime: ::runtime::RuntimeConfig,
+    /// How log lines are written (`log.format`).
+    pub log_format: LogFormat,
     /// What a client sees when the function fails on its message
     /// (`runtime.on_error`).
     pub on_error: OnError,
@@ -304,6 +330,7 @@ impl RawConfig {
             cluster,
             runtime: runtime.limits,
             on_error: runtime.on_error,
+            log_format: self.log.format.unwrap_or_default(),
             fault_backoff: runtime.fault_backoff,
             max_state_size: runtime.max_state_size,
             max_effects: runtime.max_effects,
@@ -699,5 +726,20 @@ mod tests {
         let settings = Settings::from_sources(None, env, true).unwrap();
         assert_eq!(settings.server.listen.port(), 0);
         assert_eq!(settings.queue.queue, "mine");
+    }
+
+    #[test]
+    fn the_log_format_is_text_or_json() {
+        let format = |extra: &str| {
+            Settings::from_toml(&format!("{MINIMAL}\n[log]\n{extra}\n"), vec![], false)
+                .map(|settings| settings.log_format)
+        };
+        assert_eq!(format("").unwrap(), LogFormat::Text);
+        assert_eq!(format("format = \"json\"").unwrap(), LogFormat::Json);
+        assert_eq!(format("format = \"text\"").unwrap(), LogFormat::Text);
+        for bad in ["\"JSON\"", "\"logfmt\"", "1"] {
+            let error = format(&format!("format = {bad}")).unwrap_err().to_string();
+            assert!(error.contains("log.format"), "{bad}: {error}");
+        }
     }
 }
