@@ -3,8 +3,11 @@
 # tests, runtime tests against real components, and end-to-end tests against
 # the real binary, real TLS WebSockets and a real RabbitMQ on 127.0.0.1:5672.
 #
-# Installs what is missing (the wasm32-wasip2 target, RabbitMQ, promtool)
-# and starts RabbitMQ when it is down. Needs Rust (rustup) and, for the
+# Then checks deploy/ offline (the Helm chart, kustomize, alert rules, the
+# dashboard, the systemd unit) and builds and runs the container image.
+#
+# Installs what is missing (the wasm32-wasip2 target, RabbitMQ, promtool,
+# podman, musl-tools) and starts RabbitMQ when it is down. Needs Rust (rustup) and, for the
 # installs, apt-get (run as root or with sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +41,12 @@ say "promtool (checks /metrics in the tests), openssl (checks TLS versions and s
 command -v promtool >/dev/null 2>&1 || apt_install prometheus
 command -v openssl >/dev/null 2>&1 || apt_install openssl
 
+say "deploy/ checks and the container image: kubectl (its kustomize), podman, musl"
+command -v kubectl >/dev/null 2>&1 || apt_install kubectl
+command -v podman >/dev/null 2>&1 || apt_install podman runc
+command -v musl-gcc >/dev/null 2>&1 || apt_install musl-tools
+command -v systemd-analyze >/dev/null 2>&1 || apt_install systemd
+
 say "JavaScript and Python toolchains (the echo examples in functions/js and functions/python)"
 command -v npm >/dev/null 2>&1 || apt_install nodejs npm
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_install python3-venv
@@ -61,6 +70,18 @@ cargo test -p runtime --test foreign_guests --locked -- --ignored
 # The SDK's own tests run on the host, not on wasm32-wasip2.
 (cd functions && cargo test -p tidegate-sdk --locked --target "$(rustc -vV | sed -n 's/^host: //p')")
 
+# The gateway binary the end-to-end tests ran (cargo test builds it).
+tidegate="${CARGO_TARGET_DIR:-target}/debug/tidegate"
+
 say "RFC 6455 conformance (Autobahn, ws:// and wss://)"
-cargo build --bin tidegate --locked
-tests/autobahn.sh "${CARGO_TARGET_DIR:-target}/debug/tidegate"
+tests/autobahn.sh "$tidegate"
+
+say "deploy/: the chart and kustomize rendered and validated, rules, dashboard, systemd unit"
+deploy_out="$(mktemp -d)"
+TIDEGATE_BINARY="$tidegate" deploy/check.sh "$deploy_out"
+
+say "container image: built (deploy/image/build.sh) and run with podman"
+deploy/image/build.sh localhost/tidegate:ci
+TIDEGATE_IMAGE=localhost/tidegate:ci TIDEGATE_CHART_CONFIG="$deploy_out/helm/chart-tidegate.toml" \
+  cargo test -p gateway --test e2e --locked image:: -- --ignored
+rm -rf "$deploy_out"

@@ -11,6 +11,8 @@ mod matrix;
 mod process;
 mod report;
 mod scenario;
+mod soak;
+mod soak_plot;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -169,6 +171,42 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         broadcasts: usize,
     },
+    /// Three nodes for a long, bounded run: connection churn, steady
+    /// messages, a deploy every few minutes, one broker restart (through
+    /// rabbitmqctl); checks that memory, open files, spool and queue depth
+    /// stay bounded and no replied message lacks its copy. Outside CI.
+    Soak {
+        /// The tidegate binary (default: next to this one).
+        #[arg(long)]
+        tidegate: Option<PathBuf>,
+        /// How long the load runs.
+        #[arg(long, default_value = "20m", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Client connections at once, over the three nodes.
+        #[arg(long, default_value_t = 300)]
+        connections: usize,
+        /// Messages per second per connection.
+        #[arg(long, default_value_t = 2.0)]
+        rate: f64,
+        /// Shortest connection lifetime.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        min_lifetime: Duration,
+        /// Longest connection lifetime.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        max_lifetime: Duration,
+        /// A new version of the function this often.
+        #[arg(long, default_value = "3m", value_parser = humantime::parse_duration)]
+        deploy_every: Duration,
+        /// How long the broker stays down, at the middle of the run.
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        broker_down: Duration,
+        /// How often to sample.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        sample_every: Duration,
+        /// Where samples.jsonl, soak.png and summary.md go.
+        #[arg(long, default_value = "soak-report")]
+        out: PathBuf,
+    },
     /// Serve a plain tokio-tungstenite echo (the baseline).
     Baseline {
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -322,6 +360,34 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .await?
                 .print();
             return Ok(());
+        }
+        Command::Soak {
+            tidegate,
+            duration,
+            connections,
+            rate,
+            min_lifetime,
+            max_lifetime,
+            deploy_every,
+            broker_down,
+            sample_every,
+            out,
+        } => {
+            anyhow::ensure!(
+                min_lifetime <= max_lifetime && rate > 0.0 && connections > 0,
+                "--min-lifetime at most --max-lifetime, --rate and --connections above 0"
+            );
+            let options = soak::Options {
+                duration,
+                connections,
+                rate,
+                lifetime: (min_lifetime, max_lifetime),
+                deploy_every,
+                broker_down,
+                sample_every,
+                out,
+            };
+            return soak::run(tidegate, &options).await;
         }
         Command::Baseline { .. } => unreachable!("handled before the runtime starts"),
     };

@@ -28,17 +28,19 @@ struct Plan {
 }
 
 /// A server under test, killed on drop.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    url: String,
-    admin: Option<SocketAddr>,
+    /// `wss://ADDR/` (or the baseline's URL).
+    pub(crate) url: String,
+    /// Tidegate's admin listener.
+    pub(crate) admin: Option<SocketAddr>,
     /// Tidegate's queue, deleted when the server stops.
     queue: Option<String>,
     _state: Option<tempfile::TempDir>,
 }
 
 impl Server {
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 }
@@ -68,7 +70,7 @@ impl Drop for Server {
 }
 
 /// Delete a queue the benchmark created.
-fn delete_queue(queue: &str) {
+pub(crate) fn delete_queue(queue: &str) {
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -161,7 +163,7 @@ pub async fn cluster(
 }
 
 /// Delete what a benchmark cluster left on the broker.
-fn delete_cluster(name: &str) {
+pub(crate) fn delete_cluster(name: &str) {
     let name = name.to_owned();
     let _ = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -195,7 +197,7 @@ fn delete_cluster(name: &str) {
 }
 
 /// The tidegate binary: `path`, or the one next to this benchmark.
-fn binary(path: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+pub(crate) fn binary(path: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(match path {
         Some(path) => path,
         None => std::env::current_exe()?
@@ -461,7 +463,7 @@ fn start_tidegate(
 }
 
 /// Start tidegate with a configuration file's contents too.
-fn start_tidegate_with(
+pub(crate) fn start_tidegate_with(
     binary: &Path,
     mode: &str,
     env: &[(&str, &str)],

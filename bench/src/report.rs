@@ -304,7 +304,7 @@ fn markdown(results: &[Figures], quick: bool) -> String {
     md
 }
 
-fn register_font() -> anyhow::Result<()> {
+pub(crate) fn register_font() -> anyhow::Result<()> {
     let bytes = FONTS
         .iter()
         .find_map(|path| std::fs::read(path).ok())

@@ -95,6 +95,9 @@ impl App {
     /// functions, spool, ports); the error says which and why.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let metrics = Metrics::new().context("registering metrics")?;
+        metrics
+            .connections_max
+            .set(i64::try_from(settings.server.max_connections.get()).unwrap_or(i64::MAX));
         raise_file_limit(settings.server.max_connections.get());
         // Only what is used is prepared: the state directory is the
         // operator's, and each private directory under it is checked where

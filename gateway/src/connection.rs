@@ -303,6 +303,7 @@ impl<R: Functions> AfterClose<R> {
             }
             Err(e) => tracing::debug!(
                 connection = %ctx.id,
+                route = &*self.route_path,
                 function = function.name(),
                 version = function.version(),
                 "on-disconnect failed: {e}"

@@ -303,6 +303,7 @@ impl<R: Functions> Dispatcher<R> {
                 // gets the detail (wasmtime's words, file paths).
                 tracing::debug!(
                     connection = %self.ctx.id,
+                    route = &*self.route_path,
                     function = function.name(),
                     version = function.version(),
                     "the function failed on a message: {error}"
@@ -459,6 +460,7 @@ impl<R: Functions> Dispatcher<R> {
                     .inc();
                 tracing::debug!(
                     connection = %self.ctx.id,
+                    route = &*self.route_path,
                     function = function.name(),
                     "on-connect's effects were refused: {}",
                     failure.message

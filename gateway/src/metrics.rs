@@ -17,6 +17,8 @@ pub struct Metrics {
     pub registry: Registry,
     /// Open WebSocket connections by route.
     pub connections_open: IntGaugeVec,
+    /// `server.max_connections`, for alerts on the share in use.
+    pub connections_max: IntGauge,
     /// Accepted WebSocket connections by route.
     pub connections: IntCounterVec,
     /// Connections refused before or during the upgrade, by reason.
@@ -104,6 +106,10 @@ impl Metrics {
         )?;
         Ok(Self {
             connections_open,
+            connections_max: gauge(
+                "tidegate_connections_max",
+                "Connections the gateway takes at once, open or in handshake (server.max_connections).",
+            )?,
             connections: counter(
                 "tidegate_connections_total",
                 "WebSocket connections accepted.",
@@ -153,7 +159,7 @@ impl Metrics {
             )?,
             cluster_nodes: gauge(
                 "tidegate_cluster_nodes",
-                "Nodes in this node's view of the cluster, itself included (1 without a cluster).",
+                "Nodes in this node's view of the cluster, itself included (0 without a cluster).",
             )?,
             cluster_connected: gauge(
                 "tidegate_cluster_connected",

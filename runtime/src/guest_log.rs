@@ -74,7 +74,14 @@ impl GuestLog {
     /// Log one guest line (from `stream`: `stdout`, `stderr` or `log`)
     /// written during a call about `connection` (empty between calls), or
     /// drop it when the function is over its budget for this second.
-    pub(crate) fn line(&self, level: Level, stream: &'static str, connection: &str, line: &str) {
+    pub(crate) fn line(
+        &self,
+        level: Level,
+        stream: &'static str,
+        connection: &str,
+        route: &str,
+        line: &str,
+    ) {
         let second = self.clock.now_millis() / 1_000;
         let verdict = self
             .budget
@@ -107,6 +114,7 @@ impl GuestLog {
                     function,
                     version,
                     connection,
+                    route,
                     stream,
                     "{line}"
                 )

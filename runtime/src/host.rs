@@ -55,26 +55,26 @@ impl Caller {
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = id;
     }
 
-    /// Log `line` with the current call's connection id.
+    /// Log `line` with the current call's connection id and route.
     fn line(&self, log: &GuestLog, level: Level, stream: &'static str, line: &str) {
-        self.with_connection(|connection| log.line(level, stream, connection, line));
+        self.with_connection(|connection, route| log.line(level, stream, connection, route, line));
     }
 
-    /// The current call's connection id (empty between calls).
-    fn connection(&self) -> String {
-        self.with_connection(str::to_owned)
+    /// The current call's connection id and route (empty between calls).
+    fn connection(&self) -> (String, String) {
+        self.with_connection(|connection, route| (connection.to_owned(), route.to_owned()))
     }
 
-    fn with_connection<R>(&self, f: impl FnOnce(&str) -> R) -> R {
+    fn with_connection<R>(&self, f: impl FnOnce(&str, &str) -> R) -> R {
         let caller = self
             .0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(match &*caller {
-            Some(CallerId::Context(ctx)) => ctx.id.as_str(),
-            Some(CallerId::Connection(conn)) => conn.id.as_str(),
-            None => "",
-        })
+        match &*caller {
+            Some(CallerId::Context(ctx)) => f(&ctx.id, &ctx.route),
+            Some(CallerId::Connection(conn)) => f(&conn.id, &conn.route),
+            None => f("", ""),
+        }
     }
 }
 
@@ -228,10 +228,10 @@ impl StdoutStream for GuestOutput {
 struct LineLogger {
     output: GuestOutput,
     line: Vec<u8>,
-    /// The connection of the call that wrote the line's first byte: a line
-    /// a call leaves unfinished is logged under that call's connection, not
-    /// the one of the call that ends it.
-    connection: Option<String>,
+    /// The connection (and route) of the call that wrote the line's first
+    /// byte: a line a call leaves unfinished is logged under that call's
+    /// connection, not the one of the call that ends it.
+    connection: Option<(String, String)>,
 }
 
 impl LineLogger {
@@ -241,10 +241,10 @@ impl LineLogger {
         // escaped as part of the line.
         let text = text.strip_suffix('\r').unwrap_or(&text);
         match self.connection.take() {
-            Some(connection) => {
+            Some((connection, route)) => {
                 self.output
                     .log
-                    .line(Level::Info, self.output.stream, &connection, text)
+                    .line(Level::Info, self.output.stream, &connection, &route, text)
             }
             None => {
                 self.output

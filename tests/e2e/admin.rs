@@ -29,6 +29,11 @@ async fn metrics_pass_promtool_and_name_the_essentials() {
     ] {
         assert!(body.contains(name), "{name} missing from /metrics");
     }
+    // The limit alerts compare open connections with (the dev default).
+    assert!(
+        body.contains("\ntidegate_connections_max 10000\n"),
+        "tidegate_connections_max missing or not server.max_connections"
+    );
     let mut promtool = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())

@@ -257,6 +257,7 @@ async fn a_handler_error_is_sent_as_an_error_message_and_the_connection_stays() 
             .find(|line| line.contains(text))
             .expect("logged");
         assert!(line.contains("function=\"faulty\""), "{line}");
+        assert!(line.contains("route=\"/\""), "{line}");
         assert!(line.contains("version=\""), "{line}");
         assert!(
             line.contains("connection=\"") && !line.contains("connection=\"\""),
@@ -297,12 +298,14 @@ async fn with_log_format_json_every_line_is_a_json_object_with_its_fields() {
             assert!(line.get(field).is_some(), "{field} in {line}");
         }
     }
-    // A function's line: its function, version and connection as fields.
+    // A function's line: its function, version, connection and route as
+    // fields.
     let guest = lines
         .iter()
         .find(|line| line["message"] == "a line through the logging import")
         .expect("the function's line");
     assert_eq!(guest["function"], "faulty", "{guest}");
+    assert_eq!(guest["route"], "/", "{guest}");
     assert_eq!(guest["version"].as_str().map(str::len), Some(16), "{guest}");
     assert!(
         guest["connection"]

@@ -21,6 +21,7 @@ mod faults;
 mod foreign;
 mod functions_api;
 mod idle;
+mod image;
 mod lifecycle;
 mod limits;
 mod platform;

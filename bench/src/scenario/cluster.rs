@@ -246,7 +246,7 @@ async fn propagation(nodes: &[Node], token: &str) -> anyhow::Result<Duration> {
 }
 
 /// One request to the admin listener: its status and body.
-async fn http(
+pub(crate) async fn http(
     admin: SocketAddr,
     method: &str,
     path: &str,
