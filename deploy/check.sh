@@ -46,7 +46,7 @@ render kustomize --check
 echo "== kustomize"
 # The example overlay reads its secrets from files an operator writes; stand
 # in for them in a copy.
-cp -r "$here/kustomize" "$out/kustomize-src"
+rm -rf "$out/kustomize-src" && cp -r "$here/kustomize" "$out/kustomize-src"
 overlay="$out/kustomize-src/overlays/example"
 printf 'amqp://tidegate:example@rabbitmq.messaging.svc:5672/%%2f' >"$overlay/secrets/amqp-url"
 printf 'example-admin-token-0123456789' >"$overlay/secrets/admin-token"

@@ -173,8 +173,9 @@ enum Command {
     },
     /// Three nodes for a long, bounded run: connection churn, steady
     /// messages, a deploy every few minutes, one broker restart (through
-    /// rabbitmqctl); checks that memory, open files, spool and queue depth
-    /// stay bounded and no replied message lacks its copy. Outside CI.
+    /// rabbitmqctl); checks that memory and open files do not grow, the
+    /// spools empty, and no replied message lacks its copy; plots memory,
+    /// open files, spool and queue depth. Outside CI.
     Soak {
         /// The tidegate binary (default: next to this one).
         #[arg(long)]

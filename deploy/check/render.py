@@ -37,9 +37,13 @@ REFUSED = [
      "must exceed preStopSleepSeconds"),
     ({"secrets": {"amqpUrl": "amqp://x"}, "config": {"server": {"shutdown_grace_period": "1h30m"}}},
      "write it as seconds"),
-    ({"secrets": {"amqpUrl": "amqp://x"}, "autoscaling": {"enabled": True}, "keda": {"enabled": True}},
-     "choose one"),
+    ({"secrets": {"amqpUrl": "amqp://x"}, "autoscaling": {"enabled": True}, "keda": {"enabled": True},
+      "networkPolicy": {"enabled": False}}, "choose one"),
     ({"secrets": {"amqpUrl": "amqp://x"}, "workload": "DaemonSet"}, "StatefulSet"),
+    ({"secrets": {"amqpUrl": "amqp://x"}, "serviceMonitor": {"enabled": True}},
+     "networkPolicy.adminFrom is empty"),
+    ({"secrets": {"amqpUrl": "amqp://x"}, "config": {"auth.jwt": {"hs256_secret": "x" * 32}}},
+     "a section of tidegate.toml is a plain name"),
 ]
 
 
@@ -106,14 +110,39 @@ def chart(out: Path) -> None:
 # objects of the given kinds. The base has the core objects; components add
 # what needs a CRD or a choice.
 KUSTOMIZE_VALUES = {"secrets": {"existingSecret": "tidegate-secrets"}}
+# What the components' objects need of the chart to render; the base's
+# NetworkPolicy is opened for Prometheus by the monitoring component's patch.
+PROMETHEUS_NAMESPACE = "monitoring"
+ADMIN_FROM = {"networkPolicy": {"adminFrom": [
+    {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": PROMETHEUS_NAMESPACE}}}]}}
 PARTS = {
     "base": ({}, {"ServiceAccount", "ConfigMap", "Service", "StatefulSet", "PodDisruptionBudget",
                   "NetworkPolicy"}),
-    "components/monitoring": ({"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
-                              {"ServiceMonitor", "PrometheusRule"}),
-    "components/autoscaling": ({"autoscaling": {"enabled": True}}, {"HorizontalPodAutoscaler"}),
-    "components/keda": ({"keda": {"enabled": True}}, {"ScaledObject"}),
+    "components/monitoring": ({"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
+                               **ADMIN_FROM}, {"ServiceMonitor", "PrometheusRule"}),
+    "components/autoscaling": ({"autoscaling": {"enabled": True}, **ADMIN_FROM}, {"HorizontalPodAutoscaler"}),
+    "components/keda": ({"keda": {"enabled": True}, **ADMIN_FROM}, {"ScaledObject"}),
 }
+# What a component changes in the base, as JSON patches.
+PATCHES = {
+    # Prometheus (in the namespace named here: patch it for another) may
+    # scrape the admin port.
+    "components/monitoring": ("NetworkPolicy", [
+        {"op": "add", "path": "/spec/ingress/1/from/-", "value": ADMIN_FROM["networkPolicy"]["adminFrom"][0]},
+    ]),
+    # The autoscaler owns the replica count: applying the overlay again must
+    # not reset it.
+    "components/autoscaling": ("StatefulSet", [{"op": "remove", "path": "/spec/replicas"}]),
+    "components/keda": ("StatefulSet", [{"op": "remove", "path": "/spec/replicas"}]),
+}
+
+
+def _block_strings(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    """Multi-line strings (the components' patches) as literal blocks."""
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+yaml.SafeDumper.add_representer(str, _block_strings)
 HEADER = "# Generated from deploy/helm/tidegate by deploy/check/render.py kustomize; do not edit.\n"
 
 
@@ -142,10 +171,12 @@ def kustomize_files() -> dict[Path, str]:
             files[KUSTOMIZE / part / name] = HEADER + yaml.safe_dump(doc, sort_keys=False)
         kind = "Kustomization" if part == "base" else "Component"
         api = "kustomize.config.k8s.io/v1beta1" if part == "base" else "kustomize.config.k8s.io/v1alpha1"
-        files[KUSTOMIZE / part / "kustomization.yaml"] = (
-            HEADER + f"apiVersion: {api}\nkind: {kind}\nresources:\n"
-            + "".join(f"  - {n}\n" for n in sorted(names))
-        )
+        kustomization = {"apiVersion": api, "kind": kind, "resources": sorted(names)}
+        if part in PATCHES:
+            target, operations = PATCHES[part]
+            kustomization["patches"] = [{"target": {"kind": target, "name": NAME},
+                                         "patch": yaml.safe_dump(operations, sort_keys=False)}]
+        files[KUSTOMIZE / part / "kustomization.yaml"] = HEADER + yaml.safe_dump(kustomization, sort_keys=False)
     return files
 
 

@@ -24,6 +24,7 @@ apt_install() {
 }
 command -v musl-gcc >/dev/null 2>&1 || apt_install musl-tools
 command -v podman >/dev/null 2>&1 || apt_install podman runc
+command -v readelf >/dev/null 2>&1 || apt_install binutils
 rustup target add "$musl" wasm32-wasip2 >/dev/null
 
 echo "== building the static binary ($musl, release)"
@@ -38,8 +39,10 @@ rootfs="$context/rootfs"
 install -d -m 0755 "$rootfs/usr/local/bin" "$rootfs/etc/tidegate/tls" "$rootfs/usr/share/tidegate/functions"
 install -m 0755 "$binary" "$rootfs/usr/local/bin/tidegate"
 strip "$rootfs/usr/local/bin/tidegate"
-# Static (static-pie): no program interpreter, nothing to load from a base.
-if readelf -lW "$rootfs/usr/local/bin/tidegate" | grep -q 'Requesting program interpreter'; then
+# Static (static-pie): an ELF file with no program interpreter, nothing
+# to load from a base (readelf fails on anything that is not ELF).
+headers="$(readelf -lW "$rootfs/usr/local/bin/tidegate")"
+if grep -q 'Requesting program interpreter' <<<"$headers"; then
   echo "build.sh: $binary is dynamically linked; the image has no libraries" >&2
   exit 1
 fi
@@ -56,11 +59,13 @@ cp "$here/Containerfile" "$context/Containerfile"
 
 echo "== building the image $tag"
 revision="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
+if [ -n "$(git status --porcelain 2>/dev/null)" ]; then revision="$revision-dirty"; fi
 podman build --quiet --pull=never --no-cache \
   --label org.opencontainers.image.title=tidegate \
   --label org.opencontainers.image.version="$version" \
   --label org.opencontainers.image.revision="$revision" \
   --label org.opencontainers.image.licenses=Apache-2.0 \
+  --label org.opencontainers.image.source=https://github.com/tidegate/tidegate \
   --tag "$tag" "$context" >/dev/null
 
 size="$(podman image inspect --format '{{.Size}}' "$tag")"

@@ -11,11 +11,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::{
-    BROKER, Endpoint, close_code, delete_exchanges, delete_queue, drain_queue, http_get,
-    round_trip, unique_queue,
+    BROKER, Client, Endpoint, delete_exchanges, delete_queue, drain_queue, http_get, round_trip,
+    unique_queue,
 };
 
 /// The uid and gid the image runs as.
@@ -38,6 +39,17 @@ struct Run<'a> {
     /// `--config`, as the chart's pods do.
     config: Option<&'a Path>,
     env: Vec<(&'a str, String)>,
+    /// Who owns the state volume's root.
+    state: StateRoot,
+}
+
+/// The state volume's root as the platforms make it.
+#[derive(Clone, Copy)]
+enum StateRoot {
+    /// The image's user's own, 0700 (a host directory, a named volume).
+    Own,
+    /// `root:65532` 2775: what Kubernetes' `fsGroup` makes of a volume.
+    FsGroup,
 }
 
 /// The broker objects a run made, deleted on drop (also when it failed).
@@ -109,7 +121,15 @@ impl Container {
             // crun cannot set up cgroups in this sandbox; runc can, and the
             // default limits cannot be raised here: both are given.
             .args(["--runtime", "runc", "run", "--rm", "--name", &name])
-            .args(["--network", "host", "--read-only", "--pull", "never"])
+            // Read-only as in a pod: no writable tmpfs on /tmp and /run
+            // either (podman adds them to --read-only by default).
+            .args([
+                "--network",
+                "host",
+                "--read-only",
+                "--read-only-tmpfs=false",
+            ])
+            .args(["--pull", "never"])
             .args([
                 "--ulimit",
                 "nofile=4096:4096",
@@ -245,7 +265,13 @@ async fn serves_echo_and_drains(run: Run<'_>) {
     directory(&tls, None, 0o755);
     let cert = certificate(&tls);
     let state = dir.path().join("state");
-    directory(&state, Some(USER), 0o700);
+    match run.state {
+        StateRoot::Own => directory(&state, Some(USER), 0o700),
+        StateRoot::FsGroup => {
+            directory(&state, None, 0o2775);
+            std::os::unix::fs::chown(&state, Some(0), Some(USER)).expect("chown state");
+        }
+    }
 
     let mut container = Container::start(&run, &tls, &state);
     assert_eq!(
@@ -271,30 +297,55 @@ async fn serves_echo_and_drains(run: Run<'_>) {
     let (status, _) = http_get(container.admin, "/readyz", &[]).await;
     assert_eq!(status, 200, "ready");
     // The gateway wrote its state on the volume, as its own user.
-    let written: Vec<_> = std::fs::read_dir(&state)
+    let written: Vec<(std::ffi::OsString, u32)> = std::fs::read_dir(&state)
         .expect("state")
-        .map(|entry| entry.expect("entry").file_name())
+        .map(|entry| {
+            use std::os::unix::fs::MetadataExt;
+            let entry = entry.expect("entry");
+            (entry.file_name(), entry.metadata().expect("metadata").uid())
+        })
         .collect();
     assert!(
-        !written.is_empty(),
-        "nothing written to the state volume:\n{}",
+        !written.is_empty() && written.iter().all(|(_, uid)| *uid == USER),
+        "the state volume holds {written:?}, not the gateway's own files:\n{}",
         container.log()
     );
 
-    // SIGTERM: the open connection is closed with 1001 over the drain
-    // window, and the gateway exits 0.
+    // SIGTERM while the client keeps sending: its connection is closed
+    // with 1001 over the drain window, every message it got a reply for
+    // has its copy in the queue, and the gateway exits 0.
+    let sending = tokio::spawn(send_until_closed(client));
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let stopping = std::thread::spawn(move || {
         let code = container.stop();
         (code, container.log())
     });
-    let code = tokio::time::timeout(Duration::from_secs(30), close_code(&mut client))
+    let (replied, code) = tokio::time::timeout(Duration::from_secs(30), sending)
         .await
-        .expect("closed within the drain");
+        .expect("closed within the drain")
+        .unwrap();
     let (exit, log) = tokio::task::spawn_blocking(move || stopping.join().unwrap())
         .await
         .unwrap();
     assert_eq!(code, Some(1001), "closed going away; log:\n{log}");
     assert_eq!(exit, Some(0), "exit status after SIGTERM; log:\n{log}");
+    assert!(
+        !replied.is_empty(),
+        "no reply while sending before the stop"
+    );
+    let copies = drain_queue(run.queue, replied.len(), Duration::from_secs(10)).await;
+    let bodies: std::collections::HashSet<Vec<u8>> =
+        copies.into_iter().map(|copy| copy.body).collect();
+    let missing: Vec<&String> = replied
+        .iter()
+        .filter(|text| !bodies.contains(text.as_bytes()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} replied messages have no copy: {missing:?}",
+        missing.len(),
+        replied.len()
+    );
     for said in [
         "termination signal",
         "connections closed over the drain window",
@@ -302,6 +353,31 @@ async fn serves_echo_and_drains(run: Run<'_>) {
     ] {
         assert!(log.contains(said), "the log says {said:?}:\n{log}");
     }
+}
+
+/// Send numbered messages one after the other until the gateway closes
+/// the connection: the messages that got their reply, and the close code.
+async fn send_until_closed(mut client: Client) -> (Vec<String>, Option<u16>) {
+    let mut replied = Vec::new();
+    for n in 0.. {
+        let text = format!("during the drain {n}");
+        if client
+            .send(Message::Text(text.clone().into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        match tokio::time::timeout(Duration::from_secs(20), client.next()).await {
+            Ok(Some(Ok(Message::Text(reply)))) if reply.as_str() == text => replied.push(text),
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                return (replied, frame.map(|frame| u16::from(frame.code)));
+            }
+            _ => break,
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    (replied, None)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,6 +394,7 @@ async fn the_image_serves_wss_with_a_mounted_certificate_and_drains_on_sigterm()
         queue: &queue,
         config: None,
         env: Vec::new(),
+        state: StateRoot::Own,
     })
     .await;
 }
@@ -351,6 +428,7 @@ async fn the_image_runs_the_helm_charts_configuration() {
             ("TIDEGATE__CLUSTER__NAME", cluster.clone()),
             ("TIDEGATE__SERVER__NODE_ID", "image-test".to_owned()),
         ],
+        state: StateRoot::FsGroup,
     })
     .await;
 }

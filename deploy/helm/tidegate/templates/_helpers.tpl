@@ -119,6 +119,9 @@ float), lists as arrays, maps as inline tables.
 # Rendered by the tidegate Helm chart from .Values.config (README.md,
 # Configuration, lists every key). Secrets come from environment variables.
 {{- range $section, $keys := $config }}
+{{- if not (regexMatch "^[a-z][a-z_]*$" $section) }}
+{{- fail (printf "config.%q: a section of tidegate.toml is a plain name (server, queue, auth, ...); nest its tables as maps (config.auth.jwt)" $section) }}
+{{- end }}
 {{- if not (kindIs "map" $keys) }}
 {{- fail (printf "config.%s: a section of tidegate.toml is a map of keys" $section) }}
 {{- end }}
