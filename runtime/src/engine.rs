@@ -53,7 +53,16 @@ impl Engine {
             // unmapping them, so the next instance does not fault them in
             // again (a Rust guest's stack and first heap pages live there).
             .linear_memory_keep_resident(config.keep_resident)
-            .table_keep_resident(16 << 10);
+            .table_keep_resident(16 << 10)
+            // A slot keeps its resident pages (and its affinity) after its
+            // instance goes. By default wasmtime takes a never-used slot for
+            // a module without slots of its own until 100 such warm slots
+            // exist, so every new version of a function left 3-5 MiB
+            // resident behind (measured: 20 deploys under load, 37 to 134
+            // MiB). Reusing the least recently used warm slot instead bounds
+            // resident memory by the most instances alive at once; a module
+            // still gets its own slots back first.
+            .max_unused_warm_slots(0);
 
         let mut wasm = Config::new();
         wasm.wasm_component_model(true)
